@@ -1,0 +1,27 @@
+# Two entry points: `make quickstart` and `make test`. Both create .venv and install slimtune into it first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Without an NVIDIA GPU: the CPU build of torch 2.13.0 (never the multi-GB CUDA wheels).
+# With one (nvidia-smi lists a GPU): pip's default CUDA build. Override with `make TORCH_SPEC=... setup`.
+TORCH_SPEC ?= $(shell if nvidia-smi -L >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
+
+.PHONY: setup quickstart test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "slimtune needs Python >= 3.10, found " + sys.version.split()[0])'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $@
+
+quickstart: setup
+	$(BIN)/slimtune train configs/quickstart.yaml output.overwrite_output_dir=true
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info .pytest_cache

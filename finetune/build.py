@@ -1,0 +1,97 @@
+"""Recipe → the pieces the trainer runs: device, data, tokenizer, model (+ 4-bit base), adapter.
+
+Order matters for tiny inline models: their tokenizer is trained on the training texts, and the model's vocabulary
+is the tokenizer's, so rows are read first. The built base (weights + tokenizer) is saved in
+``<output_dir>/base_model`` so that ``generate``, ``merge`` and ``PeftModel.from_pretrained`` find it, and a
+resumed run reuses it rather than rebuilding.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from .adapters import apply_adapter
+from .checkpoint import list_checkpoints
+from .data import eval_prompts, load_records, record_texts, tokenize_rows
+from .errors import SlimtuneError
+from .io import atomic_dir, atomic_write_text, remove_stale_temps
+from .model import build_base_model, count_parameters, load_model, resolve_device
+from .recipe import Recipe
+from .tokenizer import load_tokenizer
+from .trainer import Prepared
+
+RUN_OUTPUTS = ("checkpoints", "adapter", "base_model", "metrics.jsonl", "summary.json", "loss.png", "memory.png",
+               "recipe.yaml", "tensorboard")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare_run_dir(recipe: Recipe) -> Path:
+    """Create the output dir; refuse to mix a new run into an old one unless told to resume or overwrite."""
+    run_dir = Path(recipe.output.output_dir)
+    resuming = recipe.training.resume_from_checkpoint not in (None, False)
+    has_run = (run_dir / "metrics.jsonl").exists() or bool(list_checkpoints(run_dir))
+    if has_run and not resuming:
+        if not recipe.output.overwrite_output_dir:
+            raise SlimtuneError(
+                f"output.output_dir {run_dir} already holds a run. Continue it with "
+                "training.resume_from_checkpoint=true, start over with output.overwrite_output_dir=true, or choose "
+                "another output.output_dir")
+        for name in RUN_OUTPUTS:
+            target = run_dir / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SlimtuneError(f"output.output_dir {run_dir} cannot be created: {exc.strerror}") from None
+    remove_stale_temps(run_dir)
+    return run_dir
+
+
+def prepare(recipe: Recipe) -> Prepared:
+    """Build everything a :class:`~slimtune.finetune.trainer.Trainer` needs from a validated recipe."""
+    t, d, m = recipe.training, recipe.data, recipe.model
+    seed_everything(t.seed)
+    device = resolve_device(recipe.offload.device)
+    run_dir = prepare_run_dir(recipe)
+    train_rows, eval_rows = load_records(d, t.seed)
+
+    base_dir = run_dir / "base_model"
+    if m.architecture is not None and (base_dir / "config.json").is_file() and t.resume_from_checkpoint:
+        source = base_dir  # resuming: the exact base and tokenizer of the interrupted run
+        tokenizer = load_tokenizer(m.model_copy(update={"tokenizer": str(base_dir)}), None)
+    else:
+        tokenizer = load_tokenizer(m, lambda: record_texts(train_rows, d))
+        if m.architecture is not None:
+            with atomic_dir(base_dir) as tmp:
+                build_base_model(m, tokenizer, t.seed, tmp)
+            source = base_dir
+        else:
+            source = build_base_model(m, tokenizer, t.seed, None)
+
+    seed_everything(t.seed)  # adapter init does not depend on how much RNG the steps above consumed
+    model = load_model(m, source, device, recipe.quantized, t.gradient_checkpointing)
+    model = apply_adapter(model, recipe.adapter, recipe.quantized)
+    trainable, total = count_parameters(model)
+
+    train_examples = tokenize_rows(train_rows, d, tokenizer)
+    if not train_examples:
+        raise SlimtuneError(f"data.path {d.path}: no training example is left after tokenization and truncation "
+                            f"to data.max_length {d.max_length}")
+    eval_examples = tokenize_rows(eval_rows, d, tokenizer) if eval_rows is not None else None
+    pairs = eval_prompts(eval_rows, d, tokenizer, d.metric_samples) if (eval_rows is not None and
+                                                                        d.metric != "none") else []
+    atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    return Prepared(model=model, tokenizer=tokenizer, train_examples=train_examples, eval_examples=eval_examples,
+                    eval_pairs=pairs, device=device, run_dir=run_dir, trainable_params=trainable,
+                    total_params=total)

@@ -1,0 +1,440 @@
+"""Training data: files or hub datasets → validated rows → token ids with prompt-masked labels → batches.
+
+Loading goes through `datasets` (``load_dataset('json'|'csv'|'parquet')`` for local files, ``load_dataset(name)``
+for the hub). Each local file is loaded and validated on its own, so every problem is reported with the file and
+its line (JSON Lines, CSV) or row (JSON array, Parquet, hub) and what was expected; the files of a directory are
+then concatenated. Only the columns the format uses are kept.
+
+Tokenization follows the common SFT recipe (Alpaca, LLaMA-Factory, TRL's ``completion_only_loss``): bos, prompt
+(labels -100), response, eos (trained). Labels are aligned with ``input_ids``; the model shifts them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import warnings
+from itertools import chain
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import datasets
+import torch
+
+from .errors import DataError
+from .recipe import DataConfig
+from .templates import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, CHAT_GENERATION_PROMPT, CHAT_TURN, ROLES,
+                        format_example, is_blank, segments)
+
+__all__ = ["ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "CHAT_TURN", "CHAT_GENERATION_PROMPT", "IGNORE_INDEX",
+           "load_records", "record_texts", "format_example", "tokenize_rows", "prompt_ids", "collate", "batches",
+           "num_batches", "eval_prompts", "exact_match"]
+
+IGNORE_INDEX = -100  # label of tokens without loss (torch cross_entropy's default ignore_index)
+_TURNS = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
+_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+# --------------------------------------------------------------------------------------------------- loading
+def load_records(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """(train rows, eval rows or None), every row validated against ``cfg.format`` and ``cfg.columns``.
+
+    Eval rows come from ``cfg.eval_path`` when set, else ``cfg.val_size`` rows (a fraction in (0, 1) or a count)
+    are split off with a shuffle seeded by ``seed``. ``cfg.max_samples`` caps the training rows after that split,
+    so the eval rows do not depend on it.
+    """
+    rows = _load(cfg.path, cfg, "data.path")
+    eval_rows = None
+    if cfg.eval_path:
+        if cfg.val_size:
+            warnings.warn(f"data.eval_path is set, so data.val_size {cfg.val_size:g} is ignored", stacklevel=2)
+        eval_rows = _load(cfg.eval_path, cfg, "data.eval_path")
+    elif cfg.val_size:
+        n, test_size = len(rows), cfg.val_size if cfg.val_size < 1 else int(cfg.val_size)
+        n_eval = math.ceil(test_size * n) if isinstance(test_size, float) else test_size
+        if n - n_eval < 1:
+            raise DataError(f"{cfg.path}: data.val_size {cfg.val_size:g} takes {n_eval} of its {n} rows for eval, "
+                            "leaving none to train on; lower data.val_size or add rows")
+        split = rows.train_test_split(test_size=test_size, shuffle=True, seed=seed)
+        rows, eval_rows = split["train"], split["test"]
+    if cfg.max_samples is not None and cfg.max_samples < len(rows):
+        rows = rows.select(range(cfg.max_samples))
+    return rows, eval_rows
+
+
+def _columns(cfg: DataConfig) -> dict[str, bool]:
+    """Column field name → required, for the configured format."""
+    if cfg.format == "alpaca":
+        return {"instruction": True, "input": False, "output": True}
+    return {cfg.format: True}  # "messages" or "text"
+
+
+def _names(cfg: DataConfig) -> dict[str, str]:
+    """Column field name → the column's name in the data (``data.columns``)."""
+    return {field: getattr(cfg.columns, field) for field in _columns(cfg)}
+
+
+def _looks_local(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or value.endswith(tuple(_BUILDERS))
+
+
+def _load(path_str: str, cfg: DataConfig, key: str) -> datasets.Dataset:
+    path = Path(path_str).expanduser()
+    if not path.exists():
+        if _looks_local(path_str):
+            raise DataError(f"{key}: {path_str} does not exist (a local .jsonl/.json/.csv/.parquet file or "
+                            "directory of them, or a hub dataset name like tatsu-lab/alpaca)")
+        return _load_hub(path_str, cfg, key)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _BUILDERS)
+        if not files:
+            found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
+            raise DataError(f"{key}: directory {path_str} holds no .jsonl/.json/.csv/.parquet files "
+                            f"(found: {found})")
+        parts = [_load_file(f, cfg) for f in files]
+        try:
+            return datasets.concatenate_datasets(parts)
+        except ValueError as exc:
+            described = "; ".join(f"{f.name}: {dict(p.features)}" for f, p in zip(files, parts))
+            raise DataError(f"{key}: the files in {path_str} have different column types and cannot be "
+                            f"combined ({described})") from exc
+    if path.suffix.lower() not in _BUILDERS:
+        raise DataError(f"{key}: {path_str} is not a .jsonl, .json, .csv or .parquet file")
+    return _load_file(path, cfg)
+
+
+def _load_hub(name: str, cfg: DataConfig, key: str) -> datasets.Dataset:
+    try:
+        rows = datasets.load_dataset(name, split=cfg.split)
+    except Exception as exc:  # offline, unknown name, missing split, gated repo: all surface here
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{key}: could not load dataset {name!r} (split {cfg.split!r}) from the Hugging Face hub "
+                        f"({reason}). Local paths must exist: no file or directory {name} was found "
+                        f"(from {Path.cwd()})") from exc
+    return _validate(rows, cfg, f"dataset {name} (split {cfg.split})", _RowLocator(f"dataset {name}"))
+
+
+def _load_file(path: Path, cfg: DataConfig) -> datasets.Dataset:
+    builder = _BUILDERS[path.suffix.lower()]
+    if path.stat().st_size == 0 or (path.stat().st_size < 1 << 20 and not path.read_bytes().strip()):
+        raise DataError(f"{path}: the file is empty")
+    kwargs = {}
+    if builder == "csv":
+        # Every cell a string, and only an empty cell missing: otherwise pandas turns the answer "4" into 4 and
+        # "None", "NA" or "null" into NaN. index_col=False: never take the first column as a row index.
+        header = _check_csv(path)
+        kwargs = dict(features=datasets.Features({c: datasets.Value("string") for c in header}),
+                      keep_default_na=False, na_values=[""], index_col=False)
+    try:
+        rows = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as exc:
+        if "corresponds to no data" in str(exc):  # datasets' words for a file without rows, e.g. "[]"
+            raise DataError(f"{path}: no rows (the data is empty)") from exc
+        problem = _find_json_problem(path) if builder == "json" else None
+        cause = exc.__cause__ or exc
+        raise DataError(problem or f"{path}: could not be read as {path.suffix.lstrip('.').upper()}: "
+                                   f"{str(cause).strip().splitlines()[0] if str(cause).strip() else cause!r}"
+                        ) from exc
+    names = _names(cfg)
+    if builder == "json" and any(_has_json(rows.features.get(c)) for c in names.values()):
+        # A field that mixes types (strings and numbers, turns with different keys) comes back as datasets.Json,
+        # whose decoding is lossy (the string "4" reads as the number 4): check and rebuild those rows from the
+        # file itself.
+        items = []
+        problem = _find_json_problem(path, lambda item: items.append(item) or _row_problem(item, cfg, names, "null"))
+        if problem:
+            raise DataError(problem)
+        rows = datasets.Dataset.from_list([{c: item.get(c) for c in names.values()} for item in items])
+    return _validate(rows, cfg, str(path), _locator(path, builder), "an empty cell" if builder == "csv" else "null")
+
+
+def _has_json(feature) -> bool:
+    if isinstance(feature, datasets.Json):
+        return True
+    if isinstance(feature, dict):
+        return any(_has_json(f) for f in feature.values())
+    return _has_json(getattr(feature, "feature", None)) if feature is not None else False
+
+
+def _check_csv(path: Path) -> list[str]:
+    """The header of a CSV file, after checking every record has one cell per header column (pandas would
+    silently use an extra first cell as a row index) and that there is at least one record."""
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f)
+        header, start, records = next(reader, []), reader.line_num + 1, 0
+        for record in reader:
+            if record and len(record) != len(header):
+                raise DataError(f"{path} line {start}: expected {len(header)} cells ({', '.join(header)}), found "
+                                f"{len(record)}; quote cells that contain commas")
+            records += bool(record)
+            start = reader.line_num + 1
+    if not records:
+        raise DataError(f"{path}: no rows below the header (the data is empty)")
+    return header
+
+
+def _find_json_problem(path: Path, check: Callable[[dict], str | None] = lambda item: None) -> str | None:
+    """The first line of a .json/.jsonl file that is not a JSON object, or (with ``check``) not a valid row:
+    datasets' own errors name no line."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return f"{path} line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg})"
+        for i, item in enumerate(data):
+            problem = check(item) if isinstance(item, dict) else f"expected a JSON object, got {_describe(item)}"
+            if problem:
+                return f"{path} row {i + 1} of the array: {problem}"
+        return None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return (f"{path} line {number}: invalid JSON ({exc.msg} at column {exc.colno}); expected one JSON "
+                    "object per line")
+        problem = check(item) if isinstance(item, dict) else f"expected a JSON object, got {_describe(item)}"
+        if problem:
+            return f"{path} line {number}: {problem}"
+    return None
+
+
+class _RowLocator:
+    """Names row i of a source: 'train.parquet row 3' (1-based)."""
+
+    def __init__(self, name: str, suffix: str = ""):
+        self.name, self.suffix = name, suffix
+
+    def __call__(self, i: int) -> str:
+        return f"{self.name} row {i + 1}{self.suffix}"
+
+
+class _LineLocator:
+    """Names row i of a line-based file by its 1-based line number (blank lines and the CSV header skipped).
+    The file is only scanned when an error needs a location."""
+
+    def __init__(self, path: Path, builder: str):
+        self.path, self.builder = path, builder
+
+    def __call__(self, i: int) -> str:
+        with self.path.open(newline="" if self.builder == "csv" else None, encoding="utf-8",
+                            errors="replace") as f:
+            if self.builder == "csv":
+                reader, row, previous_end = csv.reader(f), -1, 0
+                for record in reader:  # a quoted cell may span lines: report the line the record starts on
+                    start, previous_end = previous_end + 1, reader.line_num
+                    if record and row == i:
+                        return f"{self.path} line {start} (row {i + 1})"
+                    row += bool(record)
+            else:
+                row = 0
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        if row == i:
+                            return f"{self.path} line {number}"
+                        row += 1
+        return f"{self.path} row {i + 1}"
+
+
+def _locator(path: Path, builder: str) -> Callable[[int], str]:
+    if builder == "csv":
+        return _LineLocator(path, builder)
+    if builder == "json":
+        with path.open("rb") as f:
+            is_array = f.read(4096).lstrip().startswith(b"[")
+        return _RowLocator(str(path), " of the array") if is_array else _LineLocator(path, builder)
+    return _RowLocator(str(path))
+
+
+def _describe(value) -> str:
+    if value is None:
+        return "null"
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
+
+
+def _validate(rows: datasets.Dataset, cfg: DataConfig, name: str, where: Callable[[int], str],
+              empty: str = "null") -> datasets.Dataset:
+    """Check columns and every row; keep only the format's columns. ``empty`` names a missing value."""
+    if len(rows) == 0:
+        raise DataError(f"{name}: no rows (the data is empty)")
+    wanted, names = _columns(cfg), _names(cfg)
+    for field, required in wanted.items():
+        if required and names[field] not in rows.column_names:
+            found = ", ".join(rows.column_names)
+            raise DataError(f"{name}: missing column '{names[field]}' (columns found: {found}; "
+                            f"set data.columns.{field}, or check data.format {cfg.format})")
+    if "input" in wanted and names["input"] not in rows.column_names:  # optional: absent = no input anywhere
+        rows = rows.add_column(names["input"], [None] * len(rows))
+    rows = rows.select_columns(list(names.values()))
+    i = 0
+    for batch in rows.iter(batch_size=1024):
+        for j in range(len(batch[rows.column_names[0]])):
+            problem = _row_problem({c: batch[c][j] for c in rows.column_names}, cfg, names, empty)
+            if problem:
+                raise DataError(f"{where(i)}: {problem}")
+            i += 1
+    if cfg.format == "messages" and rows.features[names["messages"]] != _TURNS:
+        # Keep role and content only, so files whose turns carry different extra keys can be combined.
+        col = names["messages"]
+        rows = rows.map(lambda r: {col: [{"role": t["role"], "content": t["content"]} for t in r[col]]},
+                        features=datasets.Features({col: _TURNS}))
+    return rows
+
+
+def _row_problem(row: dict, cfg: DataConfig, names: dict[str, str], empty: str) -> str | None:
+    def got(value) -> str:
+        return empty if value is None else _describe(value)
+
+    if cfg.format in ("alpaca", "text"):
+        for field in ("instruction", "output") if cfg.format == "alpaca" else ("text",):
+            if not isinstance(row.get(names[field]), str):
+                return f"'{names[field]}' must be a string, got {got(row.get(names[field]))}"
+        value = row.get(names.get("input", ""))
+        if cfg.format == "alpaca" and not (isinstance(value, str) or is_blank(value)):
+            return f"'{names['input']}' must be a string (or empty), got {got(value)}"
+        return None
+    col = names["messages"]
+    turns = row.get(col)
+    if not isinstance(turns, list) or not turns:
+        return f"'{col}' must be a non-empty list of {{role, content}} turns, got {got(turns)}"
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            return f"'{col}' turn {k + 1} must be an object with role and content, got {got(turn)}"
+        if turn.get("role") not in ROLES:
+            keys = ", ".join(k for k, v in turn.items() if v is not None)
+            return (f"'{col}' turn {k + 1}: role must be one of {', '.join(ROLES)}, got {got(turn.get('role'))} "
+                    f"(keys: {keys})")
+        if not isinstance(turn.get("content"), str):
+            return f"'{col}' turn {k + 1} ({turn['role']}): content must be a string, got {got(turn.get('content'))}"
+    if turns[-1]["role"] != "assistant":
+        return (f"'{col}' must end with an assistant turn (the response to learn); the last turn is "
+                f"{turns[-1]['role']!r}")
+    return None
+
+
+def record_texts(rows: Iterable[dict], cfg: DataConfig) -> Iterator[str]:
+    """Full text (prompt + response, built-in chat template) of each row: training text for a new tokenizer."""
+    for row in rows:
+        prompt, response = format_example(row, cfg, None)
+        yield prompt + response
+
+
+# --------------------------------------------------------------------------------------------------- tokens
+def _encode(text: str, tokenizer) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def _bos(tokenizer) -> list[int]:
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+def prompt_ids(prompt: str, tokenizer) -> list[int]:
+    """Token ids of a prompt exactly as :func:`tokenize_rows` encodes it (bos, then the text): for generation."""
+    ids = _encode(prompt, tokenizer)
+    bos = _bos(tokenizer)
+    return ids if ids[:1] == bos else bos + ids  # a chat template may already render the bos token
+
+
+def tokenize_rows(rows: Iterable[dict], cfg: DataConfig, tokenizer, train_on_prompt: bool | None = None
+                  ) -> list[dict]:
+    """Each row → ``{"input_ids", "labels"}``: bos + prompt + response + eos, labels -100 except on responses
+    (every assistant turn for multi-turn ``messages``; every token for ``text``; every token but bos with
+    ``train_on_prompt``). Examples are cut to ``cfg.max_length`` keeping the start; an example whose response is
+    cut away entirely is dropped (one warning with the count).
+
+    With ``cfg.packing``, the examples are then concatenated in order and cut into blocks of exactly
+    ``cfg.max_length`` tokens (the last block holds the remainder, so no trained token is lost). As in Hugging
+    Face's simple packing (``group_texts``), attention crosses the example boundaries inside a block: each example
+    starts with bos and ends with eos, which is what tells the model where one ends.
+    """
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no eos token: responses must end with one so the model learns to stop "
+                        "(set tokenizer.eos_token)")
+    on_prompt = cfg.train_on_prompt if train_on_prompt is None else train_on_prompt
+    bos, eos, limit = _bos(tokenizer), tokenizer.eos_token_id, cfg.max_length
+    examples, dropped, total = [], 0, 0
+    for row in rows:
+        total += 1
+        ids, labels, first_response = [], [], None
+        pieces = segments(row, cfg, tokenizer)
+        for n, (text, trained) in enumerate(pieces):
+            piece = _encode(text, tokenizer) + ([eos] if n == len(pieces) - 1 else [])
+            if not ids and bos and piece[:1] != bos:  # a chat template may already render the bos token
+                ids, labels = list(bos), [IGNORE_INDEX]
+            if trained and first_response is None:
+                first_response = len(ids)
+            ids += piece
+            labels += piece if (trained or on_prompt) else [IGNORE_INDEX] * len(piece)
+        if bos and ids[:1] == bos:
+            labels[0] = IGNORE_INDEX  # bos is never a useful target (nothing precedes it)
+        if first_response >= limit:
+            dropped += 1
+            continue
+        examples.append({"input_ids": ids[:limit], "labels": labels[:limit]})
+    if dropped:
+        warnings.warn(f"dropped {dropped} of {total} examples: their response starts after data.max_length "
+                      f"({limit}) tokens of prompt; raise data.max_length or shorten those prompts", stacklevel=2)
+    if total and not examples:
+        raise DataError(f"every one of the {total} examples has a prompt longer than data.max_length ({limit}) "
+                        "tokens, so none has a response left to train on; raise data.max_length")
+    return _pack(examples, limit) if cfg.packing else examples
+
+
+def _pack(examples: list[dict], block: int) -> list[dict]:
+    ids = list(chain.from_iterable(e["input_ids"] for e in examples))
+    labels = list(chain.from_iterable(e["labels"] for e in examples))
+    return [{"input_ids": ids[i:i + block], "labels": labels[i:i + block]} for i in range(0, len(ids), block)]
+
+
+# --------------------------------------------------------------------------------------------------- batches
+def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: input_ids with ``pad_id``, labels with -100, attention_mask 0 on pads."""
+    width = max(len(e["input_ids"]) for e in batch)
+    out = {"input_ids": torch.full((len(batch), width), pad_id, dtype=torch.long),
+           "labels": torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long),
+           "attention_mask": torch.zeros((len(batch), width), dtype=torch.long)}
+    for r, e in enumerate(batch):
+        n = len(e["input_ids"])
+        out["input_ids"][r, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
+        out["labels"][r, :n] = torch.tensor(e["labels"], dtype=torch.long)
+        out["attention_mask"][r, :n] = 1
+    return out
+
+
+def num_batches(n_examples: int, batch_size: int) -> int:
+    """Batches per epoch (the last one may be short: drop_last=False)."""
+    return math.ceil(n_examples / batch_size)
+
+
+def batches(examples: list[dict], batch_size: int, seed: int, epoch: int, pad_id: int, shuffle: bool = True,
+            skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Collated batches of one epoch. The order depends only on (seed, epoch), so a resumed run passes
+    ``skip`` = batches already consumed this epoch and continues with exactly the next one."""
+    if shuffle:
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    else:
+        order = list(range(len(examples)))
+    for start in range(skip * batch_size, len(order), batch_size):
+        yield collate([examples[i] for i in order[start:start + batch_size]], pad_id)
+
+
+# --------------------------------------------------------------------------------------------------- metric
+def eval_prompts(rows: Iterable[dict], cfg: DataConfig, tokenizer, limit: int) -> list[tuple[str, str]]:
+    """(prompt, reference response) of the first ``limit`` eval rows, for the exact-match metric."""
+    if cfg.format == "text":
+        raise ValueError("eval_prompts needs an instruction format (alpaca or messages): text has no references")
+    pairs = []
+    for row in rows:
+        if len(pairs) >= limit:
+            break
+        pairs.append(format_example(row, cfg, tokenizer))
+    return pairs
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """Whitespace-stripped equality of a generated answer and the reference."""
+    return prediction.strip() == reference.strip()

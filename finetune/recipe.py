@@ -1,0 +1,564 @@
+"""The recipe: one schema shared by every entry point (CLI, Hugging Face integration, tests).
+
+A recipe is a YAML file with seven sections (``model``, ``adapter``, ``data``, ``optimizer``, ``offload``,
+``training``, ``output``) plus command-line overrides (``training.max_steps=50``). Names follow Hugging Face
+``TrainingArguments`` where one exists. Validation is strict and complete:
+
+* an unknown key fails with its dotted path and a did-you-mean,
+* a wrong type or out-of-range value names the key, the value and what is allowed,
+* every problem is reported at once (field errors first; cross-field checks when the fields are valid),
+* impossible combinations (a 4-bit base with full fine-tuning, ...) are refused with the reason.
+
+All of this raises :class:`~slimtune.finetune.errors.RecipeError`; nothing heavy (torch models, datasets) is
+touched, so ``slimtune validate`` is instant.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import RecipeError
+
+SECTIONS = ("model", "adapter", "data", "optimizer", "offload", "training", "output")
+
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def _dtype_alias(value: Any) -> Any:
+    return _DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
+
+
+DType = Annotated[Literal["float32", "bfloat16", "float16"], BeforeValidator(_dtype_alias)]
+
+
+class Section(BaseModel):
+    """Base for every recipe section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------------------------------- model
+class ArchitectureConfig(Section):
+    """An inline Llama-architecture model built from its config (random init, seeded): tiny/offline runs."""
+
+    type: Literal["llama"] = Field("llama", description="Architecture family (transformers LlamaConfig).")
+    hidden_size: int = Field(128, ge=8, description="Width of the residual stream.")
+    intermediate_size: int = Field(256, ge=8, description="Width of the gated MLP.")
+    num_hidden_layers: int = Field(2, ge=1, description="Number of decoder layers.")
+    num_attention_heads: int = Field(4, ge=1, description="Attention heads (must divide hidden_size).")
+    num_key_value_heads: int | None = Field(None, ge=1, description="KV heads for GQA; null = num_attention_heads.")
+    max_position_embeddings: int = Field(512, ge=8, description="Longest sequence the RoPE tables cover.")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
+    rms_norm_eps: float = Field(1e-6, gt=0, description="RMSNorm epsilon.")
+    tie_word_embeddings: bool = Field(True, description="Share the input embedding with the LM head.")
+    initializer_range: float = Field(0.02, gt=0, description="Std of the random init.")
+
+    @model_validator(mode="after")
+    def _heads(self) -> "ArchitectureConfig":
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        kv = self.num_key_value_heads or self.num_attention_heads
+        if self.num_attention_heads % kv:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({kv})")
+        return self
+
+
+class QuantizationConfig(Section):
+    """bitsandbytes 4-bit settings. Defaults are the QLoRA paper's (NF4, double quant, bf16 compute), not
+    ``BitsAndBytesConfig``'s (fp4, no double quant, fp32 compute), which is the most common QLoRA mistake."""
+
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (QLoRA: nf4).")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (QLoRA: true).")
+    compute_dtype: DType = Field("bfloat16", description="dtype of the 4-bit matmuls (QLoRA: bfloat16).")
+
+
+class ModelConfig(Section):
+    """Which base model to load, and how."""
+
+    name_or_path: str | None = Field(
+        None, description="Hugging Face hub id (e.g. meta-llama/Meta-Llama-3-8B) or a local model directory.")
+    architecture: ArchitectureConfig | None = Field(
+        None, description="Inline architecture for a tiny model built from config (instead of name_or_path).")
+    tokenizer: str | None = Field(
+        None, description="Tokenizer hub id or directory; null = the model's. For an inline architecture, null "
+                          "trains a byte-level BPE tokenizer on the training data (offline, deterministic).")
+    tokenizer_vocab_size: int = Field(
+        512, ge=300, le=65536, description="Vocabulary size of the tokenizer trained for an inline architecture.")
+    dtype: DType = Field("float32", description="dtype the weights are loaded in: float32 | bfloat16 | float16.")
+    load_in_4bit: bool | None = Field(
+        None, description="Quantize the base to 4 bits with bitsandbytes; null = only for adapter.type qlora.")
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig,
+                                             description="4-bit settings (used when the base is 4-bit).")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub repo (only if you trust it).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel; null = transformers' default.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.name_or_path is None) == (self.architecture is None):
+            raise ValueError("set exactly one of model.name_or_path (hub id or local dir) or model.architecture "
+                             "(inline tiny model)")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------- adapter
+class AdapterConfig(Section):
+    """Parameter-efficient adapter (through peft) or full fine-tuning."""
+
+    type: Literal["lora", "qlora", "none"] = Field(
+        "lora", description="lora | qlora (NF4 4-bit base + LoRA) | none (full fine-tuning).")
+    r: int = Field(16, ge=1, le=4096, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="Module names to wrap, or all-linear (every linear layer except lm_head; "
+                                  "QLoRA's choice, unlike peft's q_proj/v_proj default for Llama).")
+    modules_to_save: list[str] | None = Field(
+        None, description="Extra modules trained in full and saved with the adapter (e.g. [lm_head]).")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+
+
+# --------------------------------------------------------------------------------------------------- data
+class DataColumns(Section):
+    """Column names in the dataset, when they differ from the format's defaults."""
+
+    instruction: str = Field("instruction", description="alpaca: the instruction column.")
+    input: str = Field("input", description="alpaca: the optional input column.")
+    output: str = Field("output", description="alpaca: the response column.")
+    messages: str = Field("messages", description="messages: the list of {role, content} turns.")
+    text: str = Field("text", description="text: the raw text column.")
+
+
+class DataConfig(Section):
+    """Training data, through `datasets`: local JSON/JSONL/CSV/Parquet or a hub dataset."""
+
+    path: str = Field(..., description="Local file (.json/.jsonl/.csv/.parquet), a directory of them, or a hub "
+                                       "dataset name. Relative paths resolve against the recipe file.")
+    format: Literal["alpaca", "messages", "text"] = Field(
+        "alpaca", description="alpaca (instruction/input/output) | messages (chat turns) | text (plain LM).")
+    split: str = Field("train", description="Split to read from a hub dataset.")
+    columns: DataColumns = Field(default_factory=DataColumns, description="Column names, if not the defaults.")
+    eval_path: str | None = Field(None, description="Separate eval file; else val_size is split off the data.")
+    val_size: float = Field(0.0, ge=0.0, description="Eval split: a fraction in (0, 1) or a row count (>= 1).")
+    max_length: int = Field(512, ge=8, description="Token length cap; longer examples are truncated.")
+    packing: bool = Field(False, description="Concatenate examples into max_length blocks (no padding waste).")
+    train_on_prompt: bool = Field(
+        False, description="Also compute loss on prompt tokens (default: responses only, for alpaca/messages).")
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many training rows.")
+    metric: Literal["none", "exact_match"] = Field(
+        "none", description="Task metric at eval: exact_match of greedy answers vs the reference response.")
+    metric_samples: int = Field(64, ge=1, description="Eval rows scored by generation for the task metric.")
+    max_new_tokens: int = Field(32, ge=1, description="Generation budget for the task metric.")
+
+    @model_validator(mode="after")
+    def _checks(self) -> "DataConfig":
+        if self.metric != "none" and self.format == "text":
+            raise ValueError("data.metric exact_match needs an instruction format (alpaca or messages), "
+                             "not text: plain text has no reference answers")
+        if self.val_size >= 1 and self.val_size != int(self.val_size):
+            raise ValueError(f"data.val_size {self.val_size} must be a fraction in (0, 1) or a whole row count")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------- optimizer
+class OptimizerConfig(Section):
+    """Optimizer choice. Learning rate and weight decay live in `training` (Hugging Face names)."""
+
+    name: Literal["adamw"] = Field("adamw", description="Optimizer (registry: slimtune.optimizers.OPTIMIZERS).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas (beta1, beta2).")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
+
+    @model_validator(mode="after")
+    def _betas(self) -> "OptimizerConfig":
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optimizer.betas {list(self.betas)} must each be in [0, 1)")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------- offload
+class OffloadConfig(Section):
+    """Where tensors live. Today: the compute device; budgets and NVMe placement come with the offload engine."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Compute device: auto (cuda when available, else cpu) | cpu | cuda.")
+
+
+# --------------------------------------------------------------------------------------------------- training
+class TrainingConfig(Section):
+    """The optimisation loop (Hugging Face TrainingArguments names)."""
+
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    per_device_train_batch_size: int = Field(4, ge=1, description="Examples per micro-batch.")
+    per_device_eval_batch_size: int = Field(8, ge=1, description="Examples per eval batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Epochs to train when max_steps is -1.")
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; -1 = from num_train_epochs.")
+    warmup_steps: float = Field(
+        0, ge=0, description="Linear warm-up: a step count, or a fraction of the run when < 1 (transformers 5).")
+    warmup_ratio: float | None = Field(
+        None, ge=0, lt=1, description="Alias: warm-up as a fraction of the run (mapped onto warmup_steps).")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Decay after warm-up: linear | cosine | constant | constant_with_warmup.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip the global gradient norm; 0 disables clipping.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (not on biases and norms).")
+    bf16: bool = Field(False, description="bf16 autocast for matmuls (weights keep model.dtype).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    seed: int = Field(42, ge=0, description="Seed for init, data order, dropout and the eval split.")
+    eval_steps: int = Field(0, ge=0, description="Evaluate every N optimizer steps; 0 = before and after only.")
+    resume_from_checkpoint: Union[bool, str, None] = Field(
+        None, description="true = latest checkpoint in output_dir, or a checkpoint path; null/false = new run.")
+
+    @model_validator(mode="after")
+    def _warmup_alias(self) -> "TrainingConfig":
+        if self.warmup_ratio is not None:
+            if self.warmup_steps:
+                raise ValueError("set training.warmup_steps or training.warmup_ratio, not both")
+            # transformers 5 removed warmup_ratio: a float < 1 in warmup_steps is a ratio. Store it that way.
+            ratio = self.warmup_ratio
+            object.__setattr__(self, "warmup_ratio", None)
+            object.__setattr__(self, "warmup_steps", ratio)
+        if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
+            raise ValueError(f"training.warmup_steps {self.warmup_steps} must be a whole step count or a "
+                             "fraction < 1")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------- output
+class OutputConfig(Section):
+    """Where the run writes, and how often."""
+
+    output_dir: str = Field("runs/slimtune", description="Run directory: adapter, checkpoints, metrics, plots. "
+                                                          "Relative paths resolve against the working directory.")
+    logging_steps: int = Field(10, ge=1, description="Log (progress bar, metrics.jsonl) every N optimizer steps.")
+    save_steps: int = Field(0, ge=0, description="Checkpoint every N optimizer steps; 0 = only at the end.")
+    save_total_limit: int | None = Field(2, ge=1, description="Keep at most N checkpoints (oldest removed).")
+    report_to: list[Literal["none", "tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Extra loggers: tensorboard, wandb (metrics.jsonl is always written).")
+    plots: bool = Field(True, description="Write loss.png and memory.png at the end.")
+    overwrite_output_dir: bool = Field(
+        False, description="Start a new run in a directory that already holds one (its checkpoints are removed).")
+
+
+# --------------------------------------------------------------------------------------------------- recipe
+class Recipe(Section):
+    """A complete, validated fine-tuning recipe."""
+
+    model: ModelConfig = Field(..., description="Base model.")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="Adapter or full fine-tuning.")
+    data: DataConfig = Field(..., description="Training and eval data.")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Optimizer.")
+    offload: OffloadConfig = Field(default_factory=OffloadConfig, description="Devices and memory tiers.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Training loop.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Outputs and checkpoints.")
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the base model is loaded in 4 bits."""
+        return bool(self.model.load_in_4bit) or (self.model.load_in_4bit is None and self.adapter.type == "qlora")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Resolved recipe as plain YAML-able data (every default filled in)."""
+        return self.model_dump(mode="json")
+
+
+def combination_problems(recipe: Recipe) -> list[str]:
+    """Cross-section checks: combinations that cannot work, each with the reason."""
+    problems = []
+    a, m, d, t = recipe.adapter, recipe.model, recipe.data, recipe.training
+    if a.type == "none" and m.load_in_4bit:
+        problems.append("adapter.type none with model.load_in_4bit true: a 4-bit base cannot be fine-tuned in full "
+                        "(its weights are frozen integer codes); use adapter.type qlora, or load_in_4bit false")
+    if a.type == "qlora" and m.load_in_4bit is False:
+        problems.append("adapter.type qlora with model.load_in_4bit false: QLoRA is LoRA on a 4-bit base; use "
+                        "adapter.type lora for a 16/32-bit base")
+    if a.type == "none" and (a.modules_to_save is not None):
+        problems.append("adapter.modules_to_save is only for lora/qlora (full fine-tuning trains every module)")
+    if recipe.quantized and m.dtype == "float16" and m.quantization.compute_dtype == "float16":
+        problems.append("model.quantization.compute_dtype float16 is unstable for 4-bit training (QLoRA README); "
+                        "use bfloat16 (or float32)")
+    if t.eval_steps and not (d.eval_path or d.val_size):
+        problems.append(f"training.eval_steps {t.eval_steps} needs eval data: set data.val_size (e.g. 0.05) or "
+                        "data.eval_path")
+    if d.metric != "none" and not (d.eval_path or d.val_size):
+        problems.append(f"data.metric {d.metric} needs eval data: set data.val_size (e.g. 0.05) or data.eval_path")
+    if d.packing and d.metric != "none" and d.format == "text":
+        problems.append("data.packing with a task metric needs instruction data")
+    if m.architecture is not None and m.architecture.max_position_embeddings < d.max_length:
+        problems.append(f"data.max_length {d.max_length} exceeds model.architecture.max_position_embeddings "
+                        f"{m.architecture.max_position_embeddings}")
+    if recipe.offload.device == "cpu" and m.attn_implementation == "flash_attention_2":
+        problems.append("model.attn_implementation flash_attention_2 needs CUDA; offload.device is cpu")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------- loading
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    mapping = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in mapping:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (it already appears above)", key_node.start_mark)
+        mapping[key] = loader.construct_object(value_node, deep=deep)
+    return mapping
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a recipe file into a dict; YAML syntax errors name the file, line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([f"recipe file {path} does not exist"], source=str(path))
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError([f"{where}invalid YAML: {problem}"], source=str(path)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError([f"the top level must be a mapping of sections {list(SECTIONS)}, "
+                           f"got {type(data).__name__}"], source=str(path))
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``training.max_steps=50`` → (["training", "max_steps"], 50). Values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise RecipeError([f"override {item!r} must look like section.key=value (e.g. training.max_steps=50)"])
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not all(parts):
+        raise RecipeError([f"override {item!r}: {key!r} is not a dotted key like training.max_steps"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each ``a.b.c=value`` override in ``data`` (creating sections as needed)."""
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError([f"override {item!r}: {'.'.join(parts[:i + 1])} is a value, not a section"])
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Field names valid at a dotted location (for did-you-mean on unknown keys)."""
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            return []
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = _section_type(field.annotation)
+    return list(model.model_fields) if model is not None else []
+
+
+def _section_type(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+# Names users bring from other tools (HF Trainer, axolotl, LLaMA-Factory, peft, torchtune) -> slimtune's key.
+KNOWN_ALIASES = {
+    "lr": "training.learning_rate", "batch_size": "training.per_device_train_batch_size",
+    "micro_batch_size": "training.per_device_train_batch_size", "num_epochs": "training.num_train_epochs",
+    "epochs": "training.num_train_epochs", "lr_scheduler": "training.lr_scheduler_type",
+    "grad_accum": "training.gradient_accumulation_steps", "sequence_len": "data.max_length",
+    "max_seq_length": "data.max_length", "cutoff_len": "data.max_length", "max_seq_len": "data.max_length",
+    "base_model": "model.name_or_path", "model_name_or_path": "model.name_or_path", "torch_dtype": "model.dtype",
+    "lora_r": "adapter.r", "lora_rank": "adapter.r", "rank": "adapter.r", "lora_alpha": "adapter.alpha",
+    "lora_dropout": "adapter.dropout", "lora_target_modules": "adapter.target_modules",
+    "lora_target": "adapter.target_modules", "load_in_4bit": "model.load_in_4bit", "optim": "optimizer.name",
+    "dataset": "data.path", "datasets": "data.path", "val_set_size": "data.val_size",
+    "sample_packing": "data.packing", "output_dir": "output.output_dir", "save_steps": "output.save_steps",
+    "logging_steps": "output.logging_steps", "report_to": "output.report_to",
+    "save_total_limit": "output.save_total_limit", "warmup": "training.warmup_steps",
+}
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list[", "literal["))))
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    kind, value = err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        valid = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+        hint = f"; did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))}?" if close else ""
+        if not close and str(loc[-1]) in KNOWN_ALIASES:
+            hint = f"; did you mean {KNOWN_ALIASES[str(loc[-1])]}?"
+        return f"{dotted}: unknown key{hint} (valid keys here: {', '.join(valid)})"
+    if kind == "missing":
+        return f"{dotted}: required key is missing"
+    msg = err["msg"]
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+        return f"{dotted}: {msg}" if loc else msg
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"{dotted}: {value!r} is not allowed; expected one of {expected}"
+    return f"{dotted}: {msg} (got {value!r})"
+
+
+def _dedupe_union_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A value failing a Union yields one error per member; keep one (the most specific) per location."""
+    seen: dict[tuple, dict[str, Any]] = {}
+    for err in errors:
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+        key = loc
+        if key not in seen or err["type"] == "literal_error":
+            seen[key] = err
+    return list(seen.values())
+
+
+def recipe_from_dict(data: dict[str, Any], source: str | None = None, base_dir: str | os.PathLike | None = None
+                     ) -> Recipe:
+    """Validate a recipe dict; raise RecipeError listing every problem. ``base_dir`` resolves relative data paths."""
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        errors = _dedupe_union_errors(exc.errors())
+        problems = [_format_error(e) for e in errors]
+        # Report combination problems too (all errors at once): re-validate without the offending keys.
+        reduced = _without(data, [e["loc"] for e in errors])
+        try:
+            problems += combination_problems(Recipe.model_validate(reduced))
+        except ValidationError:
+            pass
+        raise RecipeError(problems, source=source) from None
+    problems = combination_problems(recipe)
+    if problems:
+        raise RecipeError(problems, source=source)
+    if base_dir is not None:
+        _resolve_paths(recipe, Path(base_dir))
+    return recipe
+
+
+def _without(data: dict[str, Any], locs: list[tuple]) -> dict[str, Any]:
+    """A deep copy of ``data`` with the leaves at ``locs`` removed (so their defaults apply)."""
+    import copy
+
+    reduced = copy.deepcopy(data)
+    for loc in locs:
+        node, path = reduced, [p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path:
+            node.pop(path[-1], None)
+    return reduced
+
+
+def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
+    """Make relative local data/model paths absolute against the recipe's folder (when they exist there)."""
+    d = recipe.data
+    for attr in ("path", "eval_path"):
+        value = getattr(d, attr)
+        if value and not os.path.isabs(value) and (base_dir / value).exists():
+            setattr(d, attr, str((base_dir / value).resolve()))
+    m = recipe.model
+    for attr in ("name_or_path", "tokenizer"):
+        value = getattr(m, attr)
+        if value and not os.path.isabs(value) and value.startswith((".", "~")) and (base_dir / value).exists():
+            setattr(m, attr, str((base_dir / value).resolve()))
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file. Relative data paths resolve against the recipe's folder."""
+    data = read_yaml(path)
+    try:
+        data = apply_overrides(data, list(overrides or []))
+    except RecipeError as exc:
+        raise RecipeError(exc.problems, source=str(path)) from None
+    return recipe_from_dict(data, source=str(path), base_dir=Path(path).resolve().parent)
+
+
+def check_local_files(recipe: Recipe) -> list[str]:
+    """Light checks for `slimtune validate`: local paths that look like files must exist."""
+    problems = []
+    for key, value in (("data.path", recipe.data.path), ("data.eval_path", recipe.data.eval_path)):
+        if value and _looks_local(value) and not Path(value).exists():
+            problems.append(f"{key}: {value} does not exist (a local .json/.jsonl/.csv/.parquet file or directory, "
+                            "or a hub dataset name like tatsu-lab/alpaca)")
+    ckpt = recipe.training.resume_from_checkpoint
+    if isinstance(ckpt, str) and not Path(ckpt).exists():
+        problems.append(f"training.resume_from_checkpoint: {ckpt} does not exist (use true for the latest "
+                        "checkpoint in output.output_dir)")
+    return problems
+
+
+def _looks_local(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or value.endswith((".json", ".jsonl", ".csv", ".parquet"))
+
+
+# --------------------------------------------------------------------------------------------------- docs
+def recipe_docs() -> str:
+    """Every field with its type, default and doc, generated from the schema (feeds --help and the README)."""
+    lines = ["Recipe reference (generated from the schema in slimtune.finetune.recipe)", ""]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            sub = _section_type(field.annotation)
+            dotted = f"{prefix}{name}"
+            if sub is not None:
+                lines.append(f"{dotted}:  {field.description or ''}")
+                walk(sub, dotted + ".")
+                continue
+            default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+            lines.append(f"  {dotted} ({_type_name(field.annotation)}; {default})  {field.description or ''}")
+
+    walk(Recipe, "")
+    return "\n".join(lines)
+
+
+def _type_name(annotation: Any) -> str:
+    """Readable type: 'int', 'float | None', "'lora' | 'qlora' | 'none'", 'list[str]'."""
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (Union, getattr(__import__("types"), "UnionType", Union)):
+        return " | ".join(_type_name(a) for a in args)
+    if origin in (list, tuple):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))

@@ -1,0 +1,263 @@
+"""THE training loop: forward, loss, backward, clip, step, log, eval, checkpoint, resume. One loop for every
+adapter and optimizer; methods plug in as objects (the optimizer from the registry, the adapter from peft).
+
+Gradient accumulation is exact: each optimizer step sums token losses over its micro-batches and divides by the
+number of supervised tokens in all of them, so ``per_device_train_batch_size=2, gradient_accumulation_steps=4``
+computes the same gradient as one batch of 8 (HF's ``num_items_in_batch`` fix, transformers #34191).
+
+Resume is exact on CPU in fp32: the checkpoint holds the trainable weights, optimizer and scheduler state, the RNG
+states and the data position (epoch, micro-batch), and micro-batch order is a pure function of (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import get_scheduler
+
+from slimtune.offload import memory_snapshot
+from slimtune.optimizers import build_optimizer
+
+from .adapters import load_trainable_state_dict, save_adapter, trainable_state_dict
+from .checkpoint import (TrainerState, find_resume_checkpoint, load_checkpoint, recipe_changes, save_checkpoint,
+                         set_rng_state)
+from .data import batches, num_batches
+from .errors import CheckpointError
+from .evaluate import autocast, eval_loss, exact_match_score, supervised_tokens
+from .io import atomic_dir, atomic_write_text
+from .metrics import MetricsLog, write_plots
+from .recipe import Recipe
+
+
+@dataclass
+class Prepared:
+    """What :func:`slimtune.finetune.build.prepare` hands the trainer."""
+
+    model: Any
+    tokenizer: Any
+    train_examples: list[dict]
+    eval_examples: list[dict] | None
+    eval_pairs: list[tuple[str, str]]
+    device: torch.device
+    run_dir: Path
+    trainable_params: int = 0
+    total_params: int = 0
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    adapter_dir: Path
+    steps: int
+    eval_before: dict[str, float] | None
+    eval_after: dict[str, float] | None
+    peak_rss_bytes: int
+    peak_gpu_bytes: int | None
+    samples: list[tuple[str, str, str]] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    train_seconds: float = 0.0
+    resumed_from: Path | None = None
+
+
+def total_steps(recipe: Recipe, n_examples: int) -> int:
+    """Optimizer steps of the run: max_steps, or num_train_epochs over the micro-batches per epoch."""
+    t = recipe.training
+    if t.max_steps > 0:
+        return t.max_steps
+    per_epoch = num_batches(n_examples, t.per_device_train_batch_size)
+    return max(1, math.ceil(per_epoch * t.num_train_epochs / t.gradient_accumulation_steps))
+
+
+def warmup_steps(recipe: Recipe, steps: int) -> int:
+    """training.warmup_steps as a count (a value < 1 is a fraction of the run, as in transformers 5)."""
+    w = recipe.training.warmup_steps
+    return int(math.ceil(w * steps)) if 0 < w < 1 else int(w)
+
+
+class Trainer:
+    """Runs a :class:`Recipe` on prepared components. ``train()`` returns a :class:`TrainResult`."""
+
+    def __init__(self, recipe: Recipe, prepared: Prepared, progress: bool = True):
+        self.recipe, self.p, self.progress = recipe, prepared, progress
+        t = recipe.training
+        self.model, self.device = prepared.model, prepared.device
+        self.pad_id = prepared.tokenizer.pad_token_id
+        self.steps = total_steps(recipe, len(prepared.train_examples))
+        self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(recipe.optimizer.name, self.params, lr=t.learning_rate,
+                                         weight_decay=t.weight_decay, betas=tuple(recipe.optimizer.betas),
+                                         eps=recipe.optimizer.eps)
+        self.scheduler = get_scheduler(t.lr_scheduler_type, self.optimizer,
+                                       num_warmup_steps=warmup_steps(recipe, self.steps),
+                                       num_training_steps=self.steps)
+        self.state = TrainerState()
+
+    # ------------------------------------------------------------------ data
+    def micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches from the saved data position on, across epochs; updates the position as it goes."""
+        t, s = self.recipe.training, self.state
+        n = num_batches(len(self.p.train_examples), t.per_device_train_batch_size)
+        while True:
+            skip = s.batch_in_epoch  # micro-batches consumed before the checkpoint we resumed from
+            order = batches(self.p.train_examples, t.per_device_train_batch_size, t.seed, s.epoch, self.pad_id,
+                            skip=skip)
+            for index, batch in enumerate(order, start=skip):
+                s.batch_in_epoch = index + 1
+                if s.batch_in_epoch == n:
+                    s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+                yield batch
+            if s.batch_in_epoch != 0:  # the generator ended early (fewer batches than counted)
+                s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+
+    # ------------------------------------------------------------------ one optimizer step
+    def optimizer_step(self, micro: Iterator[dict[str, torch.Tensor]]) -> tuple[float, float | None, int]:
+        """Accumulate gradients over ``gradient_accumulation_steps`` micro-batches, clip, step.
+
+        Returns (token-weighted loss, grad norm before clipping or None, input tokens processed).
+        """
+        t = self.recipe.training
+        group = [next(micro) for _ in range(t.gradient_accumulation_steps)]
+        total = sum(supervised_tokens(b["labels"]) for b in group)
+        loss_sum, tokens = 0.0, 0
+        for batch in group:
+            n = supervised_tokens(batch["labels"])
+            tokens += int(batch["attention_mask"].sum())
+            if n == 0:
+                continue
+            with autocast(self.device, t.bf16):
+                out = self.model(**{k: v.to(self.device) for k, v in batch.items()})
+            loss = out.loss * (n / total)  # mean over this micro-batch -> share of the whole step's tokens
+            loss.backward()
+            loss_sum += float(loss.detach())
+        grad_norm = None
+        if t.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.params], t.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, grad_norm, tokens
+
+    # ------------------------------------------------------------------ eval
+    def evaluate(self, log: MetricsLog | None) -> dict[str, Any] | None:
+        p, d, t = self.p, self.recipe.data, self.recipe.training
+        if not p.eval_examples:
+            return None
+        result: dict[str, Any] = {"step": self.state.step,
+                                  "eval_loss": eval_loss(self.model, p.eval_examples, t.per_device_eval_batch_size,
+                                                         self.pad_id, self.device, t.bf16)}
+        if d.metric == "exact_match" and p.eval_pairs:
+            score, samples = exact_match_score(self.model, p.tokenizer, p.eval_pairs, d.max_new_tokens,
+                                               t.per_device_eval_batch_size, self.device, t.bf16)
+            result["eval_exact_match"] = score
+            result["samples"] = samples
+        if log is not None:
+            log.log({k: v for k, v in result.items() if k != "samples"})
+        return result
+
+    # ------------------------------------------------------------------ checkpoint / resume
+    def save(self) -> Path:
+        o = self.recipe.output
+        return save_checkpoint(self.p.run_dir, self.state, trainable_state_dict(self.model), self.optimizer,
+                               self.scheduler, self.recipe.to_dict(), o.save_total_limit)
+
+    def restore(self, path: Path, log_warning) -> None:
+        ckpt = load_checkpoint(path)
+        refused, warned = recipe_changes(ckpt.recipe, self.recipe.to_dict())
+        if refused:
+            raise CheckpointError(
+                f"resuming from {path} with a recipe that would silently change the run:\n    "
+                + "\n    ".join(refused)
+                + "\n  restore these values, or start a new run (another output.output_dir, or "
+                  "output.overwrite_output_dir=true)")
+        for line in warned:
+            log_warning(f"resuming with a changed schedule length ({line}): the LR schedule is rebuilt for the "
+                        "new length, so steps after the checkpoint differ from the original plan")
+        load_trainable_state_dict(self.model, ckpt.trainable)
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        if not warned:
+            self.scheduler.load_state_dict(ckpt.scheduler)
+        else:
+            for _ in range(ckpt.state.step):  # fast-forward the new-length schedule to the checkpoint's step
+                self.scheduler.step()
+        set_rng_state(ckpt.rng)
+        self.state = ckpt.state
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> TrainResult:
+        r, t, o = self.recipe, self.recipe.training, self.recipe.output
+        run_dir = self.p.run_dir
+        resumed = find_resume_checkpoint(run_dir, t.resume_from_checkpoint)
+        if resumed is not None:
+            self.restore(resumed, warnings.warn)
+        log = MetricsLog(run_dir, self.steps, self.state.step, o.report_to, r.to_dict(), self.progress)
+        try:
+            if resumed is not None:
+                log.write(f"resumed from {resumed} at step {self.state.step}")
+            before = self.evaluate(log) if self.state.step == 0 else None
+            micro = self.micro_batches()
+            self.model.train()
+            losses: list[float] = []
+            start = time.perf_counter()
+            while self.state.step < self.steps:
+                lr = self.scheduler.get_last_lr()[0]
+                loss, grad_norm, tokens = self.optimizer_step(micro)
+                self.state.step += 1
+                self.state.tokens_seen += tokens
+                log.count_tokens(tokens)
+                losses.append(loss)
+                log.advance()
+                step = self.state.step
+                if step % o.logging_steps == 0 or step == self.steps:
+                    window = losses[-(step % o.logging_steps or o.logging_steps):]
+                    log.log({"step": step, "epoch": round(self.epoch_progress(), 4), "loss": sum(window) / len(window),
+                             "lr": lr, "grad_norm": grad_norm, "tokens_per_s": log.tokens_per_s(),
+                             "tokens_seen": self.state.tokens_seen, **memory_snapshot(self.device)})
+                if t.eval_steps and step % t.eval_steps == 0 and step != self.steps:
+                    self.evaluate(log)
+                if o.save_steps and step % o.save_steps == 0 and step != self.steps:
+                    self.save()
+            train_seconds = time.perf_counter() - start
+            after = self.evaluate(log)
+            self.save()
+            adapter_dir = run_dir / "adapter"
+            with atomic_dir(adapter_dir) as tmp:
+                save_adapter(self.model, tmp, self.p.tokenizer)
+            if o.plots:
+                write_plots(log.records, run_dir)
+        finally:
+            log.close()
+        mem = memory_snapshot(self.device)
+        result = TrainResult(
+            run_dir=run_dir, adapter_dir=adapter_dir, steps=self.state.step,
+            eval_before=_scalars(before), eval_after=_scalars(after), peak_rss_bytes=mem["peak_rss_bytes"],
+            peak_gpu_bytes=mem.get("peak_gpu_bytes"), samples=(after or {}).get("samples", [])[:3], losses=losses,
+            train_seconds=train_seconds, resumed_from=resumed)
+        atomic_write_text(run_dir / "summary.json", _summary_json(result))
+        return result
+
+    def epoch_progress(self) -> float:
+        n = num_batches(len(self.p.train_examples), self.recipe.training.per_device_train_batch_size)
+        return self.state.epoch + self.state.batch_in_epoch / max(n, 1)
+
+
+def _scalars(result: dict[str, Any] | None) -> dict[str, float] | None:
+    return None if result is None else {k: v for k, v in result.items() if isinstance(v, (int, float))}
+
+
+def _summary_json(result: TrainResult) -> str:
+    import json
+
+    return json.dumps({
+        "steps": result.steps, "eval_before": result.eval_before, "eval_after": result.eval_after,
+        "peak_rss_bytes": result.peak_rss_bytes, "peak_gpu_bytes": result.peak_gpu_bytes,
+        "adapter_dir": str(result.adapter_dir), "train_seconds": round(result.train_seconds, 2),
+        "final_loss": result.losses[-1] if result.losses else None,
+        "samples": [{"prompt": p, "reference": r, "generated": g} for p, r, g in result.samples],
+    }, indent=2) + "\n"

@@ -1,0 +1,51 @@
+"""Memory probes for the tiers slimtune manages: process RSS (CPU tier) and CUDA allocator peaks (GPU tier).
+
+The offload engine will add NVMe byte counters; the trainer logs whatever :func:`memory_snapshot` returns.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import psutil
+import torch
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now."""
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process since it started (getrusage ru_maxrss; KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def peak_gpu_bytes(device: torch.device | None = None) -> int | None:
+    """Peak bytes allocated by the CUDA caching allocator on ``device`` (None when not on CUDA)."""
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated(device)
+
+
+def memory_snapshot(device: torch.device) -> dict[str, int]:
+    """Memory fields for metrics.jsonl: rss_bytes, peak_rss_bytes and, on CUDA, gpu/peak_gpu bytes."""
+    snap = {"rss_bytes": current_rss_bytes(), "peak_rss_bytes": peak_rss_bytes()}
+    gpu_peak = peak_gpu_bytes(device)
+    if gpu_peak is not None:
+        snap["gpu_bytes"] = torch.cuda.memory_allocated(device)
+        snap["peak_gpu_bytes"] = gpu_peak
+    return snap
+
+
+def format_bytes(n: float | None) -> str:
+    """1536 -> '1.5 KiB'."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

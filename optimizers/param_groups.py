@@ -1,0 +1,29 @@
+"""Parameter groups shared by every optimizer: which parameters decay.
+
+Rule (nanoGPT's ``configure_optimizers``, HF Trainer's ``get_decay_parameter_names``): matrices decay; biases,
+norm weights and other 1-D tensors do not. Every trainable parameter lands in exactly one group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+NO_DECAY_NAME_PARTS = ("bias", "norm", "ln_", "layernorm")
+
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Whether weight decay applies to this parameter (2-D or more, and not named like a bias or a norm)."""
+    lowered = name.lower()
+    return param.dim() >= 2 and not any(part in lowered for part in NO_DECAY_NAME_PARTS)
+
+
+def decay_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Split trainable parameters into a decay group and a no-decay group (empty groups dropped)."""
+    decay, no_decay = [], []
+    for name, param in named_params:
+        if param.requires_grad:
+            (decay if decays(name, param) else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]

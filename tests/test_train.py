@@ -1,0 +1,226 @@
+"""The loop end to end on CPU: the CLI in-process, LoRA/QLoRA/full training, exact resume, atomic checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from slimtune.cli.main import main
+from slimtune.finetune import load_recipe, recipe_from_dict, train
+from slimtune.finetune.checkpoint import list_checkpoints, load_checkpoint
+from slimtune.finetune.errors import CheckpointError, SlimtuneError
+from slimtune.finetune.metrics import read_metrics
+from slimtune.finetune.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "configs" / "data" / "quickstart.jsonl"
+
+
+def tiny(tmp_path: Path, *overrides: str) -> dict:
+    """A recipe small enough for a few seconds per run: 2 layers, hidden 32, 64 examples."""
+    data = {
+        "model": {"architecture": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                   "num_attention_heads": 4, "max_position_embeddings": 128},
+                  "tokenizer_vocab_size": 320},
+        "adapter": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
+        "data": {"path": str(DATA), "format": "alpaca", "max_samples": 48, "val_size": 8, "max_length": 96,
+                 "metric": "exact_match", "metric_samples": 4, "max_new_tokens": 4},
+        "training": {"learning_rate": 3e-3, "per_device_train_batch_size": 4, "max_steps": 8, "seed": 7,
+                     "lr_scheduler_type": "cosine", "warmup_steps": 2},
+        "output": {"output_dir": str(tmp_path / "run"), "logging_steps": 1, "plots": False},
+    }
+    from slimtune.finetune.recipe import apply_overrides
+
+    return apply_overrides(data, list(overrides))
+
+
+def write_recipe(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def test_cli_train_end_to_end(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, tiny(tmp_path, "output.plots=true", "training.max_steps=12"))
+    assert main(["train", str(recipe), "--no-progress", "training.learning_rate=5e-3"]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "run"
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.jsonl", "loss.png",
+                 "memory.png", "summary.json", "recipe.yaml", "base_model/config.json"):
+        assert (run / name).is_file(), name
+    records = read_metrics(run / "metrics.jsonl")
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == list(range(1, 13))
+    for key in ("step", "loss", "lr", "tokens_per_s", "peak_rss_bytes"):
+        assert all(r.get(key) is not None for r in train_records), key
+    evals = [r for r in records if "eval_loss" in r]
+    assert [e["step"] for e in evals] == [0, 12] and "eval_exact_match" in evals[0]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # it learned something
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["training"]["learning_rate"] == 5e-3  # override kept
+    assert "eval loss" in out and "exact match" in out and "peak RSS" in out and str(run / "adapter") in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["samples"]
+
+
+@pytest.mark.parametrize("adapter", ["lora", "qlora", "none"])
+def test_training_reduces_loss(tmp_path, adapter):
+    lr = "2e-3" if adapter == "none" else "2e-2"
+    recipe = recipe_from_dict(tiny(tmp_path, f"adapter.type={adapter}", "training.max_steps=16",
+                                   f"training.learning_rate={lr}", "data.metric=none", "adapter.dropout=0"))
+    result = train(recipe, progress=False)
+    assert result.eval_after["eval_loss"] < result.eval_before["eval_loss"] - 0.2
+    sd = load_file(result.adapter_dir / ("model.safetensors" if adapter == "none" else "adapter_model.safetensors"))
+    assert sd and all(torch.isfinite(t).all() for t in sd.values())
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    common = ("adapter.dropout=0", "data.metric=none", "training.max_steps=4", "training.max_grad_norm=0")
+    big = train(recipe_from_dict(tiny(tmp_path / "a", *common, "training.per_device_train_batch_size=4")),
+                progress=False)
+    acc = train(recipe_from_dict(tiny(tmp_path / "b", *common, "training.per_device_train_batch_size=2",
+                                      "training.gradient_accumulation_steps=2")), progress=False)
+    assert acc.losses == pytest.approx(big.losses, rel=1e-5)
+    a = load_file(big.adapter_dir / "adapter_model.safetensors")
+    b = load_file(acc.adapter_dir / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    # dropout (RNG), accumulation and an epoch boundary (40 rows / (4*2) = 5 steps per epoch) between save and end
+    args = ("training.max_steps=12", "output.save_steps=4", "training.gradient_accumulation_steps=2",
+            "data.max_samples=48", "adapter.dropout=0.1", "data.metric=none")
+    full = train(recipe_from_dict(tiny(tmp_path / "full", *args)), progress=False)
+
+    interrupted = tiny(tmp_path / "cut", *args)
+    calls = {"n": 0}
+    original = Trainer.optimizer_step
+
+    def dying_step(self, micro):
+        calls["n"] += 1
+        if calls["n"] == 7:  # after checkpoint-4 was written and two more steps ran
+            raise Interrupt()
+        return original(self, micro)
+
+    monkeypatch.setattr(Trainer, "optimizer_step", dying_step)
+    with pytest.raises(Interrupt):
+        train(recipe_from_dict(interrupted), progress=False)
+    monkeypatch.setattr(Trainer, "optimizer_step", original)
+    run = tmp_path / "cut" / "run"
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-4"]
+
+    resumed = train(recipe_from_dict(tiny(tmp_path / "cut", *args, "training.resume_from_checkpoint=true")),
+                    progress=False)
+    assert resumed.resumed_from.name == "checkpoint-4"
+    assert losses(run) == losses(tmp_path / "full" / "run")  # bit-identical on CPU fp32, steps 1..12
+    a = load_file(full.adapter_dir / "adapter_model.safetensors")
+    b = load_file(resumed.adapter_dir / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path):
+    args = ("training.max_steps=4", "output.save_steps=2", "data.metric=none")
+    train(recipe_from_dict(tiny(tmp_path, *args)), progress=False)
+    changed = recipe_from_dict(tiny(tmp_path, *args, "training.resume_from_checkpoint=true",
+                                    "training.learning_rate=1e-2", "adapter.r=8"))
+    with pytest.raises(CheckpointError) as info:
+        train(changed, progress=False)
+    assert "training.learning_rate: 0.003 -> 0.01" in str(info.value) and "adapter.r: 4 -> 8" in str(info.value)
+
+
+def test_new_run_refuses_a_used_output_dir(tmp_path):
+    args = ("training.max_steps=2", "data.metric=none")
+    train(recipe_from_dict(tiny(tmp_path, *args)), progress=False)
+    with pytest.raises(SlimtuneError, match="already holds a run"):
+        train(recipe_from_dict(tiny(tmp_path, *args)), progress=False)
+    train(recipe_from_dict(tiny(tmp_path, *args, "output.overwrite_output_dir=true")), progress=False)
+
+
+def test_save_total_limit_and_tensor_only_state(tmp_path):
+    result = train(recipe_from_dict(tiny(tmp_path, "training.max_steps=8", "output.save_steps=2",
+                                         "output.save_total_limit=2", "data.metric=none")), progress=False)
+    assert [p.name for p in list_checkpoints(result.run_dir)] == ["checkpoint-6", "checkpoint-8"]
+    ckpt = load_checkpoint(result.run_dir / "checkpoints" / "checkpoint-8")  # every .pt via weights_only=True
+    assert ckpt.state.step == 8 and ckpt.optimizer["state"]
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, time, torch
+    import slimtune.finetune.checkpoint as ck
+    from slimtune.finetune import load_recipe, train
+    real_save = torch.save
+    def slow_save(obj, path, *a, **k):
+        real_save(obj, path, *a, **k)
+        if "checkpoint-4" in str(path):
+            print("SAVING", flush=True)
+            time.sleep(600)   # the parent kills us here, mid-checkpoint
+    ck.torch.save = slow_save
+    train(load_recipe(sys.argv[1]), progress=False)
+""")
+
+
+def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path):
+    recipe = write_recipe(tmp_path, tiny(tmp_path, "training.max_steps=6", "output.save_steps=2",
+                                         "data.metric=none"))
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), str(recipe)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "SAVING", line
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    run = tmp_path / "run"
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-2"]
+    assert any(p.name.startswith(".tmp-") for p in (run / "checkpoints").iterdir())  # the torn write
+    assert load_checkpoint(run / "checkpoints" / "checkpoint-2").state.step == 2
+    result = train(load_recipe(recipe, ["training.resume_from_checkpoint=true"]), progress=False)
+    assert result.resumed_from.name == "checkpoint-2" and result.steps == 6
+    assert not any(p.name.startswith(".tmp-") for p in (run / "checkpoints").iterdir())
+
+
+def test_saved_adapter_loads_with_peft_and_generates(tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe = write_recipe(tmp_path, tiny(tmp_path, "data.metric=none"))
+    assert main(["train", str(recipe), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
+    model = PeftModel.from_pretrained(base, run / "adapter")
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+    capsys.readouterr()
+    assert main(["generate", str(run), "--instruction", "Repeat the last word.", "--input", "red blue",
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+    assert main(["merge", str(run), str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_malformed_dataset_row_is_a_clean_cli_error(tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "a", "output": 3}\n')
+    recipe = write_recipe(tmp_path, tiny(tmp_path, f"data.path={data}", "data.val_size=0", "data.metric=none",
+                                         "data.max_samples=null"))
+    assert main(["train", str(recipe), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert str(data) in err and "line 2" in err and "output" in err and "Traceback" not in err
