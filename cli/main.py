@@ -45,6 +45,13 @@ def cmd_docs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """Our progress bar and summary are the output; hide transformers' per-file loading/saving bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from slimtune.finetune.build import prepare
     from slimtune.finetune.recipe import load_recipe
@@ -53,6 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .summary import format_header, format_summary
 
     recipe = load_recipe(args.recipe, args.overrides)
+    _quiet_libraries()
     prepared = prepare(recipe)
     trainer = Trainer(recipe, prepared, progress=not args.no_progress)
     print(format_header(recipe, prepared, trainer.steps), flush=True)
@@ -84,6 +92,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         raise SlimtuneError("give --prompt TEXT (used as is) or --instruction TEXT [--input TEXT] (formatted with "
                             "the alpaca template used in training)")
+    _quiet_libraries()
     model, tokenizer = load_for_inference(path, resolve_device(args.device), base=args.base)
     torch.manual_seed(args.seed)
     text = generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
@@ -98,6 +107,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     path = Path(args.adapter)
     if (path / "adapter").is_dir():
         path = path / "adapter"
+    _quiet_libraries()
     out = merge_adapter(path, Path(args.out_dir), dtype=args.dtype)
     print(f"merged model written to {out}")
     return 0

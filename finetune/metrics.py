@@ -97,8 +97,8 @@ class MetricsLog:
             peak = record.get("peak_gpu_bytes") or record.get("peak_rss_bytes")
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                  tok_s=f"{record['tokens_per_s']:.0f}", mem=format_bytes(peak), refresh=False)
-        elif self.bar is not None and "eval_loss" in record:
-            self.bar.write(format_eval(record))
+        if "eval_loss" in record:
+            self.write(format_eval(record))
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
@@ -151,15 +151,7 @@ def write_plots(records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title("slimtune: loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    written.append(run_dir / "loss.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(_finish(fig, ax, "loss (nats/token)", "slimtune: loss", run_dir / "loss.png"))
 
     mem = [r for r in records if r.get("peak_rss_bytes") is not None]
     if mem:
@@ -169,13 +161,19 @@ def write_plots(records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
         ax.plot(steps, [r["peak_rss_bytes"] / 2**20 for r in mem], "--", label="peak RSS (MiB)")
         if any(r.get("peak_gpu_bytes") for r in mem):
             ax.plot(steps, [(r.get("peak_gpu_bytes") or 0) / 2**20 for r in mem], label="peak GPU (MiB)")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("MiB")
-        ax.set_title("slimtune: memory")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        written.append(run_dir / "memory.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_finish(fig, ax, "MiB", "slimtune: memory", run_dir / "memory.png"))
     return written
+
+
+def _finish(fig, ax, ylabel: str, title: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

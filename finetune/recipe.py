@@ -15,17 +15,15 @@ touched, so ``slimtune validate`` is instant.
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import RecipeError
-
-SECTIONS = ("model", "adapter", "data", "optimizer", "offload", "training", "output")
+from .recipe_io import (SECTIONS, apply_overrides, dedupe_union_errors, format_error, read_yaml, schema_docs,
+                        without_keys)
 
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
@@ -57,7 +55,9 @@ class ArchitectureConfig(Section):
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
     rms_norm_eps: float = Field(1e-6, gt=0, description="RMSNorm epsilon.")
     tie_word_embeddings: bool = Field(True, description="Share the input embedding with the LM head.")
-    initializer_range: float = Field(0.02, gt=0, description="Std of the random init.")
+    initializer_range: float = Field(
+        0.1, gt=0, description="Std of the random init. Larger than transformers' 0.02: with LoRA the tied embedding "
+                               "stays frozen, and at 0.02 its logits cannot exceed ~0.02 x hidden_size.")
 
     @model_validator(mode="after")
     def _heads(self) -> "ArchitectureConfig":
@@ -302,161 +302,16 @@ def combination_problems(recipe: Recipe) -> list[str]:
     return problems
 
 
-# --------------------------------------------------------------------------------------------------- loading
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
-
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    mapping = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in mapping:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (it already appears above)", key_node.start_mark)
-        mapping[key] = loader.construct_object(value_node, deep=deep)
-    return mapping
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a recipe file into a dict; YAML syntax errors name the file, line and column."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError([f"recipe file {path} does not exist"], source=str(path))
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise RecipeError([f"{where}invalid YAML: {problem}"], source=str(path)) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise RecipeError([f"the top level must be a mapping of sections {list(SECTIONS)}, "
-                           f"got {type(data).__name__}"], source=str(path))
-    return data
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``training.max_steps=50`` → (["training", "max_steps"], 50). Values are parsed as YAML scalars/lists."""
-    if "=" not in item:
-        raise RecipeError([f"override {item!r} must look like section.key=value (e.g. training.max_steps=50)"])
-    key, raw = item.split("=", 1)
-    parts = [p for p in key.strip().split(".")]
-    if not all(parts):
-        raise RecipeError([f"override {item!r}: {key!r} is not a dotted key like training.max_steps"])
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return parts, value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set each ``a.b.c=value`` override in ``data`` (creating sections as needed)."""
-    for item in overrides:
-        parts, value = parse_override(item)
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise RecipeError([f"override {item!r}: {'.'.join(parts[:i + 1])} is a value, not a section"])
-            node = child
-        node[parts[-1]] = value
-    return data
-
-
-def _fields_at(loc: tuple) -> list[str]:
-    """Field names valid at a dotted location (for did-you-mean on unknown keys)."""
-    model: Any = Recipe
-    for part in loc:
-        if isinstance(part, int) or model is None:
-            return []
-        field = model.model_fields.get(part)
-        if field is None:
-            return []
-        model = _section_type(field.annotation)
-    return list(model.model_fields) if model is not None else []
-
-
-def _section_type(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _section_type(arg)
-        if found is not None:
-            return found
-    return None
-
-
-# Names users bring from other tools (HF Trainer, axolotl, LLaMA-Factory, peft, torchtune) -> slimtune's key.
-KNOWN_ALIASES = {
-    "lr": "training.learning_rate", "batch_size": "training.per_device_train_batch_size",
-    "micro_batch_size": "training.per_device_train_batch_size", "num_epochs": "training.num_train_epochs",
-    "epochs": "training.num_train_epochs", "lr_scheduler": "training.lr_scheduler_type",
-    "grad_accum": "training.gradient_accumulation_steps", "sequence_len": "data.max_length",
-    "max_seq_length": "data.max_length", "cutoff_len": "data.max_length", "max_seq_len": "data.max_length",
-    "base_model": "model.name_or_path", "model_name_or_path": "model.name_or_path", "torch_dtype": "model.dtype",
-    "lora_r": "adapter.r", "lora_rank": "adapter.r", "rank": "adapter.r", "lora_alpha": "adapter.alpha",
-    "lora_dropout": "adapter.dropout", "lora_target_modules": "adapter.target_modules",
-    "lora_target": "adapter.target_modules", "load_in_4bit": "model.load_in_4bit", "optim": "optimizer.name",
-    "dataset": "data.path", "datasets": "data.path", "val_set_size": "data.val_size",
-    "sample_packing": "data.packing", "output_dir": "output.output_dir", "save_steps": "output.save_steps",
-    "logging_steps": "output.logging_steps", "report_to": "output.report_to",
-    "save_total_limit": "output.save_total_limit", "warmup": "training.warmup_steps",
-}
-
-
-def _format_error(err: dict[str, Any]) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list[", "literal["))))
-    dotted = ".".join(str(p) for p in loc) or "(top level)"
-    kind, value = err["type"], err.get("input")
-    if kind == "extra_forbidden":
-        valid = _fields_at(loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
-        hint = f"; did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))}?" if close else ""
-        if not close and str(loc[-1]) in KNOWN_ALIASES:
-            hint = f"; did you mean {KNOWN_ALIASES[str(loc[-1])]}?"
-        return f"{dotted}: unknown key{hint} (valid keys here: {', '.join(valid)})"
-    if kind == "missing":
-        return f"{dotted}: required key is missing"
-    msg = err["msg"]
-    if kind == "value_error":
-        msg = msg.removeprefix("Value error, ")
-        return f"{dotted}: {msg}" if loc else msg
-    if kind == "literal_error":
-        expected = err.get("ctx", {}).get("expected", "")
-        return f"{dotted}: {value!r} is not allowed; expected one of {expected}"
-    return f"{dotted}: {msg} (got {value!r})"
-
-
-def _dedupe_union_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A value failing a Union yields one error per member; keep one (the most specific) per location."""
-    seen: dict[tuple, dict[str, Any]] = {}
-    for err in errors:
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
-        key = loc
-        if key not in seen or err["type"] == "literal_error":
-            seen[key] = err
-    return list(seen.values())
-
-
 def recipe_from_dict(data: dict[str, Any], source: str | None = None, base_dir: str | os.PathLike | None = None
                      ) -> Recipe:
     """Validate a recipe dict; raise RecipeError listing every problem. ``base_dir`` resolves relative data paths."""
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        errors = _dedupe_union_errors(exc.errors())
-        problems = [_format_error(e) for e in errors]
+        errors = dedupe_union_errors(exc.errors())
+        problems = [format_error(Recipe, e) for e in errors]
         # Report combination problems too (all errors at once): re-validate without the offending keys.
-        reduced = _without(data, [e["loc"] for e in errors])
+        reduced = without_keys(data, [e["loc"] for e in errors])
         try:
             problems += combination_problems(Recipe.model_validate(reduced))
         except ValidationError:
@@ -468,20 +323,6 @@ def recipe_from_dict(data: dict[str, Any], source: str | None = None, base_dir: 
     if base_dir is not None:
         _resolve_paths(recipe, Path(base_dir))
     return recipe
-
-
-def _without(data: dict[str, Any], locs: list[tuple]) -> dict[str, Any]:
-    """A deep copy of ``data`` with the leaves at ``locs`` removed (so their defaults apply)."""
-    import copy
-
-    reduced = copy.deepcopy(data)
-    for loc in locs:
-        node, path = reduced, [p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
-        for part in path[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and path:
-            node.pop(path[-1], None)
-    return reduced
 
 
 def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
@@ -526,39 +367,10 @@ def _looks_local(value: str) -> bool:
     return value.startswith((".", "/", "~")) or value.endswith((".json", ".jsonl", ".csv", ".parquet"))
 
 
-# --------------------------------------------------------------------------------------------------- docs
 def recipe_docs() -> str:
-    """Every field with its type, default and doc, generated from the schema (feeds --help and the README)."""
-    lines = ["Recipe reference (generated from the schema in slimtune.finetune.recipe)", ""]
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            sub = _section_type(field.annotation)
-            dotted = f"{prefix}{name}"
-            if sub is not None:
-                lines.append(f"{dotted}:  {field.description or ''}")
-                walk(sub, dotted + ".")
-                continue
-            default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
-            lines.append(f"  {dotted} ({_type_name(field.annotation)}; {default})  {field.description or ''}")
-
-    walk(Recipe, "")
-    return "\n".join(lines)
+    """Every recipe field with its type, default and doc (feeds ``slimtune recipe-docs`` and ``train --help``)."""
+    return schema_docs(Recipe)
 
 
-def _type_name(annotation: Any) -> str:
-    """Readable type: 'int', 'float | None', "'lora' | 'qlora' | 'none'", 'list[str]'."""
-    import typing
-
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is Annotated:
-        return _type_name(args[0])
-    if origin is Literal:
-        return " | ".join(repr(a) for a in args)
-    if origin in (Union, getattr(__import__("types"), "UnionType", Union)):
-        return " | ".join(_type_name(a) for a in args)
-    if origin in (list, tuple):
-        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
-    if annotation is type(None):
-        return "None"
-    return getattr(annotation, "__name__", str(annotation))
+__all__ = ["Recipe", "RecipeError", "SECTIONS", "apply_overrides", "check_local_files", "combination_problems",
+           "load_recipe", "recipe_docs", "recipe_from_dict", "read_yaml"]

@@ -184,8 +184,10 @@ class Trainer:
         if not warned:
             self.scheduler.load_state_dict(ckpt.scheduler)
         else:
-            for _ in range(ckpt.state.step):  # fast-forward the new-length schedule to the checkpoint's step
-                self.scheduler.step()
+            with warnings.catch_warnings():  # stepping a scheduler with no optimizer step in between is the point
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(ckpt.state.step):  # fast-forward the new-length schedule to the checkpoint's step
+                    self.scheduler.step()
         set_rng_state(ckpt.rng)
         self.state = ckpt.state
 

@@ -155,14 +155,15 @@ def test_load_model_4bit_uses_qlora_settings(tiny_model_dir, tiny_dir_config):
     # and the 4-bit model still computes roughly the same function
     ids = torch.tensor([[1, 10, 20, 30, 40]])
     with torch.no_grad():
-        diff = (model(ids).logits - full(ids).logits).abs().max()
-    assert 0 < diff < 0.5
+        ref = full(ids).logits
+        diff = (model(ids).logits - ref).abs().max()
+    assert 0 < diff < 0.1 * ref.abs().max()  # NF4 rounding: a few percent of the logit scale
 
 
 def test_load_model_gradient_checkpointing(tiny_model_dir, tiny_dir_config, tiny_batch):
     ref = load_model(tiny_dir_config, tiny_model_dir, "cpu", quantized=False, gradient_checkpointing=False)
     ckpt = load_model(tiny_dir_config, tiny_model_dir, "cpu", quantized=False, gradient_checkpointing=True)
-    assert ckpt.is_gradient_checkpointing and ckpt.config.use_cache is False
+    assert ckpt.is_activation_checkpointing and ckpt.config.use_cache is False
     grads = []
     for model in (ref, ckpt):
         model.train()

@@ -8,9 +8,9 @@ Standalone and deterministic: standard library only, fixed seed. Run from anywhe
 Each row is an alpaca-style record {"instruction", "input", "output"} for one of four
 small instruction-following skills over short sequences drawn from fixed word lists:
 
-  * repeat the last word of a list           ("fox lamp river" -> "river")
-  * reverse the order of a list of words      ("fox lamp river" -> "river lamp fox")
-  * say which of two numbers is larger        ("37 or 52"       -> "52")
+  * repeat the last word of a list               ("lamp river stone" -> "stone")
+  * repeat the first word of a list              ("lamp river stone" -> "lamp")
+  * pick the one animal out of a list of objects ("lamp tiger stone" -> "tiger")
   * classify a short review as positive/negative from its adjectives
 
 Every (instruction, input) pair is unique, and the skills are interleaved at random, so a
@@ -22,39 +22,41 @@ import os
 import random
 
 SEED = 1234
-ROWS_PER_SKILL = {"last": 600, "reverse": 600, "larger": 600, "sentiment": 600}
+ROWS_PER_SKILL = {"last": 600, "first": 600, "animal": 600, "sentiment": 600}
 
-WORDS = [
-    "apple", "river", "stone", "cloud", "tiger", "lamp", "forest", "candle",
-    "mirror", "garden", "rocket", "pencil", "castle", "violin", "planet", "bridge",
-    "button", "window", "dragon", "island", "jacket", "ladder", "monkey", "orange",
-    "pepper", "rabbit", "silver", "turtle", "wallet", "yellow", "anchor", "basket",
+WORDS = [  # objects (no animals)
+    "apple", "river", "stone", "cloud", "lamp", "forest", "candle", "mirror",
+    "garden", "rocket", "pencil", "castle", "violin", "planet", "bridge", "button",
+    "window", "island", "jacket", "ladder", "orange", "pepper", "wallet", "basket",
 ]
+ANIMALS = ["tiger", "rabbit", "turtle", "monkey", "horse", "eagle", "shark", "camel", "zebra", "otter", "mouse", "whale"]
 NOUNS = ["food", "movie", "hotel", "book", "game", "phone", "service", "music"]
 POSITIVE = ["great", "excellent", "wonderful", "amazing", "lovely", "fantastic", "superb", "delightful"]
 NEGATIVE = ["terrible", "awful", "horrible", "boring", "dreadful", "poor", "disappointing", "bad"]
 
 INSTRUCTIONS = {
     "last": "Repeat the last word.",
-    "reverse": "Reverse the order of the words.",
-    "larger": "Which number is larger?",
+    "first": "Repeat the first word.",
+    "animal": "Which word is an animal?",
     "sentiment": "Is this review positive or negative?",
 }
 
 
 def make_last(rng):
-    words = rng.sample(WORDS, rng.randint(3, 6))
+    words = rng.sample(WORDS + ANIMALS, rng.randint(3, 6))
     return " ".join(words), words[-1]
 
 
-def make_reverse(rng):
+def make_first(rng):
+    words = rng.sample(WORDS + ANIMALS, rng.randint(3, 6))
+    return " ".join(words), words[0]
+
+
+def make_animal(rng):
     words = rng.sample(WORDS, rng.randint(2, 4))
-    return " ".join(words), " ".join(reversed(words))
-
-
-def make_larger(rng):
-    a, b = rng.sample(range(10, 100), 2)
-    return f"{a} or {b}", str(max(a, b))
+    animal = rng.choice(ANIMALS)
+    words.insert(rng.randint(0, len(words)), animal)
+    return " ".join(words), animal
 
 
 def make_sentiment(rng):
@@ -70,7 +72,7 @@ def make_sentiment(rng):
     return template.format(n=noun, a=adjs[0], b=adjs[1]), label
 
 
-MAKERS = {"last": make_last, "reverse": make_reverse, "larger": make_larger, "sentiment": make_sentiment}
+MAKERS = {"last": make_last, "first": make_first, "animal": make_animal, "sentiment": make_sentiment}
 
 
 def generate(seed=SEED):

@@ -23,6 +23,8 @@ paper's memory footprint.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -48,10 +50,21 @@ def apply_lora(model: torch.nn.Module, cfg: AdapterConfig, quantized: bool) -> P
         bias="none",
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, lora_config, autocast_adapter_dtype=True)
-    if getattr(model, "is_gradient_checkpointing", False):
+    with warnings.catch_warnings():
+        # peft 0.21's PeftModel.__init__ reads transformers 5's deprecated is_gradient_checkpointing: not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, lora_config, autocast_adapter_dtype=True)
+    if _checkpointing(model):
         peft_model.enable_input_require_grads()
     return peft_model
+
+
+def _checkpointing(model: torch.nn.Module) -> bool:
+    """Whether activation checkpointing is on (transformers 5 renamed is_gradient_checkpointing, deprecated)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
 
 
 def _check_names(key: str, names: list[str], model: torch.nn.Module, linear_only: bool) -> None:
