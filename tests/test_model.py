@@ -155,9 +155,9 @@ def test_load_model_4bit_uses_qlora_settings(tiny_model_dir, tiny_dir_config):
     # and the 4-bit model still computes roughly the same function
     ids = torch.tensor([[1, 10, 20, 30, 40]])
     with torch.no_grad():
-        ref = full(ids).logits
-        diff = (model(ids).logits - ref).abs().max()
-    assert 0 < diff < 0.1 * ref.abs().max()  # NF4 rounding: a few percent of the logit scale
+        ref, got = full(ids).logits.flatten(), model(ids).logits.flatten().float()
+    cosine = torch.nn.functional.cosine_similarity(ref, got, dim=0)
+    assert not torch.equal(ref, got) and cosine > 0.9  # NF4 rounding perturbs, it does not scramble
 
 
 def test_load_model_gradient_checkpointing(tiny_model_dir, tiny_dir_config, tiny_batch):
