@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -160,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``slimtune`` console script; returns the exit code."""
+    # peft 0.21 reads transformers 5's deprecated is_gradient_checkpointing on every model it wraps or loads
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides: list[str] = []
     if argv and argv[0] in ("train", "validate"):

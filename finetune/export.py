@@ -15,6 +15,7 @@ from peft import PeftModel
 from transformers import AutoTokenizer
 
 from .adapters import METADATA_FILE, read_metadata
+from .data import prompt_ids
 from .errors import SlimtuneError
 from .io import atomic_dir
 from .model import DTYPES, load_model, resolve_device
@@ -58,12 +59,10 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, do_sample:
              temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> str:
     """Complete ``prompt``; returns only the new text (special tokens dropped), stopping at the eos token."""
     device = next(model.parameters()).device
-    enc = tokenizer(prompt, return_tensors="pt")
-    input_ids = enc["input_ids"]
-    if input_ids.shape[1] == 0:  # an empty prompt: start from bos so there is something to condition on
-        if tokenizer.bos_token_id is None:
-            raise SlimtuneError("empty prompt and the tokenizer has no bos token to start from; give a prompt")
-        input_ids = torch.tensor([[tokenizer.bos_token_id]])
+    ids = prompt_ids(prompt, tokenizer)  # exactly as training encoded prompts (bos first when there is one)
+    if not ids:
+        raise SlimtuneError("empty prompt and the tokenizer has no bos token to start from; give a prompt")
+    input_ids = torch.tensor([ids])
     attention_mask = torch.ones_like(input_ids)
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "use_cache": True,
               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}

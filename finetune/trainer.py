@@ -26,12 +26,12 @@ from slimtune.offload import memory_snapshot
 from slimtune.optimizers import build_optimizer
 
 from .adapters import load_trainable_state_dict, save_adapter, trainable_state_dict
-from .checkpoint import (TrainerState, find_resume_checkpoint, load_checkpoint, recipe_changes, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import (TrainerState, find_resume_checkpoint, list_checkpoints, load_checkpoint, recipe_changes,
+                         save_checkpoint, set_rng_state)
 from .data import batches, num_batches
 from .errors import CheckpointError
 from .evaluate import autocast, eval_loss, exact_match_score, supervised_tokens
-from .io import atomic_dir, atomic_write_text
+from .io import atomic_write_text
 from .metrics import MetricsLog, write_plots
 from .recipe import Recipe
 
@@ -164,8 +164,14 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoint / resume
     def save(self) -> Path:
         o = self.recipe.output
-        return save_checkpoint(self.p.run_dir, self.state, trainable_state_dict(self.model), self.optimizer,
-                               self.scheduler, self.recipe.to_dict(), o.save_total_limit)
+        try:
+            return save_checkpoint(self.p.run_dir, self.state, trainable_state_dict(self.model), self.optimizer,
+                                   self.scheduler, self.recipe.to_dict(), o.save_total_limit)
+        except OSError as exc:  # disk full, quota, permissions: the half-written temp dir is already removed
+            previous = list_checkpoints(self.p.run_dir)
+            kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+            raise CheckpointError(f"could not write the step-{self.state.step} checkpoint in {self.p.run_dir}: "
+                                  f"{exc.strerror or exc}; {kept}") from None
 
     def restore(self, path: Path, log_warning) -> None:
         ckpt = load_checkpoint(path)
@@ -229,8 +235,7 @@ class Trainer:
             after = self.evaluate(log)
             self.save()
             adapter_dir = run_dir / "adapter"
-            with atomic_dir(adapter_dir) as tmp:
-                save_adapter(self.model, tmp, self.p.tokenizer)
+            save_adapter(self.model, adapter_dir, self.p.tokenizer)  # atomic: temp dir renamed into place
             if o.plots:
                 write_plots(log.records, run_dir)
         finally:

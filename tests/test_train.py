@@ -255,3 +255,52 @@ def test_gradient_checkpointing_gives_the_same_run_and_bf16_trains(tmp_path):
     bf16 = train(recipe_from_dict(tiny(tmp_path / "c", *common, "training.bf16=true")), progress=False)
     assert bf16.losses == pytest.approx(plain.losses, rel=2e-2)  # autocast: same run to bf16 precision
     assert bf16.losses != plain.losses  # and autocast really was on
+
+
+def test_disk_full_during_save_is_a_clean_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import slimtune.finetune.checkpoint as ck
+
+    real_save, calls = ck.torch.save, {"n": 0}
+
+    def full_disk(obj, path, *args, **kwargs):
+        if "checkpoint-4" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(ck.torch, "save", full_disk)
+    recipe = recipe_from_dict(tiny(tmp_path, "training.max_steps=6", "output.save_steps=2", "data.metric=none"))
+    with pytest.raises(CheckpointError, match=r"No space left on device; the previous checkpoint .*checkpoint-2 is"):
+        train(recipe, progress=False)
+    run = tmp_path / "run"
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-2"]
+    assert not any(p.name.startswith(".tmp-") for p in (run / "checkpoints").iterdir())
+    load_checkpoint(run / "checkpoints" / "checkpoint-2")
+
+
+def _chat_and_text_files(tmp_path: Path) -> tuple[Path, Path]:
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()[:64]]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": f"{r['instruction']} {r['input']}"},
+        {"role": "assistant", "content": r["output"]}]}) + "\n" for r in rows))
+    text = tmp_path / "text.csv"
+    text.write_text("text\n" + "".join(f"\"{r['instruction']} {r['input']} -> {r['output']}\"\n" for r in rows))
+    return chat, text
+
+
+@pytest.mark.parametrize("fmt, packing", [("messages", False), ("messages", True), ("text", True)])
+def test_chat_and_text_formats_train_end_to_end(tmp_path, fmt, packing):
+    chat, text = _chat_and_text_files(tmp_path)
+    path = chat if fmt == "messages" else text
+    metric = "exact_match" if fmt == "messages" else "none"
+    result = train(recipe_from_dict(tiny(tmp_path, f"data.path={path}", f"data.format={fmt}",
+                                         f"data.packing={str(packing).lower()}", f"data.metric={metric}",
+                                         "training.max_steps=10", "training.learning_rate=1e-2",
+                                         "data.max_samples=null")), progress=False)
+    assert result.eval_after["eval_loss"] < result.eval_before["eval_loss"]
+    if fmt == "messages":
+        assert "eval_exact_match" in result.eval_after and result.samples
+        assert "<|assistant|>" in result.samples[0][0]  # the built-in chat template (the tokenizer has none)
