@@ -150,6 +150,7 @@ def child(name: str, recipe_path: str, steps: int, json_path: str) -> None:
         run["peak_rss_bytes"] = peak_rss_bytes()
         run["threads"] = torch.get_num_threads()
         t = recipe.training
+        run["batch_size"] = t.per_device_train_batch_size
         run["eval_loss"] = eval_loss(prep.model, eval_examples, t.per_device_eval_batch_size,
                                      prep.tokenizer.pad_token_id, prep.device, t.bf16)
         run["exact_match"], _ = exact_match_score(prep.model, prep.tokenizer, pairs, recipe.data.max_new_tokens,
@@ -245,7 +246,7 @@ def main() -> None:
     assert all(s["steps"] == a.steps for s in stats.values()), {n: s["steps"] for n, s in stats.items()}
     host = machine()
     header = (f"## Training loop: slimtune vs HF Trainer + peft ({a.recipe}, {a.steps} steps, batch "
-              f"{runs and 32}, torch threads {stats['slimtune']['threads']}/{stats['hf']['threads']})\n\n"
+              f"{runs['slimtune']['batch_size']}, torch threads {stats['slimtune']['threads']}/{stats['hf']['threads']})\n\n"
               f"Machine: {host}\n\nStep statistics skip the first {SKIP} steps. Ratios are slimtune / HF "
               "(< 1 = slimtune faster or smaller; for tokens/s > 1 = slimtune faster).")
     text = table(stats, header)

@@ -161,6 +161,7 @@ def write_plots(records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
         ax.plot(steps, [r["peak_rss_bytes"] / 2**20 for r in mem], "--", label="peak RSS (MiB)")
         if any(r.get("peak_gpu_bytes") for r in mem):
             ax.plot(steps, [(r.get("peak_gpu_bytes") or 0) / 2**20 for r in mem], label="peak GPU (MiB)")
+        ax.set_ylim(bottom=0)  # absolute scale: a few MiB of allocator noise should look like noise
         written.append(_finish(fig, ax, "MiB", "slimtune: memory", run_dir / "memory.png"))
     return written
 
