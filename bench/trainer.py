@@ -2,34 +2,39 @@
 
     python bench/trainer.py [--steps 300] [--recipe configs/quickstart.yaml] [--out bench/results]
 
-What runs: the recipe (default: the quickstart, LoRA r=32 on a tiny Llama, fp32, batch 32, cosine schedule with 10%
-warm-up) for ``--steps`` optimizer steps, with ``eval_steps=0``, ``save_steps=0``, ``plots=false``, and a temporary
-output_dir. Each contender runs in its own subprocess, one after the other, with ``torch.set_num_threads(2)``:
+Each contender runs the recipe (default: the quickstart, LoRA r=32 on a tiny Llama, fp32, batch 32, cosine with 10%
+warm-up) for ``--steps`` steps with eval_steps=0, save_steps=0, plots=false, logging_steps=1 and a temporary
+output_dir, in its own subprocess (so one does not warm the other), one after the other, torch.set_num_threads(2).
+``--rounds R`` (default 2) repeats the pair in ABBA order (slimtune, HF, HF, slimtune, ...) so drift in the
+machine's load cannot favour either side; timing figures are the median over each contender's runs, and the
+table also lists every run's median step time, so the spread is visible:
 
 * slimtune: ``Trainer(recipe, prepare(recipe), progress=False).train()``;
-* HF: the *same* ``prepare(recipe)`` (same seeded model init, LoRA config, tokenizer and tokenized examples), trained
-  by ``transformers.Trainer`` with the recipe's lr, scheduler, warm-up steps, batch size, grad clipping, weight decay,
-  Adam betas/eps, ``optim="adamw_torch"`` and seed; data is a ``torch.utils.data.Dataset`` over the examples and
-  the collator is slimtune's ``collate`` (same right padding and label masking).
+* HF: the *same* ``prepare(recipe)`` (seeded model init, LoRA, tokenizer, tokenized examples) trained by
+  ``transformers.Trainer`` with the recipe's lr, scheduler, warm-up steps, batch, clipping, weight decay, Adam
+  betas/eps and seed, ``optim="adamw_torch"``; data: a torch ``Dataset`` over the examples, collator: slimtune's
+  ``collate``. Both print nothing (HF's PrinterCallback removed, slimtune progress=False).
 
-Measured per contender (the first 10 steps are skipped in the step statistics):
+Measured (the first 10 steps are left out of the step statistics):
 
-* step time: wall time between the ends of consecutive optimizer steps, i.e. everything the loop does per step
-  (fetch + collate the batch, forward, backward, clip, AdamW, scheduler, logging). slimtune: ``optimizer_step`` is
-  wrapped; HF: a ``TrainerCallback.on_step_end``. Both log every step (``logging_steps=1``) and print nothing
-  (HF's ``PrinterCallback`` removed; slimtune ``progress=False``);
-* tokens/s: non-pad input tokens of the timed steps / their summed step time;
-* peak RSS: the child's ``ru_maxrss`` right after training (it includes building the model and data, identical in
-  both, and each library's imports); eval is run after that reading;
-* train wall: start of the training loop to its end (slimtune also writes its final checkpoint + adapter there);
-* quality: eval loss and exact match on the prepared eval set, computed for both by the same slimtune functions
-  (``evaluate.eval_loss``, ``evaluate.exact_match_score``) after training.
+* step time: wall time between the ends of consecutive optimizer steps, i.e. all the loop does per step (fetch and
+  collate, forward, backward, clip, AdamW, scheduler, logging); slimtune: ``Trainer.optimizer_step`` wrapped,
+  HF: ``TrainerCallback.on_step_end``. tokens/s: non-pad tokens of those steps / their summed time;
+* peak RSS: the child's ``ru_maxrss`` after training (includes building model and data, the same in both);
+  "added by training": the peak from the start of training (kernel peak mark reset via /proc/self/clear_refs)
+  minus the RSS then, i.e. the library import, trainer setup and loop;
+* train wall: first step start (HF: on_train_begin) to last step end;
+* quality: eval loss and exact match computed for both after training by the same slimtune functions
+  (``evaluate.eval_loss``, ``evaluate.exact_match_score``).
 
-What differs and could not be removed: data order (slimtune shuffles with ``randperm(seed + epoch)``, HF with its
-seeded ``RandomSampler``), so the loss curves are not equal step for step; HF scales the loss by the batch's label
-count (``num_items_in_batch``) and slimtune by its supervised-token count, which agree with one micro-batch per
-step. slimtune skips its built-in before/after evaluation here (eval examples are withheld from its Trainer) so that
-both contenders are evaluated once, by the same code, outside the timed loop.
+Same math: HF's sampler (accelerate's SeedableRandomSampler) draws ``randperm`` from seed + epoch like slimtune, and
+at one micro-batch per step HF's ``num_items_in_batch`` scaling equals slimtune's token weighting, so the two runs
+see the same batches and their per-step losses agree (the table prints the largest difference). What differs is
+loop overhead: HF adds accelerate's dataloader wrapper, flos and token counting and callbacks per step; slimtune
+writes a metrics.jsonl record with an RSS reading per logged step. slimtune's before/after evaluation is skipped
+(eval examples withheld from its Trainer) so both are evaluated once, by the same code; its end-of-run checkpoint
+and adapter save come after the timed loop. Step times are wall-clock on a possibly shared machine: compare the
+ratio within one run, not across runs.
 """
 
 from __future__ import annotations
@@ -47,71 +52,61 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-SKIP = 10  # warm-up steps left out of the step-time statistics
+SKIP = 10  # warm-up steps left out of the step statistics
 NAMES = {"slimtune": "slimtune", "hf": "HF Trainer + peft"}
 
 
-def peak_rss_bytes() -> int:
+def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-# ------------------------------------------------------------------------------------------- contenders (child side)
+# --------------------------------------------------------------------------------------- contenders (child processes)
 def train_slimtune(recipe, prep) -> dict:
     from slimtune.finetune.trainer import Trainer
 
-    trainer = Trainer(recipe, prep, progress=False)
-    ends, tokens, begin = [], [], []
+    trainer, run = Trainer(recipe, prep, progress=False), {"ends": [], "tokens": []}
     inner = trainer.optimizer_step
 
     def timed_step(micro):
-        if not begin:
-            begin.append(time.perf_counter())
-        loss, grad_norm, n = inner(micro)
-        ends.append(time.perf_counter())
-        tokens.append(n)
-        return loss, grad_norm, n
+        run.setdefault("begin", time.perf_counter())
+        loss, grad_norm, tokens = inner(micro)
+        run["ends"].append(time.perf_counter())
+        run["tokens"].append(tokens)
+        return loss, grad_norm, tokens
 
     trainer.optimizer_step = timed_step
-    result = trainer.train()
-    return {"begin": begin[0], "ends": ends, "tokens": tokens, "losses": result.losses,
-            "train_wall_s": result.train_seconds}
+    run["losses"] = trainer.train().losses
+    return run
 
 
 def train_hf(recipe, prep) -> dict:
     import torch
+    from slimtune.finetune.data import collate
+    from slimtune.finetune.trainer import total_steps, warmup_steps
     from transformers import PrinterCallback, TrainerCallback, TrainingArguments
     from transformers import Trainer as HFTrainer
 
-    from slimtune.finetune.data import collate
-    from slimtune.finetune.trainer import total_steps, warmup_steps
-
-    t, o = recipe.training, recipe.optimizer
-    steps, pad_id, tokens = total_steps(recipe, len(prep.train_examples)), prep.tokenizer.pad_token_id, []
+    t, o, pad_id = recipe.training, recipe.optimizer, prep.tokenizer.pad_token_id
+    steps, run = total_steps(recipe, len(prep.train_examples)), {"ends": [], "tokens": [], "losses": []}
 
     class Examples(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(prep.train_examples)
-
-        def __getitem__(self, i):
-            return prep.train_examples[i]
+        __len__, __getitem__ = (lambda self: len(prep.train_examples)), (lambda self, i: prep.train_examples[i])
 
     def collator(features):
         batch = collate(features, pad_id)
-        tokens.append(int(batch["attention_mask"].sum()))  # slimtune counts the same per step
+        run["tokens"].append(int(batch["attention_mask"].sum()))  # what slimtune's optimizer_step counts
         return batch
 
     class Timer(TrainerCallback):
-        begin, end, ends, losses = 0.0, 0.0, [], []
-
         def on_train_begin(self, args, state, control, **kw):
-            self.begin = time.perf_counter()
+            run["begin"] = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            self.ends.append(time.perf_counter())
+            run["ends"].append(time.perf_counter())
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
+                run["losses"].append(float(logs["loss"]))
 
     args = TrainingArguments(
         output_dir=str(Path(recipe.output.output_dir) / "hf"), learning_rate=t.learning_rate,
@@ -121,14 +116,13 @@ def train_hf(recipe, prep) -> dict:
         weight_decay=t.weight_decay, adam_beta1=o.betas[0], adam_beta2=o.betas[1], adam_epsilon=o.eps,
         optim="adamw_torch", logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
         dataloader_num_workers=0, disable_tqdm=True, use_cpu=True, seed=t.seed,
-        remove_unused_columns=False)  # our collator already yields exactly the model's inputs
-    timer = Timer()
+        remove_unused_columns=False)  # the collator already yields exactly the model's inputs
     trainer = HFTrainer(model=prep.model, args=args, train_dataset=Examples(), data_collator=collator,
-                        callbacks=[timer])
-    trainer.remove_callback(PrinterCallback)  # it prints every log; slimtune prints nothing (progress=False)
+                        callbacks=[Timer()])
+    trainer.remove_callback(PrinterCallback)  # prints every log record; slimtune prints nothing (progress=False)
     trainer.train()
-    return {"begin": timer.begin, "ends": timer.ends, "tokens": tokens[:len(timer.ends)], "losses": timer.losses,
-            "train_wall_s": timer.ends[-1] - timer.begin}
+    run["tokens"] = run["tokens"][:len(run["ends"])]  # the dataloader may have collated one batch ahead
+    return run
 
 
 def child(name: str, recipe_path: str, steps: int, json_path: str) -> None:
@@ -143,54 +137,68 @@ def child(name: str, recipe_path: str, steps: int, json_path: str) -> None:
         recipe = load_recipe(recipe_path, [
             f"training.max_steps={steps}", "training.eval_steps=0", "output.save_steps=0", "output.plots=false",
             "output.logging_steps=1", f"output.output_dir={tmp}/run", "output.overwrite_output_dir=true"])
-        prep = prepare(recipe)
-        eval_examples, pairs = prep.eval_examples, prep.eval_pairs
-        prep.eval_examples = None  # evaluated once below, by the same code for both contenders
-        run = {"slimtune": train_slimtune, "hf": train_hf}[name](recipe, prep)
-        run["peak_rss_bytes"] = peak_rss_bytes()
-        run["threads"] = torch.get_num_threads()
-        t = recipe.training
-        run["batch_size"] = t.per_device_train_batch_size
+        t, prep = recipe.training, prepare(recipe)
+        eval_examples, prep.eval_examples = prep.eval_examples, None  # evaluated below, the same way for both
+        setup_peak = peak_rss()
+        start_rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        try:  # reset the kernel's peak-RSS mark (what ru_maxrss reads) to the current RSS; Linux >= 4.0
+            was_reset = Path("/proc/self/clear_refs").write_text("5") == 1
+        except OSError:
+            was_reset = False
+        run = {"slimtune": train_slimtune, "hf": train_hf}[name](recipe, prep)  # import, setup, loop
+        run.update(peak_rss_bytes=max(setup_peak, peak_rss()), added_rss_bytes=peak_rss() - start_rss if was_reset
+                   else None, threads=torch.get_num_threads(), batch_size=t.per_device_train_batch_size)
         run["eval_loss"] = eval_loss(prep.model, eval_examples, t.per_device_eval_batch_size,
                                      prep.tokenizer.pad_token_id, prep.device, t.bf16)
-        run["exact_match"], _ = exact_match_score(prep.model, prep.tokenizer, pairs, recipe.data.max_new_tokens,
-                                                  t.per_device_eval_batch_size, prep.device, t.bf16)
+        run["exact_match"], _ = exact_match_score(prep.model, prep.tokenizer, prep.eval_pairs,
+                                                  recipe.data.max_new_tokens, t.per_device_eval_batch_size,
+                                                  prep.device, t.bf16)
     Path(json_path).write_text(json.dumps(run))
 
 
-# ------------------------------------------------------------------------------------------- parent side
+# --------------------------------------------------------------------------------------- report (parent process)
+ROWS = [("median step (ms)", "median_step_ms", "{:.1f}"), ("mean step (ms)", "mean_step_ms", "{:.1f}"),
+        ("tokens/s", "tokens_per_s", "{:,.0f}"), ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"),
+        ("RSS added by training (MiB)", "added_rss_mib", "{:.0f}"), ("train wall (s)", "train_wall_s", "{:.1f}"),
+        ("train loss (mean of last 10)", "final_train_loss", "{:.4f}"), ("eval loss", "eval_loss", "{:.4f}"),
+        ("exact match", "exact_match", "{:.1%}")]
+RATIOS = ["median_step_ms", "mean_step_ms", "tokens_per_s", "peak_rss_mib", "added_rss_mib", "train_wall_s"]
+
+
 def summarize(run: dict) -> dict:
     times = [b - a for a, b in zip([run["begin"]] + run["ends"], run["ends"])][SKIP:]
-    toks = run["tokens"][SKIP:len(times) + SKIP]
-    return {"median_step_ms": 1e3 * statistics.median(times), "mean_step_ms": 1e3 * statistics.fmean(times),
-            "tokens_per_s": sum(toks) / sum(times), "peak_rss_mib": run["peak_rss_bytes"] / 2**20,
-            "train_wall_s": run["train_wall_s"], "final_train_loss": statistics.fmean(run["losses"][-10:]),
-            "eval_loss": run["eval_loss"], "exact_match": run["exact_match"], "steps": len(run["ends"]),
-            "threads": run["threads"]}
+    return {"steps": len(run["ends"]), "median_step_ms": 1e3 * statistics.median(times),
+            "mean_step_ms": 1e3 * statistics.fmean(times), "tokens_per_s": sum(run["tokens"][SKIP:]) / sum(times),
+            "peak_rss_mib": run["peak_rss_bytes"] / 2**20,
+            "added_rss_mib": float("nan") if run["added_rss_bytes"] is None else run["added_rss_bytes"] / 2**20,
+            "train_wall_s": run["ends"][-1] - run["begin"], "final_train_loss": statistics.fmean(run["losses"][-10:]),
+            "eval_loss": run["eval_loss"], "exact_match": run["exact_match"], "threads": run["threads"]}
+
+
+def combine(per_run: list[dict]) -> dict:
+    """One contender over several runs: timing and memory as the median of the runs, the rest from the first."""
+    out = dict(per_run[0])
+    for key in RATIOS:
+        out[key] = statistics.median(r[key] for r in per_run)
+    out["runs_step_ms"] = [round(r["median_step_ms"], 1) for r in per_run]
+    return out
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor() or "unknown CPU")
-    mem_kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+    lines = Path("/proc/cpuinfo").read_text().splitlines() + Path("/proc/meminfo").read_text().splitlines()
+    cpu = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), platform.processor())
+    mem_kib = next(int(x.split()[1]) for x in lines if x.startswith("MemTotal"))
     return (f"{cpu}, {os.cpu_count()} cores, {mem_kib / 2**20:.1f} GiB RAM; torch {version('torch')}, "
             f"transformers {version('transformers')}, peft {version('peft')}, Python {platform.python_version()}")
 
 
-COLUMNS = [("median step (ms)", "median_step_ms", "{:.1f}"), ("mean step (ms)", "mean_step_ms", "{:.1f}"),
-           ("tokens/s", "tokens_per_s", "{:,.0f}"), ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"),
-           ("train wall (s)", "train_wall_s", "{:.1f}"), ("train loss (last 10)", "final_train_loss", "{:.4f}"),
-           ("eval loss", "eval_loss", "{:.4f}"), ("exact match", "exact_match", "{:.1%}")]
-RATIO_KEYS = {"median_step_ms", "mean_step_ms", "tokens_per_s", "peak_rss_mib", "train_wall_s"}
-
-
 def table(stats: dict, header: str) -> str:
-    lines = [header, "", "| contender | " + " | ".join(c for c, _, _ in COLUMNS) + " |",
-             "|---" * (len(COLUMNS) + 1) + "|"]
-    for name, s in stats.items():
-        lines.append(f"| {NAMES[name]} | " + " | ".join(f.format(s[k]) for _, k, f in COLUMNS) + " |")
-    ratio = [f"{stats['slimtune'][k] / stats['hf'][k]:.2f}x" if k in RATIO_KEYS else "" for _, k, _ in COLUMNS]
-    lines.append("| **slimtune / HF** | " + " | ".join(ratio) + " |")
+    s, h = stats["slimtune"], stats["hf"]
+    lines = [header, "", f"| metric | {NAMES['slimtune']} | {NAMES['hf']} | slimtune / HF |", "|---|---:|---:|---:|"]
+    for label, key, fmt in ROWS:
+        ratio = f"{s[key] / h[key]:.2f}x" if key in RATIOS else ""
+        lines.append(f"| {label} | {fmt.format(s[key])} | {fmt.format(h[key])} | {ratio} |")
+    lines.append(f"| median step of each run (ms) | {s['runs_step_ms']} | {h['runs_step_ms']} | |")
     return "\n".join(lines) + "\n"
 
 
@@ -200,19 +208,25 @@ def plot(runs: dict, stats: dict, title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_step, ax_rss) = plt.subplots(1, 3, figsize=(15, 4.5), width_ratios=[2.2, 1, 1])
-    colors = {"slimtune": "tab:blue", "hf": "tab:orange"}
+    fig, (ax_loss, ax_step, ax_rss) = plt.subplots(1, 3, figsize=(15, 4.5), width_ratios=[2.2, 0.8, 1])
+    colors, styles = {"slimtune": "tab:blue", "hf": "tab:orange"}, {"slimtune": "-", "hf": "--"}
     for name, run in runs.items():
-        ax_loss.plot(range(1, len(run["losses"]) + 1), run["losses"], label=NAMES[name], color=colors[name], lw=1)
+        ax_loss.plot(range(1, len(run["losses"]) + 1), run["losses"], styles[name], color=colors[name], lw=1,
+                     label=NAMES[name])
     ax_loss.set(xlabel="optimizer step", ylabel="train loss", yscale="log", title="per-step training loss")
     ax_loss.legend()
-    labels = [NAMES[n] for n in stats]
-    for ax, key, ylabel in ((ax_step, "median_step_ms", "median step time (ms)"),
-                            (ax_rss, "peak_rss_mib", "peak RSS (MiB)")):
-        values = [s[key] for s in stats.values()]
-        bars = ax.bar(labels, values, color=[colors[n] for n in stats])
-        ax.bar_label(bars, fmt="%.0f")
-        ax.set(ylabel=ylabel, title=ylabel)
+    bars = ax_step.bar(list(NAMES.values()), [s["median_step_ms"] for s in stats.values()],
+                       color=[colors[n] for n in stats])
+    ax_step.bar_label(bars, fmt="%.1f")
+    ax_step.set(ylabel="ms", title=f"median step time (steps > {SKIP})")
+    groups = [("process peak", "peak_rss_mib"), ("added by training", "added_rss_mib")]
+    for i, name in enumerate(stats):
+        bars = ax_rss.bar([g + 0.4 * i for g in range(len(groups))], [stats[name][k] for _, k in groups], 0.4,
+                          color=colors[name], label=NAMES[name])
+        ax_rss.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax_rss.set_xticks([g + 0.2 for g in range(len(groups))], [label for label, _ in groups])
+    ax_rss.set(ylabel="MiB", title="peak RSS")
+    ax_rss.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -223,6 +237,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--recipe", default="configs/quickstart.yaml")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--rounds", type=int, default=2, help="ABBA rounds: each contender runs this many times")
     ap.add_argument("--child", choices=list(NAMES), help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -230,32 +245,37 @@ def main() -> None:
         return child(a.child, a.recipe, a.steps, a.json)
     if a.steps <= SKIP:
         ap.error(f"--steps must exceed the {SKIP} warm-up steps left out of the statistics")
-
-    out = Path(a.out)
+    out, runs = Path(a.out), {}
     out.mkdir(parents=True, exist_ok=True)
-    runs = {}
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    order = [n for r in range(a.rounds) for n in (list(NAMES) if r % 2 == 0 else list(NAMES)[::-1])]  # ABBA
+    all_runs: dict[str, list[dict]] = {name: [] for name in NAMES}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in NAMES:  # sequential: the two never compete for the 2 threads
-            print(f"running {NAMES[name]} ({a.steps} steps) ...", file=sys.stderr, flush=True)
-            path = Path(tmp) / f"{name}.json"
-            env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+        for i, name in enumerate(order):  # one after the other: they never compete for the cores
+            print(f"run {i + 1}/{len(order)}: {NAMES[name]} ({a.steps} steps) ...", file=sys.stderr, flush=True)
+            path = Path(tmp) / f"{name}-{i}.json"
             subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(a.steps), "--recipe", a.recipe,
                             "--json", str(path)], check=True, env=env)
-            runs[name] = json.loads(path.read_text())
-    stats = {name: summarize(run) for name, run in runs.items()}
+            all_runs[name].append(json.loads(path.read_text()))
+    runs = {name: rs[0] for name, rs in all_runs.items()}
+    stats = {name: combine([summarize(r) for r in rs]) for name, rs in all_runs.items()}
     assert all(s["steps"] == a.steps for s in stats.values()), {n: s["steps"] for n, s in stats.items()}
-    host = machine()
+    host, pairs = machine(), list(zip(runs["slimtune"]["losses"], runs["hf"]["losses"]))
+    max_diff = max(abs(x - y) for x, y in pairs)
+    threads = "/".join(str(s["threads"]) for s in stats.values())
     header = (f"## Training loop: slimtune vs HF Trainer + peft ({a.recipe}, {a.steps} steps, batch "
-              f"{runs['slimtune']['batch_size']}, torch threads {stats['slimtune']['threads']}/{stats['hf']['threads']})\n\n"
-              f"Machine: {host}\n\nStep statistics skip the first {SKIP} steps. Ratios are slimtune / HF "
-              "(< 1 = slimtune faster or smaller; for tokens/s > 1 = slimtune faster).")
+              f"{runs['slimtune']['batch_size']}, torch threads {threads})\n\nMachine: {host}\n\n"
+              f"{a.rounds} round(s) in ABBA order; timing and memory rows are the median over each contender's "
+              f"runs. Step statistics skip the first {SKIP} steps. Ratios are slimtune / HF (< 1: slimtune faster or "
+              f"smaller; tokens/s > 1: slimtune faster). Largest per-step train-loss difference over {len(pairs)} "
+              f"steps: {max_diff:.3g}.")
     text = table(stats, header)
     print(text)
     (out / "trainer.md").write_text(text)
     (out / "trainer.json").write_text(json.dumps({
         "machine": host, "recipe": a.recipe, "steps": a.steps, "skip": SKIP, "stats": stats,
-        "ratios_slimtune_over_hf": {k: stats["slimtune"][k] / stats["hf"][k] for k in sorted(RATIO_KEYS)},
-        "losses": {n: r["losses"] for n, r in runs.items()}}, indent=2) + "\n")
+        "ratios_slimtune_over_hf": {k: stats["slimtune"][k] / stats["hf"][k] for k in RATIOS},
+        "max_abs_loss_diff": max_diff, "losses": {n: r["losses"] for n, r in runs.items()}}, indent=2) + "\n")
     plot(runs, stats, f"slimtune vs HF Trainer + peft, {a.recipe}, {a.steps} steps — {host}", out / "trainer.png")
     print(f"wrote {out / 'trainer.md'}, {out / 'trainer.json'}, {out / 'trainer.png'}", file=sys.stderr)
 
