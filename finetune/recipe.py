@@ -19,27 +19,13 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from .errors import RecipeError
+from .recipe_base import DType, Section
+from .recipe_optimizers import OPTIMIZER_CONFIGS, AdamWConfig, OptimizerConfig
 from .recipe_io import (SECTIONS, apply_overrides, dedupe_union_errors, format_error, read_yaml, schema_docs,
                         without_keys)
-
-_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-
-
-def _dtype_alias(value: Any) -> Any:
-    return _DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
-
-
-DType = Annotated[Literal["float32", "bfloat16", "float16"], BeforeValidator(_dtype_alias)]
-
-
-class Section(BaseModel):
-    """Base for every recipe section: unknown keys are errors, assignments are re-validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
-
 
 # --------------------------------------------------------------------------------------------------- model
 class ArchitectureConfig(Section):
@@ -171,21 +157,6 @@ class DataConfig(Section):
         return self
 
 
-# --------------------------------------------------------------------------------------------------- optimizer
-class OptimizerConfig(Section):
-    """Optimizer choice. Learning rate and weight decay live in `training` (Hugging Face names)."""
-
-    name: Literal["adamw"] = Field("adamw", description="Optimizer (registry: slimtune.optimizers.OPTIMIZERS).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas (beta1, beta2).")
-    eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
-
-    @model_validator(mode="after")
-    def _betas(self) -> "OptimizerConfig":
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"optimizer.betas {list(self.betas)} must each be in [0, 1)")
-        return self
-
-
 # --------------------------------------------------------------------------------------------------- offload
 class OffloadConfig(Section):
     """Where tensors live. Today: the compute device; budgets and NVMe placement come with the offload engine."""
@@ -257,7 +228,7 @@ class Recipe(Section):
     model: ModelConfig = Field(..., description="Base model.")
     adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="Adapter or full fine-tuning.")
     data: DataConfig = Field(..., description="Training and eval data.")
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Optimizer.")
+    optimizer: OptimizerConfig = Field(default_factory=AdamWConfig, description="Optimizer, chosen by name.")
     offload: OffloadConfig = Field(default_factory=OffloadConfig, description="Devices and memory tiers.")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Training loop.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Outputs and checkpoints.")
@@ -297,6 +268,19 @@ def combination_problems(recipe: Recipe) -> list[str]:
     if m.architecture is not None and m.architecture.max_position_embeddings < d.max_length:
         problems.append(f"data.max_length {d.max_length} exceeds model.architecture.max_position_embeddings "
                         f"{m.architecture.max_position_embeddings}")
+    o = recipe.optimizer
+    if getattr(o, "per_layer", False) and t.max_grad_norm > 0:
+        problems.append(f"optimizer.per_layer true with training.max_grad_norm {t.max_grad_norm}: a global gradient "
+                        "norm needs every gradient at once, and per-layer mode frees each one as soon as it is "
+                        "used; set training.max_grad_norm: 0 (SPAM's spike clipping still works per tensor)")
+    if o.name == "mezo":
+        explicit = t.model_fields_set
+        if "max_grad_norm" in explicit and t.max_grad_norm > 0:
+            problems.append("training.max_grad_norm with optimizer mezo: zeroth-order training computes no "
+                            "gradients to clip; remove the key or set it to 0")
+        if t.gradient_checkpointing:
+            problems.append("training.gradient_checkpointing with optimizer mezo: there is no backward pass, so "
+                            "no activations are kept to checkpoint; set it to false")
     if recipe.offload.device == "cpu" and m.attn_implementation == "flash_attention_2":
         problems.append("model.attn_implementation flash_attention_2 needs CUDA; offload.device is cpu")
     return problems
@@ -311,7 +295,7 @@ def recipe_from_dict(data: dict[str, Any], source: str | None = None, base_dir: 
         errors = dedupe_union_errors(exc.errors())
         problems = [format_error(Recipe, e) for e in errors]
         # Report combination problems too (all errors at once): re-validate without the offending keys.
-        reduced = without_keys(data, [e["loc"] for e in errors])
+        reduced = without_keys(Recipe, data, [e["loc"] for e in errors])
         try:
             problems += combination_problems(Recipe.model_validate(reduced))
         except ValidationError:

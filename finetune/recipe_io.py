@@ -92,17 +92,55 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _fields_at(schema: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names valid at a dotted location (for did-you-mean on unknown keys)."""
+def _noise(part: Any) -> bool:
+    return isinstance(part, str) and ("[" in part or part.startswith("function-"))
+
+
+def union_members(annotation: Any) -> dict[str, type[BaseModel]]:
+    """Members of a tagged union (``optimizer`` by ``name``) keyed by tag; {} for anything else."""
+    if typing.get_origin(annotation) is Annotated:
+        return union_members(typing.get_args(annotation)[0])
+    members = {}
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if typing.get_origin(arg) is Annotated:
+                cls, *meta = typing.get_args(arg)
+                for m in meta:
+                    if type(m).__name__ == "Tag":
+                        members[m.tag] = cls
+    return members
+
+
+def resolve_loc(schema: type[BaseModel], loc: tuple) -> tuple[tuple, type[BaseModel] | None]:
+    """(dotted location without pydantic's union tags, the section model holding its last key)."""
     model: Any = schema
-    for part in loc:
-        if isinstance(part, int) or model is None:
-            return []
-        field = model.model_fields.get(part)
+    parent: Any = schema
+    out: list = []
+    parts = [p for p in loc if not _noise(p)]
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        out.append(part)
+        parent = model
+        field = model.model_fields.get(part) if (model is not None and isinstance(part, str)) else None
         if field is None:
-            return []
-        model = section_type(field.annotation)
-    return list(model.model_fields) if model is not None else []
+            model = None
+        elif (members := union_members(field.annotation)) and i + 1 < len(parts) and parts[i + 1] in members:
+            model = members[parts[i + 1]]
+            i += 1  # skip the tag: optimizer.galore.rank -> optimizer.rank
+        else:
+            model = section_type(field.annotation)
+        i += 1
+    return tuple(out), parent
+
+
+def _siblings(schema: type[BaseModel], member: Any) -> dict[str, type[BaseModel]]:
+    """The other members of the tagged union that ``member`` belongs to ({} if it belongs to none)."""
+    for field in schema.model_fields.values():
+        members = union_members(field.annotation)
+        if any(m is member for m in members.values()):
+            return {tag: m for tag, m in members.items() if m is not member}
+    return {}
 
 
 def section_type(annotation: Any) -> Any:
@@ -135,18 +173,24 @@ KNOWN_ALIASES = {
 
 def format_error(schema: type[BaseModel], err: dict[str, Any]) -> str:
     """One pydantic error as a line naming the dotted key, the value and what is allowed."""
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list[", "literal["))))
+    loc, parent = resolve_loc(schema, tuple(err["loc"]))
     dotted = ".".join(str(p) for p in loc) or "(top level)"
     kind, value = err["type"], err.get("input")
     if kind == "extra_forbidden":
-        valid = _fields_at(schema, loc[:-1])
+        valid = list(parent.model_fields) if parent is not None else []
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
         hint = f"; did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))}?" if close else ""
-        if not close and str(loc[-1]) in KNOWN_ALIASES:
+        owners = [tag for tag, member in _siblings(schema, parent).items() if loc[-1] in member.model_fields]
+        if not close and owners:
+            hint = f"; it is a setting of {loc[0]}.name {' / '.join(owners)}"
+        elif not close and str(loc[-1]) in KNOWN_ALIASES:
             hint = f"; did you mean {KNOWN_ALIASES[str(loc[-1])]}?"
         return f"{dotted}: unknown key{hint} (valid keys here: {', '.join(valid)})"
     if kind == "missing":
         return f"{dotted}: required key is missing"
+    if kind == "invalid_optimizer":
+        got = value.get("name") if isinstance(value, dict) else value
+        return f"{dotted}.name: {got!r} is not allowed; expected {err['msg'].split(' must be ')[-1]}"
     msg = err["msg"]
     if kind == "value_error":
         msg = msg.removeprefix("Value error, ")
@@ -161,19 +205,18 @@ def dedupe_union_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A value failing a Union yields one error per member; keep one (the most specific) per location."""
     seen: dict[tuple, dict[str, Any]] = {}
     for err in errors:
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
-        key = loc
+        key = tuple(p for p in err["loc"] if not _noise(p))
         if key not in seen or err["type"] == "literal_error":
             seen[key] = err
     return list(seen.values())
 
 
 
-def without_keys(data: dict[str, Any], locs: list[tuple]) -> dict[str, Any]:
+def without_keys(schema: type[BaseModel], data: dict[str, Any], locs: list[tuple]) -> dict[str, Any]:
     """A deep copy of ``data`` with the leaves at ``locs`` removed (so their defaults apply)."""
     reduced = copy.deepcopy(data)
     for loc in locs:
-        node, path = reduced, [p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
+        node, path = reduced, list(resolve_loc(schema, loc)[0])
         for part in path[:-1]:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and path:
@@ -190,6 +233,12 @@ def schema_docs(schema: type[BaseModel]) -> str:
         for name, field in model.model_fields.items():
             sub = section_type(field.annotation)
             dotted = f"{prefix}{name}"
+            members = union_members(field.annotation)
+            if members:
+                for tag, member in members.items():
+                    lines.append(f"{dotted} (name: {tag}):  {(member.__doc__ or '').strip()}")
+                    walk(member, dotted + ".")
+                continue
             if sub is not None:
                 lines.append(f"{dotted}:  {field.description or ''}")
                 walk(sub, dotted + ".")

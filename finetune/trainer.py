@@ -23,7 +23,9 @@ import torch
 from transformers import get_scheduler
 
 from slimtune.offload import memory_snapshot
-from slimtune.optimizers import build_optimizer
+from slimtune.optimizers import ZEROTH_ORDER, build_optimizer
+
+from .per_layer import PerLayerUpdates
 
 from .adapters import load_trainable_state_dict, save_adapter, trainable_state_dict
 from .checkpoint import (TrainerState, find_resume_checkpoint, list_checkpoints, load_checkpoint, recipe_changes,
@@ -34,6 +36,10 @@ from .evaluate import autocast, eval_loss, exact_match_score, supervised_tokens
 from .io import atomic_write_text
 from .metrics import MetricsLog, write_plots
 from .recipe import Recipe
+
+
+# Optimizers whose randomness (masks, subspaces, perturbation seeds) is seeded from training.seed.
+SEEDED = frozenset({"frugal", "spam", "mezo"})
 
 
 @dataclass
@@ -91,9 +97,14 @@ class Trainer:
         self.pad_id = prepared.tokenizer.pad_token_id
         self.steps = total_steps(recipe, len(prepared.train_examples))
         self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(recipe.optimizer.name, self.params, lr=t.learning_rate,
-                                         weight_decay=t.weight_decay, betas=tuple(recipe.optimizer.betas),
-                                         eps=recipe.optimizer.eps)
+        o = recipe.optimizer
+        hparams = o.model_dump(exclude={"name"})
+        if o.name in SEEDED:
+            hparams["seed"] = t.seed
+        self.optimizer = build_optimizer(o.name, self.params, lr=t.learning_rate, weight_decay=t.weight_decay,
+                                         **hparams)
+        self.zeroth_order = o.name in ZEROTH_ORDER
+        self.per_layer = PerLayerUpdates(self.optimizer) if getattr(o, "per_layer", False) else None
         self.scheduler = get_scheduler(t.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=warmup_steps(recipe, self.steps),
                                        num_training_steps=self.steps)
@@ -125,10 +136,14 @@ class Trainer:
         t = self.recipe.training
         group = [next(micro) for _ in range(t.gradient_accumulation_steps)]
         total = sum(supervised_tokens(b["labels"]) for b in group)
-        loss_sum, tokens = 0.0, 0
-        for batch in group:
+        tokens = sum(int(b["attention_mask"].sum()) for b in group)
+        if self.zeroth_order:
+            return self.zeroth_order_step(group, total), None, tokens
+        loss_sum = 0.0
+        for i, batch in enumerate(group):
             n = supervised_tokens(batch["labels"])
-            tokens += int(batch["attention_mask"].sum())
+            if self.per_layer is not None:
+                self.per_layer.final = i == len(group) - 1  # update+free in the hooks only on the last micro-batch
             if n == 0:
                 continue
             with autocast(self.device, t.bf16):
@@ -137,12 +152,41 @@ class Trainer:
             loss.backward()
             loss_sum += float(loss.detach())
         grad_norm = None
-        if t.max_grad_norm > 0:
+        if self.per_layer is None and t.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.params], t.max_grad_norm))
+        # Per-layer mode: every update already ran inside backward and freed its gradient, so step() finds no
+        # gradient left and only advances optimizer-wide counters (finish_step).
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, grad_norm, tokens
+
+    def zeroth_order_step(self, group: list[dict[str, torch.Tensor]], total: int) -> float:
+        """MeZO: the optimizer perturbs, calls the closure twice and updates; no backward, no activations kept.
+
+        The closure is the token-weighted loss over all micro-batches of the step, so gradient accumulation means
+        a larger batch for the SPSA estimate (the official code asserts accumulation == 1). Dropout is off in
+        the perturbed forwards (the official zo_forward runs model.eval()).
+        """
+        t = self.recipe.training
+
+        def closure() -> float:
+            loss = 0.0
+            for batch in group:
+                n = supervised_tokens(batch["labels"])
+                if n:
+                    with autocast(self.device, t.bf16):
+                        out = self.model(**{k: v.to(self.device) for k, v in batch.items()})
+                    loss += float(out.loss) * n / total
+            return loss
+
+        self.model.eval()
+        try:
+            loss = float(self.optimizer.step(closure))
+        finally:
+            self.model.train()
+        self.scheduler.step()
+        return loss
 
     # ------------------------------------------------------------------ eval
     def evaluate(self, log: MetricsLog | None) -> dict[str, Any] | None:

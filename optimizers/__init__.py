@@ -1,7 +1,10 @@
 """slimtune optimizers: a registry of builders, selected by ``optimizer.name`` in a recipe.
 
-Each builder takes named parameters and plain hyperparameters (this package imports nothing from
-``slimtune.finetune``) and returns a ``torch.optim.Optimizer``. GaLore, FRUGAL, SPAM and MeZO join this dict.
+Each builder takes named parameters plus plain hyperparameters (this package imports nothing from
+``slimtune.finetune``), forms the method's parameter groups the way its official scripts do, and returns a
+``torch.optim.Optimizer``. The classes are usable on their own::
+
+    from slimtune.optimizers import GaLoreAdamW, FRUGAL, SPAM, MeZO
 """
 
 from __future__ import annotations
@@ -10,30 +13,110 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from .param_groups import decay_groups, decays
+from .adamw import AdamW
+from .base import PerTensorOptimizer, allocated_state_bytes
+from .param_groups import decay_groups, decays, split_targets
+
+NamedParams = Iterable[tuple[str, torch.nn.Parameter]]
 
 
-def build_adamw(named_params: Iterable[tuple[str, torch.nn.Parameter]], *, lr: float, weight_decay: float,
-                betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
-    """torch.optim.AdamW (Loshchilov & Hutter, arXiv 1711.05101, Alg. 2) with decay/no-decay groups.
+def build_adamw(named_params: NamedParams, *, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                per_layer: bool = False) -> torch.optim.Optimizer:
+    """torch.optim.AdamW with decay/no-decay groups; per-layer mode needs the per-tensor twin (same numerics)."""
+    cls = AdamW if per_layer else torch.optim.AdamW
+    return cls(decay_groups(named_params, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
 
-    State: two fp32 moments per trainable element (8 bytes per parameter in fp32).
-    ``foreach`` is left to torch's default; ``fused`` is not forced, so CPU and CUDA give the same numerics.
-    """
-    return torch.optim.AdamW(decay_groups(named_params, weight_decay), lr=lr, betas=betas, eps=eps)
+
+def build_galore(named_params: NamedParams, *, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-6,
+                 rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
+                 state_bits: int = 32, target_modules=("attn", "mlp"), per_layer: bool = False):
+    """GaLore groups as in the official torchrun_main.py: target 2-D weights projected, the rest plain AdamW."""
+    from .galore import GaLoreAdamW
+
+    targets, rest = split_targets(named_params, target_modules)
+    groups = decay_groups(rest, weight_decay)
+    if targets:
+        groups.append({"params": [p for _, p in targets], "rank": rank, "update_proj_gap": update_proj_gap,
+                       "scale": scale, "proj_type": proj_type, "weight_decay": weight_decay})
+    return GaLoreAdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_bits=state_bits)
+
+
+def build_frugal(named_params: NamedParams, *, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                 target_modules=("attn", "mlp"), per_layer: bool = False, **frugal):
+    """FRUGAL groups as in the author code's prepare_proj_params: targets marked ``is_proj_params``."""
+    from .frugal import FRUGAL
+
+    targets, rest = split_targets(named_params, target_modules)
+    groups = decay_groups(rest, weight_decay)
+    if targets:
+        groups.append({"params": [p for _, p in targets], "is_proj_params": True, "weight_decay": weight_decay})
+    return FRUGAL(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **frugal)
+
+
+def build_spam(named_params: NamedParams, *, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-6,
+               density: float | None = None, target_modules=("attn", "mlp"), per_layer: bool = False, **spam):
+    """SPAM groups as in the official launcher: target weights get sparse momentum when ``density`` is set."""
+    from .spam import SPAM
+
+    if density is None:
+        groups = decay_groups(named_params, weight_decay)
+    else:
+        targets, rest = split_targets(named_params, target_modules)
+        groups = decay_groups(rest, weight_decay)
+        if targets:
+            groups.append({"params": [p for _, p in targets], "density": density, "weight_decay": weight_decay})
+    return SPAM(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **spam)
+
+
+def build_mezo(named_params: NamedParams, *, lr: float, weight_decay: float, eps: float = 1e-3, n_samples: int = 1,
+               seed: int = 0):
+    """MeZO with the official decay rule (no decay on biases and norms)."""
+    from .zeroth_order import MeZO, mezo_param_groups
+
+    return MeZO(mezo_param_groups(named_params, weight_decay), lr=lr, eps=eps, weight_decay=weight_decay,
+                n_samples=n_samples, seed=seed)
 
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": build_adamw,
+    "galore": build_galore,
+    "frugal": build_frugal,
+    "spam": build_spam,
+    "mezo": build_mezo,
 }
+# Optimizers that take a closure and run no backward (the trainer skips backward, clipping and activations).
+ZEROTH_ORDER = frozenset({"mezo"})
 
 
-def build_optimizer(name: str, named_params: Iterable[tuple[str, torch.nn.Parameter]], **hparams
-                    ) -> torch.optim.Optimizer:
+def build_optimizer(name: str, named_params: NamedParams, **hparams) -> torch.optim.Optimizer:
     """Build the optimizer registered under ``name``; an unknown name lists the registered ones."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; registered: {', '.join(sorted(OPTIMIZERS))}")
-    return OPTIMIZERS[name](named_params, **hparams)
+    return OPTIMIZERS[name](list(named_params), **hparams)
 
 
-__all__ = ["OPTIMIZERS", "build_optimizer", "build_adamw", "decay_groups", "decays"]
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Predicted optimizer-state bytes of every parameter (``state_bytes``; 8 bytes/element for torch AdamW)."""
+    total = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if isinstance(optimizer, PerTensorOptimizer) or hasattr(optimizer, "state_bytes"):
+                total += optimizer.state_bytes(p, group)
+            else:  # torch.optim.AdamW: exp_avg + exp_avg_sq in the param dtype, step as a 0-d fp32 tensor
+                total += 2 * p.numel() * p.element_size() + 4
+    return total
+
+
+def __getattr__(name: str):
+    """Lazy access to the optimizer classes (``from slimtune.optimizers import GaLoreAdamW``)."""
+    modules = {"GaLoreAdamW": "galore", "FRUGAL": "frugal", "SPAM": "spam", "MeZO": "zeroth_order"}
+    if name in modules:
+        import importlib
+
+        return getattr(importlib.import_module(f".{modules[name]}", __name__), name)
+    raise AttributeError(name)
+
+
+__all__ = ["OPTIMIZERS", "ZEROTH_ORDER", "AdamW", "FRUGAL", "GaLoreAdamW", "MeZO", "PerTensorOptimizer", "SPAM",
+           "allocated_state_bytes", "build_optimizer", "decay_groups", "decays", "optimizer_state_bytes",
+           "split_targets"]

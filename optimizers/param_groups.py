@@ -27,3 +27,23 @@ def decay_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_
             (decay if decays(name, param) else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+# Never projected or given sparse state, whatever target_modules says (every official script keeps them on AdamW).
+NEVER_TARGET = ("embed", "lm_head", "wte", "wpe")
+
+
+def split_targets(named_params: Iterable[tuple[str, torch.nn.Parameter]], target_modules: Iterable[str]
+                  ) -> tuple[list[tuple[str, torch.nn.Parameter]], list[tuple[str, torch.nn.Parameter]]]:
+    """(targets, rest) among trainable parameters: targets are 2-D weights whose name contains one of
+    ``target_modules`` (GaLore/FRUGAL/SPAM scripts: "attn", "mlp"), never embeddings or the LM head."""
+    keys = tuple(target_modules)
+    targets, rest = [], []
+    for name, param in named_params:
+        if not param.requires_grad:
+            continue
+        lowered = name.lower()
+        is_target = (param.dim() == 2 and any(k in name for k in keys)
+                     and not any(n in lowered for n in NEVER_TARGET) and not lowered.endswith("bias"))
+        (targets if is_target else rest).append((name, param))
+    return targets, rest

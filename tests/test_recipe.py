@@ -132,8 +132,14 @@ def test_duplicate_key_is_refused(tmp_path):
 def test_recipe_docs_cover_every_field():
     docs = recipe_docs()
 
+    from slimtune.finetune.recipe_io import union_members
+
     def fields(model, prefix=""):
         for name, field in model.model_fields.items():
+            if union_members(field.annotation):
+                for member in union_members(field.annotation).values():
+                    yield from fields(member, f"{prefix}{name}.")
+                continue
             sub = field.annotation if isinstance(field.annotation, type) else None
             nested = [a for a in getattr(field.annotation, "__args__", ()) if isinstance(a, type) and
                       hasattr(a, "model_fields")]

@@ -1,0 +1,86 @@
+"""AdamW math shared by the optimizers, as pure per-tensor functions (no optimizer object, no hidden state).
+
+Two epsilon placements exist in the official codes (reference/optimizers.md §5.2), so both are here:
+
+* ``adam_direction_eps_hat`` — GaLore and SPAM (and HF's old ``transformers.AdamW``): bias correction folded into the
+  step size, eps added to the raw ``sqrt(v)`` ("eps-hat" form, Kingma & Ba 2015, end of §2)::
+
+      step_size = lr * sqrt(1 - beta2^t) / (1 - beta1^t)          (1)
+      u         = m / (sqrt(v) + eps)                            (2)   update: p -= step_size * u
+
+* ``adam_update_torch`` — torch.optim.AdamW and FRUGAL::
+
+      u = -(lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)      (3)
+
+Both first update the moments in place (``adam_moments_``)::
+
+      m = beta1 m + (1 - beta1) g ;  v = beta2 v + (1 - beta2) g*g             (4)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def adam_moments_(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, beta1: float,
+                  beta2: float) -> None:
+    """Eq. (4), in place."""
+    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+
+
+def adam_direction_eps_hat(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, lr: float, beta1: float,
+                           beta2: float, eps: float, correct_bias: bool = True) -> tuple[torch.Tensor, float]:
+    """Eqs. (1)-(2): returns (u, step_size); the caller applies ``p -= step_size * u`` (possibly after projecting u)."""
+    step_size = lr
+    if correct_bias:
+        step_size = lr * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
+    return exp_avg / (exp_avg_sq.sqrt() + eps), step_size
+
+
+def adam_update_torch(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, lr: float, beta1: float,
+                      beta2: float, eps: float) -> torch.Tensor:
+    """Eq. (3): the full additive update (already scaled by -lr), torch.optim.AdamW's eps placement."""
+    bias_correction1 = 1.0 - beta1 ** step
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + eps
+    return exp_avg / denom * (-lr / bias_correction1)
+
+
+# Imported late: base.py has no dependency on this module's functions, and this class is the only consumer here.
+from .base import PerTensorOptimizer  # noqa: E402
+
+
+class AdamW(PerTensorOptimizer):
+    """torch.optim.AdamW's numerics (eq. (3), decoupled decay ``p *= 1 - lr*wd`` before the update) as a
+    :class:`PerTensorOptimizer`, so the update can be fused into backward (per-layer mode) or run by the offload
+    engine. State per parameter: ``step`` (0-d fp32 tensor), ``exp_avg`` and ``exp_avg_sq`` (param dtype):
+    8 bytes per fp32 element + 4.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        if lr < 0 or eps <= 0 or not all(0.0 <= b < 1.0 for b in betas) or weight_decay < 0:
+            raise ValueError(f"AdamW: need lr >= 0, eps > 0, betas in [0, 1), weight_decay >= 0; got lr={lr}, "
+                             f"eps={eps}, betas={betas}, weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def update_param(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        lr, (beta1, beta2) = group["lr"], group["betas"]
+        state["step"] += 1
+        if group["weight_decay"]:
+            p.mul_(1.0 - lr * group["weight_decay"])
+        adam_moments_(state["exp_avg"], state["exp_avg_sq"], p.grad, beta1, beta2)
+        p.add_(adam_update_torch(state["exp_avg"], state["exp_avg_sq"], int(state["step"]), lr, beta1, beta2,
+                                 group["eps"]))
+
+    def state_bytes(self, p: torch.Tensor, group: dict) -> int:
+        return 2 * p.numel() * p.element_size() + 4

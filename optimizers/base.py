@@ -1,0 +1,71 @@
+"""The protocol every slimtune first-order optimizer follows, so one update function serves three callers.
+
+``step()`` is a loop over :meth:`PerTensorOptimizer.update_param`. The same method is called
+
+(a) by ``step()`` (grouped mode),
+(b) from a ``register_post_accumulate_grad_hook`` in per-layer mode (the trainer frees each gradient right after
+    its update, so full gradients never coexist; see ``slimtune.finetune.per_layer``), and
+(c) by the offload engine, on whichever device holds the parameter's state.
+
+Rules for subclasses:
+
+* ``update_param(p, group)`` reads ``p.grad``, updates ``p`` in place and ``self.state[p]``; it must not depend on
+  the order in which parameters are visited, nor on other parameters' state.
+* Optimizer-wide counters (SPAM's reset schedule, ...) live in ``self.state`` under a tensor-valued entry of the
+  first parameter or in a group key, and advance only in :meth:`finish_step`, which ``step()`` calls after the loop
+  and per-layer mode calls once per optimizer step after backward.
+* State holds tensors and plain numbers only (``torch.load(weights_only=True)`` must read ``state_dict()``).
+* ``state_bytes(p, group)`` returns the bytes of optimizer state ``p`` will hold once stepped (the planner uses it;
+  tests compare it with what is actually allocated).
+* ``accumulate_param(p, group)`` (optional) is called in per-layer mode on micro-batches that do *not* end an
+  optimizer step; the default keeps the full gradient in ``p.grad`` (accumulated by autograd). GaLore overrides it to
+  accumulate in the low-rank space and free the full gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+class PerTensorOptimizer(torch.optim.Optimizer):
+    """Base class: ``step()`` = ``update_param`` for each parameter with a gradient, then ``finish_step``."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.update_param(p, group)
+        self.finish_step()
+        return loss
+
+    def update_param(self, p: torch.Tensor, group: dict) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def finish_step(self) -> None:
+        """Advance optimizer-wide counters once per optimizer step (no-op by default)."""
+
+    def accumulate_param(self, p: torch.Tensor, group: dict) -> None:
+        """Per-layer mode, mid-accumulation: keep ``p.grad`` as autograd accumulates it (default)."""
+
+    def state_bytes(self, p: torch.Tensor, group: dict) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def group_of(self, p: torch.Tensor) -> dict:
+        """The param group holding ``p``."""
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError("parameter is not managed by this optimizer")
+
+
+def allocated_state_bytes(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> int:
+    """Bytes actually held in ``optimizer.state[p]`` (tensors only): what ``state_bytes`` must predict."""
+    return sum(v.numel() * v.element_size() for v in optimizer.state.get(p, {}).values()
+               if isinstance(v, torch.Tensor))

@@ -1,0 +1,286 @@
+"""GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection (Zhao et al., arXiv 2403.03507).
+
+Reproduces the official ``galore_torch.GaLoreAdamW`` (jiaweizzhao/GaLore, ``adamw.py`` + ``galore_projector.py``)
+step for step; a user's galore-torch code runs by changing the import. For a parameter W (m x n) with gradient G in a
+param group carrying ``rank, update_proj_gap, scale, proj_type``, at optimizer call t = 1, 2, ... (k = t - 1)::
+
+    if k % update_proj_gap == 0:  P <- top-r singular vectors of G (side rule in projection.py)  (1)
+    R  = proj(G, P)                          (m x r for the right side, r x n for the left side)    (2)
+    M  = b1 M + (1 - b1) R ;  V = b2 V + (1 - b2) R*R       (moments NOT reset at a refresh)       (3)
+    N  = M / (sqrt(V) + eps)                                ("eps-hat" placement)                   (4)
+    W -= lr * sqrt(1 - b2^t) / (1 - b1^t) * scale * back(N, P)                                      (5)
+    W -= lr * weight_decay * W                              (decay AFTER the update, on the new W)  (6)
+
+Groups without ``rank`` get (3)-(6) on the full gradient (no projection, no scale): the official AdamW.
+
+State per parameter (tensors only, so ``torch.load(weights_only=True)`` restores it and resume is exact):
+``step`` (int64), ``exp_avg``/``exp_avg_sq`` (low-rank shape), ``ortho`` (the projection matrix; plus ``ortho_right``
+for ``proj_type='full'``). Bytes for an m x n weight, m >= n, rank r, dtype size b:
+    32-bit: 8 + 2*m*r*b (moments) + r*n*b (projector)           -- the paper's "mr + 2nr" up to orientation
+    8-bit:  8 + 2*m*r + 2*4*ceil(m*r/256) (absmax) + r*n*b      -- when m*r >= min_8bit_size, else fp32 moments
+Plain-group params hold 8 + 2*m*n*b (8-bit: 8 + 2*m*n + 8*ceil(m*n/256)).
+
+Deviations from the official code (each deliberate):
+* ``state_bits=8`` replaces the separate ``GaLoreAdamW8bit``: the moments are stored as bitsandbytes-style blockwise
+  8-bit codes (block 256, signed dynamic map for M, unsigned for V, fp32 absmax per block; bnb's functional API where
+  it runs, a torch implementation otherwise) but the update math is (3)-(6) above, in fp32. The official class runs
+  bnb's fused kernel (its own eps placement, decay before the update for plain groups) and calls
+  ``torch.cuda.synchronize()`` unconditionally (fails on CPU); its defaults (eps 1e-8, wd 1e-2) are not copied here.
+* ``reverse_std`` with m < n and rank >= m raises a shape error in the official ``project_back``; fixed (projection.py).
+* Tensor GaLore (``dim > 2``) is not implemented: such groups are rejected with ``ValueError``.
+* Missing ``update_proj_gap``/``scale``/``proj_type`` default to 200 / 1.0 / 'std' (official: KeyError).
+* ``accumulate_param`` (per-layer mode with gradient accumulation) accumulates in the low-rank space. On a step
+  where the projector refreshes, the new projector comes from the *first micro-batch's* gradient (the only one
+  alive then) instead of the accumulated gradient; on every other step the result equals grouped accumulation
+  (projection is linear). The official per-layer script instead steps on every micro-batch (issue G#78).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from .adamw import adam_direction_eps_hat, adam_moments_
+from .base import PerTensorOptimizer
+from .projection import GALORE_PROJ_TYPES, galore_side, project, project_back, svd_projector
+
+BLOCKSIZE = 256
+
+
+# --------------------------------------------------------------------------------------- 8-bit blockwise storage
+def dynamic_map(signed: bool) -> torch.Tensor:
+    """bitsandbytes' 256-entry dynamic code (``create_dynamic_map``, 7 exponent bits): for each decade
+    10^-6 .. 10^0 the midpoints of an evenly split [0.1, 1] (2^i parts signed, 2^(i+1) unsigned), plus 0 and 1."""
+    data: list[float] = []
+    for i in range(7):
+        items = (2 ** i if signed else 2 ** (i + 1)) + 1
+        bounds = torch.linspace(0.1, 1, items, dtype=torch.float32)
+        means = ((bounds[:-1] + bounds[1:]) / 2.0)
+        data += ((10 ** (-6 + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-6 + i)) * means).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (256 - len(data))
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+_CODES = {True: dynamic_map(True), False: dynamic_map(False)}
+_BNB_WORKS: dict[str, bool] = {}
+
+
+def _bnb_functional(device: torch.device):
+    """bitsandbytes.functional if its blockwise kernels run on ``device`` (probed once per device type), else None."""
+    kind = device.type
+    if kind not in _BNB_WORKS:
+        try:
+            import bitsandbytes.functional as bnbf
+
+            probe = torch.linspace(-1, 1, 300, device=device)
+            q, s = bnbf.quantize_blockwise(probe, code=_CODES[True].to(device), blocksize=BLOCKSIZE)
+            _BNB_WORKS[kind] = bool(torch.allclose(bnbf.dequantize_blockwise(q, s), probe, atol=2e-2))
+        except Exception:  # noqa: BLE001 - any failure (import, missing kernel) means: use the torch path
+            _BNB_WORKS[kind] = False
+    if not _BNB_WORKS[kind]:
+        return None
+    import bitsandbytes.functional as bnbf
+
+    return bnbf
+
+
+def quantize_blockwise(x: torch.Tensor, signed: bool, use_bnb: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``x`` -> (uint8 codes of x's shape, fp32 absmax per block of 256 flat elements); nearest code value."""
+    code = _CODES[signed].to(x.device)
+    bnbf = _bnb_functional(x.device) if use_bnb else None
+    if bnbf is not None:
+        q, s = bnbf.quantize_blockwise(x.float().contiguous(), code=code, blocksize=BLOCKSIZE)
+        return q, s.absmax.float()
+    flat = x.float().reshape(-1)
+    pad = (-flat.numel()) % BLOCKSIZE
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCKSIZE)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)).clamp_(-1, 1).reshape(-1)
+    hi = torch.searchsorted(code, scaled).clamp_(1, code.numel() - 1)
+    lo = hi - 1
+    nearest = torch.where((scaled - code[lo]).abs() <= (code[hi] - scaled).abs(), lo, hi)
+    return nearest[: flat.numel()].to(torch.uint8).view(x.shape), absmax
+
+
+def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, signed: bool, use_bnb: bool = True) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise` (fp32 result): code[q] * absmax[block]."""
+    code = _CODES[signed].to(q.device)
+    bnbf = _bnb_functional(q.device) if use_bnb else None
+    if bnbf is not None:
+        return bnbf.dequantize_blockwise(q.contiguous(), absmax=absmax, code=code, blocksize=BLOCKSIZE)
+    vals = code[q.reshape(-1).long()]
+    pad = (-vals.numel()) % BLOCKSIZE
+    vals = torch.nn.functional.pad(vals, (0, pad)).view(-1, BLOCKSIZE) * absmax.unsqueeze(1)
+    return vals.reshape(-1)[: q.numel()].view(q.shape)
+
+
+# ------------------------------------------------------------------------------------------------------ optimizer
+class GaLoreAdamW(PerTensorOptimizer):
+    """GaLore AdamW; see the module docstring for equations (1)-(6), state and deviations.
+
+    Args:
+        params: parameters or param groups; groups with ``rank`` (int) are projected and may carry
+            ``update_proj_gap`` (int, default 200), ``scale`` (float, default 1.0), ``proj_type``
+            ('std' | 'reverse_std' | 'right' | 'left' | 'full', default 'std').
+        lr, betas, eps, weight_decay, correct_bias: as ``galore_torch.GaLoreAdamW`` (eps 1e-6, wd 0).
+        state_bits: 32 (moments in the gradient's dtype) or 8 (blockwise 8-bit moments).
+        min_8bit_size: with ``state_bits=8``, moments with fewer elements stay fp32 (bitsandbytes' default 4096).
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True, state_bits: int = 32,
+                 min_8bit_size: int = 4096):
+        if lr < 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        if eps < 0.0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if state_bits not in (8, 32):
+            raise ValueError(f"state_bits must be 8 or 32, got {state_bits}")
+        if min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size must be >= 0, got {min_8bit_size}")
+        self.state_bits = state_bits
+        self.min_8bit_size = min_8bit_size
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        if "rank" in param_group:
+            param_group.setdefault("update_proj_gap", 200)
+            param_group.setdefault("scale", 1.0)
+            param_group.setdefault("proj_type", "std")
+            if param_group.get("dim", 2) > 2:
+                raise ValueError("tensor GaLore (dim > 2) is not supported; use dim=2 (matrices)")
+            if not (isinstance(param_group["rank"], int) and param_group["rank"] > 0):
+                raise ValueError(f"rank must be a positive int, got {param_group['rank']!r}")
+            if not (isinstance(param_group["update_proj_gap"], int) and param_group["update_proj_gap"] > 0):
+                raise ValueError(f"update_proj_gap must be a positive int, got {param_group['update_proj_gap']!r}")
+            if param_group["proj_type"] not in GALORE_PROJ_TYPES:
+                raise ValueError(f"proj_type must be one of {GALORE_PROJ_TYPES}, got {param_group['proj_type']!r}")
+            params = param_group["params"]
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+            if any(p.dim() != 2 for p in params):
+                raise ValueError("GaLore groups (with 'rank') take 2-D weights only; put biases/norms in a plain group")
+        super().add_param_group(param_group)
+
+    # -- projection ---------------------------------------------------------------------------------------------
+    def _refresh(self, state: dict, g: torch.Tensor, group: dict) -> None:
+        """Eq. (1): new projector from the SVD of ``g`` (fp32 SVD, cast back to g's dtype)."""
+        side = galore_side(g.shape, group["proj_type"])
+        ortho, ortho_right = svd_projector(g, group["rank"], side)
+        state["ortho"] = ortho
+        if ortho_right is not None:
+            state["ortho_right"] = ortho_right
+
+    def _project(self, state: dict, g: torch.Tensor, group: dict) -> torch.Tensor:
+        return project(g, state["ortho"], galore_side(g.shape, group["proj_type"]), state.get("ortho_right"))
+
+    def _needs_refresh(self, state: dict, group: dict) -> bool:
+        # official: `ortho_matrix is None or iter % update_proj_gap == 0` with iter = step BEFORE the increment
+        return "ortho" not in state or int(state["step"]) % group["update_proj_gap"] == 0
+
+    def accumulate_param(self, p: torch.Tensor, group: dict) -> None:
+        """Per-layer mode, a micro-batch that does not end the step: add proj(p.grad) to a low-rank accumulator and
+        free the full gradient. The first micro-batch of a refresh step refreshes the projector from its own grad."""
+        if "rank" not in group or p.grad is None:
+            return
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.int64)
+        if "grad_acc" not in state:
+            if self._needs_refresh(state, group):
+                self._refresh(state, p.grad, group)
+            state["grad_acc"] = self._project(state, p.grad, group)
+        else:
+            state["grad_acc"].add_(self._project(state, p.grad, group))
+        p.grad = None
+
+    # -- moments ------------------------------------------------------------------------------------------------
+    def _quantized(self, numel: int) -> bool:
+        return self.state_bits == 8 and numel >= self.min_8bit_size
+
+    def _load_moments(self, state: dict, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if "exp_avg" not in state:
+            if self._quantized(like.numel()):
+                zeros = torch.zeros_like(like, dtype=torch.float32)
+                return zeros, zeros.clone()
+            dtype = torch.float32 if self.state_bits == 8 else like.dtype  # official: zeros_like(grad)
+            return torch.zeros_like(like, dtype=dtype), torch.zeros_like(like, dtype=dtype)
+        if state["exp_avg"].dtype == torch.uint8:
+            return (dequantize_blockwise(state["exp_avg"], state["exp_avg_absmax"], signed=True),
+                    dequantize_blockwise(state["exp_avg_sq"], state["exp_avg_sq_absmax"], signed=False))
+        return state["exp_avg"], state["exp_avg_sq"]
+
+    def _store_moments(self, state: dict, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+        if self._quantized(exp_avg.numel()):
+            state["exp_avg"], state["exp_avg_absmax"] = quantize_blockwise(exp_avg, signed=True)
+            state["exp_avg_sq"], state["exp_avg_sq_absmax"] = quantize_blockwise(exp_avg_sq, signed=False)
+        else:
+            state["exp_avg"], state["exp_avg_sq"] = exp_avg, exp_avg_sq
+
+    # -- the update ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_param(self, p: torch.Tensor, group: dict) -> None:
+        """Eqs. (1)-(6) for one parameter, reading ``p.grad`` (plus a low-rank accumulator, if any)."""
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError("GaLoreAdamW does not support sparse gradients")
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.int64)
+        if "rank" in group:
+            if "grad_acc" in state:  # per-layer accumulation: the projector was fixed on the first micro-batch
+                grad = self._project(state, grad, group).add_(state.pop("grad_acc"))
+            else:
+                if self._needs_refresh(state, group):
+                    self._refresh(state, grad, group)
+                grad = self._project(state, grad, group)
+        exp_avg, exp_avg_sq = self._load_moments(state, grad)
+        state["step"] += 1
+        step = int(state["step"])
+        beta1, beta2 = group["betas"]
+        adam_moments_(exp_avg, exp_avg_sq, grad.to(exp_avg.dtype), beta1, beta2)
+        norm_grad, step_size = adam_direction_eps_hat(exp_avg, exp_avg_sq, step, group["lr"], beta1, beta2,
+                                                      group["eps"], group["correct_bias"])
+        self._store_moments(state, exp_avg, exp_avg_sq)
+        if "rank" in group:
+            norm_grad = project_back(norm_grad.to(p.dtype), state["ortho"], group["proj_type"], group["scale"],
+                                     state.get("ortho_right"))
+        p.add_(norm_grad.to(p.dtype), alpha=-step_size)
+        if group["weight_decay"] > 0.0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+    # -- memory and checkpoints -----------------------------------------------------------------------------------
+    def state_bytes(self, p: torch.Tensor, group: dict) -> int:
+        """Exact bytes ``self.state[p]`` holds after a step (the transient ``grad_acc`` excluded)."""
+        size = p.element_size()
+        total = 8  # int64 step
+        shape = tuple(p.shape)
+        if "rank" in group:
+            m, n = shape
+            r = min(group["rank"], m, n)
+            side = galore_side(p.shape, group["proj_type"])
+            shape = {"right": (m, r), "left": (r, n), "full": (r, r)}[side]
+            total += {"right": r * n, "left": m * r, "full": m * r + r * n}[side] * size
+        numel = math.prod(shape)
+        if self._quantized(numel):
+            return total + 2 * numel + 2 * 4 * math.ceil(numel / BLOCKSIZE)
+        return total + 2 * numel * (4 if self.state_bits == 8 else size)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch casts floating state to the parameter's dtype on load; keep the saved dtypes instead (fp32 absmax
+        and fp32 small moments of 8-bit mode must not become bf16 when the weights are bf16)."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, entries in saved.items():
+            state = self.state[params[index]]
+            for key, value in entries.items():
+                if isinstance(value, torch.Tensor) and state[key].dtype != value.dtype:
+                    state[key] = value.to(device=params[index].device, copy=True)

@@ -1,0 +1,198 @@
+"""Projectors for GaLore and FRUGAL as pure tensor functions: the projector *is* a tensor (or an index vector)
+held in optimizer state, never an object, so checkpoints stay ``weights_only``-loadable.
+
+GaLore (Zhao et al., arXiv 2403.03507, Alg. 1), ``std`` side rule for a gradient G of shape m x n::
+
+    m >= n (right):  Q = Vh[:r]      (r x n)   G_low = G Q^T   (m x r)   back: U_low Q      (1)
+    m <  n (left):   P = U[:, :r]    (m x r)   G_low = P^T G   (r x n)   back: P U_low      (2)
+    full:            P, Q as above             G_low = P^T G Q^T (r x r) back: P U_low Q    (3)
+
+with ``U, S, Vh = svd(G.float())`` cast back to G's dtype (matches the official ``galore_projector.py``).
+FRUGAL (Zmushko et al., arXiv 2411.07837, §3) uses the same down/up maps (without ``scale``), random orthogonal
+matrices, or coordinate subsets (columns / rows / RandK), plus whole-tensor ("blockwise") selection orders.
+
+Randomness is reproducible from state alone: each refresh builds a CPU ``torch.Generator`` seeded with
+``mix_seed(seed, refresh_index)`` where ``seed`` and ``refresh_index`` are int64 tensors in optimizer state; the draws
+are then moved to the gradient's device, so CPU and CUDA select the same coordinates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GALORE_PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
+COORD_CHOICES = ("columns", "rows", "randk")
+BLOCK_ORDERS = ("random", "ascending", "descending", "mirror")
+
+_MASK64 = (1 << 64) - 1
+
+
+# ----------------------------------------------------------------------------------------------------------- seeds
+def mix_seed(seed: int, index: int) -> int:
+    """A well-spread 63-bit seed from (seed, index): splitmix64 finalizer over ``seed * golden + index``."""
+    z = (int(seed) * 0x9E3779B97F4A7C15 + int(index) + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+def generator(seed: int, index: int) -> torch.Generator:
+    """CPU generator for refresh ``index`` of a stream identified by ``seed``."""
+    return torch.Generator(device="cpu").manual_seed(mix_seed(seed, index))
+
+
+# ------------------------------------------------------------------------------------------------ GaLore-style SVD
+def galore_side(shape: torch.Size, proj_type: str) -> str:
+    """Which side GaLore projects for a gradient of ``shape`` (official ``project``): 'left', 'right' or 'full'."""
+    if proj_type not in GALORE_PROJ_TYPES:
+        raise ValueError(f"proj_type must be one of {GALORE_PROJ_TYPES}, got {proj_type!r}")
+    m, n = shape
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    return proj_type
+
+
+def svd_projector(g: torch.Tensor, rank: int, side: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Top-``rank`` singular vectors of ``g`` (SVD in fp32, result in g's dtype): ``(ortho, ortho_right)``.
+
+    'right' -> (Vh[:r], None); 'left' -> (U[:, :r], None); 'full' -> (U[:, :r], Vh[:r]).
+    ``rank`` larger than min(m, n) is silently capped by the reduced SVD, as in the official code.
+    """
+    u, _, vh = torch.linalg.svd(g.float(), full_matrices=False)
+    if side == "right":
+        return vh[:rank].to(g.dtype).contiguous(), None
+    if side == "left":
+        return u[:, :rank].to(g.dtype).contiguous(), None
+    return u[:, :rank].to(g.dtype).contiguous(), vh[:rank].to(g.dtype).contiguous()
+
+
+def random_orthogonal(shape: tuple[int, int], gen: torch.Generator, dtype: torch.dtype,
+                      device: torch.device) -> torch.Tensor:
+    """A random matrix of ``shape`` with orthonormal rows (wide) or columns (tall).
+
+    Same construction as ``torch.nn.init.orthogonal_`` (which FRUGAL's code calls with the global RNG): draw a
+    standard normal matrix with ``gen`` (fp32, CPU), QR-factorize its tall orientation, fix signs by diag(R).
+    """
+    rows, cols = shape
+    a = torch.randn(max(rows, cols), min(rows, cols), generator=gen, dtype=torch.float32)
+    q, r = torch.linalg.qr(a)
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    if rows < cols:
+        q = q.t()
+    return q.to(device=device, dtype=dtype).contiguous()
+
+
+def project(g: torch.Tensor, ortho: torch.Tensor, side: str, ortho_right: torch.Tensor | None = None) -> torch.Tensor:
+    """Eqs. (1)-(3), down direction."""
+    if side == "right":
+        return g @ ortho.t()
+    if side == "left":
+        return ortho.t() @ g
+    return ortho.t() @ g @ ortho_right.t()
+
+
+def project_up(low: torch.Tensor, ortho: torch.Tensor, side: str,
+               ortho_right: torch.Tensor | None = None) -> torch.Tensor:
+    """Eqs. (1)-(3), up direction, side given explicitly (FRUGAL's ``project_up``; no scale)."""
+    if side == "right":
+        return low @ ortho
+    if side == "left":
+        return ortho @ low
+    return ortho @ low @ ortho_right
+
+
+def project_back(low: torch.Tensor, ortho: torch.Tensor, proj_type: str, scale: float,
+                 ortho_right: torch.Tensor | None = None) -> torch.Tensor:
+    """GaLore's ``project_back``: the side is re-derived from the *low-rank* tensor's shape, then ``* scale``.
+
+    Official rule (galore_projector.py ``project_back``): std -> right iff low.shape[0] >= low.shape[1];
+    reverse_std -> left iff low.shape[0] <= low.shape[1]. Fix: for reverse_std with m < n and rank >= m the official
+    rule picks 'left' for an m x m low tensor and raises a shape error; we take the side whose shapes match.
+    """
+    if proj_type in ("right", "left", "full"):
+        side = proj_type
+    else:
+        rows, cols = low.shape
+        if proj_type == "std":
+            side = "right" if rows >= cols else "left"
+        else:
+            side = "left" if rows <= cols else "right"
+        fits = ortho.shape[1] == rows if side == "left" else ortho.shape[0] == cols
+        if not fits:
+            side = "right" if side == "left" else "left"
+    return project_up(low, ortho, side, ortho_right) * scale
+
+
+# ----------------------------------------------------------------------------------------------- FRUGAL projectors
+def frugal_side_rank(shape: torch.Size, density: float) -> tuple[str, int]:
+    """FRUGAL's std side and rank (frugal/galore_projector.py): right with round(density*n) if m >= n, else left with
+    round(density*m)."""
+    m, n = shape
+    return ("right", round(n * density)) if m >= n else ("left", round(m * density))
+
+
+def coord_count(shape: torch.Size, density: float, choice: str) -> int:
+    """How many coordinates a coordinate projector keeps: int(density * length), length = n, m or m*n."""
+    m, n = shape
+    length = {"columns": n, "rows": m, "randk": m * n}[choice]
+    return int(length * density)
+
+
+def coord_indices(shape: torch.Size, density: float, choice: str, gen: torch.Generator,
+                  device: torch.device) -> torch.Tensor:
+    """``randperm(length)[:int(length*density)]`` (frugal/coordinate_projector.py); randk indexes the flat tensor."""
+    if choice not in COORD_CHOICES:
+        raise ValueError(f"coordinate choice must be one of {COORD_CHOICES}, got {choice!r}")
+    m, n = shape
+    length = {"columns": n, "rows": m, "randk": m * n}[choice]
+    return torch.randperm(length, generator=gen)[:coord_count(shape, density, choice)].to(device)
+
+
+def coord_down(g: torch.Tensor, indices: torch.Tensor, choice: str) -> torch.Tensor:
+    """Selected coordinates: g[:, idx] (m x k), g[idx] (k x n) or g.flatten()[idx] (k)."""
+    if choice == "columns":
+        return g[:, indices]
+    if choice == "rows":
+        return g[indices]
+    return g.reshape(-1)[indices]
+
+
+def coord_up(low: torch.Tensor, indices: torch.Tensor, choice: str, shape: torch.Size) -> torch.Tensor:
+    """Scatter ``low`` into zeros of ``shape`` (the inverse placement of :func:`coord_down`)."""
+    full = torch.zeros(shape, dtype=low.dtype, device=low.device)
+    if choice == "columns":
+        full[:, indices] = low
+    elif choice == "rows":
+        full[indices] = low
+    else:
+        full.view(-1)[indices] = low
+    return full
+
+
+def active_blocks(order: str, num_tensors: int, num_active: int, refresh_index: int,
+                  gen: torch.Generator | None = None) -> list[int]:
+    """Indices of the tensors FRUGAL's block variant makes state-full at refresh ``refresh_index`` (0-based).
+
+    Closed forms of the author code's ``next_block_start`` walk (proj_optimizer_templates.py, BlockOptimizer):
+    ascending starts at 0 and moves +num_active (mod N); descending starts at N-1 and moves -num_active;
+    mirror walks the first half and activates each index together with its mirror N-1-i; random = randperm(N)[:k].
+    """
+    n, k, t = num_tensors, num_active, refresh_index
+    if n == 0 or k == 0:
+        return []
+    if order == "random":
+        return torch.randperm(n, generator=gen)[:k].tolist()
+    if order == "ascending":
+        start = (t * k) % n
+        return [(start + j) % n for j in range(k)]
+    if order == "descending":
+        start = (n - 1 - t * k) % n
+        return [(start - j) % n for j in range(k)]
+    if order == "mirror":
+        half = n // 2
+        start = (t * (k // 2)) % half
+        picks = [(start + j) % half for j in range(k // 2)]
+        return [i for j in picks for i in (j, n - 1 - j)]
+    raise ValueError(f"block_order must be one of {BLOCK_ORDERS}, got {order!r}")
