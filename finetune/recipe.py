@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal, Union
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from .errors import RecipeError
 from .recipe_base import DType, Section
-from .recipe_optimizers import OPTIMIZER_CONFIGS, AdamWConfig, OptimizerConfig
+from .recipe_optimizers import AdamWConfig, OptimizerConfig
 from .recipe_io import (SECTIONS, apply_overrides, dedupe_union_errors, format_error, read_yaml, schema_docs,
                         without_keys)
 

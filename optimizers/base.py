@@ -45,6 +45,22 @@ class PerTensorOptimizer(torch.optim.Optimizer):
         self.finish_step()
         return loss
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but state tensors keep their saved dtypes.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts every non-``step`` state tensor to its parameter's dtype,
+        which turns int64 indices and seeds into floats (seeds lose bits), bool masks and uint8 8-bit codes into
+        floats, and fp32 scales of bf16 weights into bf16: each would silently break an exact resume.
+        """
+        saved = state_dict["state"]
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in saved.get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor) and self.state[p][key].dtype != value.dtype:
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
     def update_param(self, p: torch.Tensor, group: dict) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -50,9 +50,21 @@ import torch
 
 from .adamw import adam_moments_, adam_update_torch
 from .base import PerTensorOptimizer
-from .projection import (BLOCK_ORDERS, active_blocks, coord_count, coord_down, coord_indices, coord_up,
-                         frugal_side_rank, generator, mix_seed, project, project_up, random_orthogonal,
-                         svd_projector)
+from .projection import (
+    BLOCK_ORDERS,
+    active_blocks,
+    coord_count,
+    coord_down,
+    coord_indices,
+    coord_up,
+    frugal_side_rank,
+    generator,
+    mix_seed,
+    project,
+    project_up,
+    random_orthogonal,
+    svd_projector,
+)
 
 PROJ_TYPES = ("svd", "random", "columns", "rows", "randk", "blockwise")
 INACTIVE_RULES = ("sign_sgd", "sgd", "none", "no")
@@ -77,10 +89,10 @@ class FRUGAL(PerTensorOptimizer):
             raise ValueError(f"betas must lie in [0, 1), got {betas}")
         if eps < 0.0:
             raise ValueError(f"eps must be >= 0, got {eps}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, proj_type=proj_type,
-                        density=density, update_gap=update_gap, reset_statistics=reset_statistics,
-                        inactive_update_rule=inactive_update_rule, inactive_lr_scale=inactive_lr_scale,
-                        proj_params_lr_scale=proj_params_lr_scale, block_order=block_order, seed=seed)
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "proj_type": proj_type,
+                        "density": density, "update_gap": update_gap, "reset_statistics": reset_statistics,
+                        "inactive_update_rule": inactive_update_rule, "inactive_lr_scale": inactive_lr_scale,
+                        "proj_params_lr_scale": proj_params_lr_scale, "block_order": block_order, "seed": seed}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:

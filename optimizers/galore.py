@@ -44,7 +44,13 @@ import torch
 
 from .adamw import adam_direction_eps_hat, adam_moments_
 from .base import PerTensorOptimizer
-from .projection import GALORE_PROJ_TYPES, galore_side, project, project_back, svd_projector
+from .projection import (
+    GALORE_PROJ_TYPES,
+    galore_side,
+    project,
+    project_back,
+    svd_projector,
+)
 
 BLOCKSIZE = 256
 
@@ -147,7 +153,7 @@ class GaLoreAdamW(PerTensorOptimizer):
             raise ValueError(f"min_8bit_size must be >= 0, got {min_8bit_size}")
         self.state_bits = state_bits
         self.min_8bit_size = min_8bit_size
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "correct_bias": correct_bias}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -155,6 +161,8 @@ class GaLoreAdamW(PerTensorOptimizer):
             param_group.setdefault("update_proj_gap", 200)
             param_group.setdefault("scale", 1.0)
             param_group.setdefault("proj_type", "std")
+            if param_group.get("proj_quant", False):
+                raise ValueError("proj_quant (Q-GaLore's 4-bit projector) is not supported; drop the key")
             if param_group.get("dim", 2) > 2:
                 raise ValueError("tensor GaLore (dim > 2) is not supported; use dim=2 (matrices)")
             if not (isinstance(param_group["rank"], int) and param_group["rank"] > 0):
@@ -273,14 +281,3 @@ class GaLoreAdamW(PerTensorOptimizer):
             return total + 2 * numel + 2 * 4 * math.ceil(numel / BLOCKSIZE)
         return total + 2 * numel * (4 if self.state_bits == 8 else size)
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """torch casts floating state to the parameter's dtype on load; keep the saved dtypes instead (fp32 absmax
-        and fp32 small moments of 8-bit mode must not become bf16 when the weights are bf16)."""
-        saved = state_dict["state"]
-        super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
-        for index, entries in saved.items():
-            state = self.state[params[index]]
-            for key, value in entries.items():
-                if isinstance(value, torch.Tensor) and state[key].dtype != value.dtype:
-                    state[key] = value.to(device=params[index].device, copy=True)

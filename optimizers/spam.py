@@ -37,7 +37,9 @@ Deliberate differences from the official code:
   momentum-reset warm-up (recipe authors: distinct from ``training.warmup_steps``).
 * ``DeltaT`` is spelled ``delta_t``; ``delta_t = 0`` means "never reset" (the official code has that branch in its
   clipping but divides by zero at the reset check). Masks work for any tensor shape, not only 2-D.
-* Counters and masks are tensors in state (official: string keys in ``self.state``), masks are seeded.
+* Counters and masks are tensors in state (official: string keys in ``self.state``), masks are seeded, and
+  ``load_state_dict`` (``PerTensorOptimizer``'s) keeps masks bool and seeds int64 (torch casts other state to the
+  param dtype; the official code re-casts ``mask.bool()`` every step).
 
 As in the official code, dense groups clip ``p.grad`` in place: do not reuse gradients after ``step()``. In
 ``density`` groups the official code overwrites ``p.grad`` with the scaled update (scratch space); here ``p.grad``
@@ -114,7 +116,8 @@ class SPAM(PerTensorOptimizer):
         self.delta_t = delta_t
         self.grad_accu_steps = grad_accu_steps
         self.seed = seed
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                    "correct_bias": correct_bias}
         super().__init__(params, defaults)
         # Official: state["total_step"] = 0, state["current_step"] = warmup_steps + 1 (sf = 1 until a reset).
         self.param_groups[0]["total_step"] = torch.tensor(0, dtype=torch.int64)
@@ -160,16 +163,6 @@ class SPAM(PerTensorOptimizer):
                         moved[overlap[new]] = state[key][overlap[old]]
                         state[key] = moved
                 state["mask"] = new
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """torch casts every non-``step`` state tensor to the param's dtype; masks and seeds must stay bool/int64."""
-        super().load_state_dict(state_dict)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved_ids, params):
-            for key in ("mask", "mask_seed"):
-                if key in state_dict["state"].get(saved_id, {}):
-                    self.state[p][key] = state_dict["state"][saved_id][key].to(p.device, copy=True)
 
     # ---------------------------------------------------------------- the update
 
@@ -233,7 +226,6 @@ class SPAM(PerTensorOptimizer):
         # New tensors rather than in-place: a state_dict() taken earlier keeps its values.
         counters["total_step"] = torch.tensor(total, dtype=torch.int64)
         counters["current_step"] = torch.tensor(current, dtype=torch.int64)
-
     # ---------------------------------------------------------------- memory
 
     def state_bytes(self, p: torch.Tensor, group: dict) -> int:

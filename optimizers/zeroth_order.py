@@ -22,6 +22,8 @@ group: the ``named_parameters()`` order of the official code) in the parameter's
 seeded with the step seed — what ``torch.manual_seed(seed)`` + ``torch.normal`` does in the official code, so the
 noise is bit-identical for the same seed; the perturbation ``p + (s z) ε`` and the update are bit-identical too when
 λ = 0 (see the tests). ``step`` returns ``loss1`` = L(θ + εz) of the last sample, which is what the official code logs.
+Anyone applying perturbations/updates block by block (offload) must draw z in this same order, per device, from
+:func:`noise_generators` (or carry the generator across blocks); the per-tensor functions below are that API.
 
 Deviations from the official code, and why:
 
@@ -33,7 +35,9 @@ Deviations from the official code, and why:
 * The closure runs under ``torch.no_grad()`` rather than ``torch.inference_mode()``: inference tensors created inside
   (caches, buffers) would break a later autograd forward of the same model. The closure must be deterministic
   (``model.eval()``, as the official ``zo_forward`` does): two dropout masks would swamp the difference in (2).
-* No-decay names: see :func:`mezo_param_groups`.
+* No-decay names: see :func:`mezo_param_groups`. Its two groups put decaying params first, so z is not drawn in
+  ``named_parameters()`` order: same distribution, different z per tensor for a given seed (seeds differ anyway).
+* ``load_state_dict`` keeps the counters' dtypes (torch would cast them to the parameters' floating dtype).
 
 Optimizer state: no per-parameter bytes. Optimizer-wide: a step counter (8 B), the seed generator's state (5056 B),
 and the last seeds and projected gradients (16 B per sample, for logging), kept in the state of the first parameter
@@ -96,7 +100,7 @@ def perturb_(p: torch.Tensor, noise: torch.Generator | int, scale: float) -> Non
     if isinstance(noise, int):
         noise = torch.Generator(device=p.device).manual_seed(noise)
     elif not isinstance(noise, torch.Generator):
-        raise ValueError(f"noise must be a torch.Generator or an int seed, got {type(noise).__name__}")
+        raise TypeError(f"noise must be a torch.Generator or an int seed, got {type(noise).__name__}")
     p.add_(noise_like(p, noise).mul_(scale))
 
 
@@ -135,7 +139,7 @@ class MeZO(torch.optim.Optimizer):
             raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
         self.eps, self.n_samples = float(eps), n_samples
         self.state[self._anchor()].update(
             step=torch.zeros((), dtype=torch.int64),
@@ -148,6 +152,16 @@ class MeZO(torch.optim.Optimizer):
         """The parameter whose state holds the optimizer-wide tensors (base.py's convention)."""
         return self.param_groups[0]["params"][0]
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but the counters keep their dtype: torch casts every non-"step" state tensor of a
+        floating-point parameter to the parameter's dtype (the generator state must stay uint8, seeds int64)."""
+        saved = dict(state_dict["state"].get(0, {}))  # index 0 is the anchor: first param of the first group
+        super().load_state_dict(state_dict)
+        state = self.state[self._anchor()]
+        for key in ("step", "seed_rng", "seeds", "projected_grads"):
+            if key in saved:
+                state[key] = saved[key].detach().to("cpu", copy=True)
+
     def _params(self):
         """(param, group) in the protocol order: groups in order, params in order within a group."""
         return [(p, group) for group in self.param_groups for p in group["params"]]
@@ -155,7 +169,7 @@ class MeZO(torch.optim.Optimizer):
     def _draw_seeds(self) -> list[int]:
         state = self.state[self._anchor()]
         gen = torch.Generator()
-        gen.set_state(state["seed_rng"].cpu())  # load_state_dict moves it to the param's device
+        gen.set_state(state["seed_rng"])
         seeds = torch.randint(0, SEED_HIGH, (self.n_samples,), generator=gen, dtype=torch.int64)
         state["seed_rng"] = gen.get_state()
         return seeds.tolist()

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
 import pytest
 import torch
-
 from slimtune.optimizers.base import allocated_state_bytes
-from slimtune.optimizers.galore import (GaLoreAdamW, dequantize_blockwise, dynamic_map,
-                                        quantize_blockwise)
+from slimtune.optimizers.galore import (
+    GaLoreAdamW,
+    dequantize_blockwise,
+    dynamic_map,
+    quantize_blockwise,
+)
 
 
 def fixed_grads(shape, steps, seed=0):
@@ -40,7 +44,7 @@ def galore_reference(w0, grads, *, rank=None, gap=200, scale=1.0, proj_type="std
             if P is None or (t - 1) % gap == 0:
                 u, _, vh = torch.linalg.svd(g32.float(), full_matrices=False)
                 P, Q = u[:, :rank].double(), vh[:rank].double()
-            g = {"right": lambda: g @ Q.T, "left": lambda: P.T @ g, "full": lambda: P.T @ g @ Q.T}[side]()
+            g = g @ Q.T if side == "right" else P.T @ g if side == "left" else P.T @ g @ Q.T
         if m is None:
             m, v = torch.zeros_like(g), torch.zeros_like(g)
         m = b1 * m + (1 - b1) * g
@@ -48,7 +52,7 @@ def galore_reference(w0, grads, *, rank=None, gap=200, scale=1.0, proj_type="std
         step_size = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
         n = m / (v.sqrt() + eps)
         if rank is not None:
-            n = {"right": lambda: n @ Q, "left": lambda: P @ n, "full": lambda: P @ n @ Q}[side]() * scale
+            n = (n @ Q if side == "right" else P @ n if side == "left" else P @ n @ Q) * scale
         w = w - step_size * n
         if wd > 0:
             w = w - lr * wd * w
@@ -64,18 +68,21 @@ def run(opt_kwargs, group, w0, grads, **kw):
     return p, opt
 
 
-@pytest.mark.parametrize("shape,proj_type,rank", [((12, 8), "full", 8), ((8, 12), "std", 8), ((12, 8), "std", 50)])
-def test_full_rank_matches_float64_reference(shape, proj_type, rank):
+# 'full' at full rank turns the refresh gradient into diag(S) plus ~1e-7 rounding noise, which eps=1e-6 would
+# normalize to O(1) (fp32 and fp64 noise differ); a larger eps keeps that comparison well-conditioned.
+@pytest.mark.parametrize("shape,proj_type,rank,eps", [((12, 8), "full", 8, 1e-2), ((8, 12), "std", 8, 1e-6),
+                                                      ((12, 8), "std", 50, 1e-6)])
+def test_full_rank_matches_float64_reference(shape, proj_type, rank, eps):
     w0, grads = torch.randn(shape), fixed_grads(shape, 12)
-    group = dict(rank=rank, update_proj_gap=5, scale=0.5, proj_type=proj_type)
-    p, _ = run(dict(lr=1e-2, weight_decay=0.1), group, w0, grads)
-    ref = galore_reference(w0, grads, rank=rank, gap=5, scale=0.5, proj_type=proj_type, lr=1e-2, wd=0.1)
+    group = {"rank": rank, "update_proj_gap": 5, "scale": 0.5, "proj_type": proj_type}
+    p, _ = run({"lr": 1e-2, "weight_decay": 0.1, "eps": eps}, group, w0, grads)
+    ref = galore_reference(w0, grads, rank=rank, gap=5, scale=0.5, proj_type=proj_type, lr=1e-2, wd=0.1, eps=eps)
     torch.testing.assert_close(p.detach().double(), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_plain_group_is_eps_hat_adamw():
     w0, grads = torch.randn(7, 5), fixed_grads((7, 5), 15)
-    p, opt = run(dict(lr=1e-2, weight_decay=0.05, eps=1e-3), {}, w0, grads)
+    p, opt = run({"lr": 1e-2, "weight_decay": 0.05, "eps": 1e-3}, {}, w0, grads)
     ref = galore_reference(w0, grads, lr=1e-2, wd=0.05, eps=1e-3)
     torch.testing.assert_close(p.detach().double(), ref, rtol=1e-6, atol=1e-7)
     assert "ortho" not in opt.state[p] and opt.state[p]["exp_avg"].shape == (7, 5)
@@ -85,7 +92,7 @@ def test_plain_group_is_eps_hat_adamw():
 @pytest.mark.parametrize("shape", [(12, 8), (8, 12)])
 def test_projection_side_by_shape(proj_type, shape):
     m, n, r = *shape, 3
-    _, opt = run({}, dict(rank=r, update_proj_gap=10, scale=1.0, proj_type=proj_type), torch.randn(shape),
+    _, opt = run({}, {"rank": r, "update_proj_gap": 10, "scale": 1.0, "proj_type": proj_type}, torch.randn(shape),
                  fixed_grads(shape, 2))
     state = next(iter(opt.state.values()))
     side = reference_side(shape, proj_type)
@@ -99,7 +106,7 @@ def test_projection_side_by_shape(proj_type, shape):
 def test_reverse_std_full_rank_wide_matrix_works():
     """Official project_back raises a shape error here (m < n, rank >= m); ours projects back on the right side."""
     w0, grads = torch.randn(6, 10), fixed_grads((6, 10), 4)
-    p, _ = run(dict(lr=1e-2), dict(rank=6, update_proj_gap=2, scale=1.0, proj_type="reverse_std"), w0, grads)
+    p, _ = run({"lr": 1e-2}, {"rank": 6, "update_proj_gap": 2, "scale": 1.0, "proj_type": "reverse_std"}, w0, grads)
     ref = galore_reference(w0, grads, rank=6, gap=2, proj_type="right", lr=1e-2)
     torch.testing.assert_close(p.detach().double(), ref, rtol=1e-5, atol=1e-6)
 
@@ -124,8 +131,8 @@ def test_refresh_exactly_at_calls_1_gap_plus_1_2gap_plus_1():
                                              ((10, 16), "left")])
 def test_twenty_steps_match_float64_reference(shape, proj_type):
     w0, grads = torch.randn(shape), fixed_grads(shape, 20, seed=3)
-    group = dict(rank=3, update_proj_gap=6, scale=0.25, proj_type=proj_type)
-    p, _ = run(dict(lr=2e-2, weight_decay=0.01), group, w0, grads)
+    group = {"rank": 3, "update_proj_gap": 6, "scale": 0.25, "proj_type": proj_type}
+    p, _ = run({"lr": 2e-2, "weight_decay": 0.01}, group, w0, grads)
     ref = galore_reference(w0, grads, rank=3, gap=6, scale=0.25, proj_type=proj_type, lr=2e-2, wd=0.01)
     torch.testing.assert_close(p.detach().double(), ref, rtol=1e-5, atol=1e-6)
 
@@ -133,7 +140,7 @@ def test_twenty_steps_match_float64_reference(shape, proj_type):
 def test_weight_decay_applies_after_the_update():
     w0, g = torch.randn(4, 3), torch.randn(4, 3)
     lr, wd = 0.1, 0.5
-    p, _ = run(dict(lr=lr, weight_decay=wd), {}, w0, [g])
+    p, _ = run({"lr": lr, "weight_decay": wd}, {}, w0, [g])
     u = (0.1 * g) / ((0.001 * g * g).sqrt() + 1e-6)  # m / (sqrt(v) + eps) after one step
     step_size = lr * math.sqrt(1 - 0.999) / (1 - 0.9)
     after = (w0 - step_size * u) * (1 - lr * wd)
@@ -177,13 +184,14 @@ def regression_run(state_bits, steps=40):
 
 
 def test_8bit_training_tracks_32bit():
-    w32, l32, _ = regression_run(32)
-    w8, l8, opt8 = regression_run(8)
+    _, l32, _ = regression_run(32)
+    _, l8, opt8 = regression_run(8)
     state = next(iter(opt8.state.values()))
     assert state["exp_avg"].dtype == torch.uint8 and state["exp_avg"].numel() == 32 * 128  # 4096 >= min_8bit_size
-    assert l8[-1] < 0.5 * l8[0]
-    assert abs(l8[-1] - l32[-1]) < 0.1 * l32[-1]
-    assert (w8 - w32).norm() < 0.05 * w32.norm()
+    assert l8[-1] < 0.3 * l8[0]
+    # the loss curve tracks within 2% at every step (the weights themselves drift apart inside near-degenerate
+    # singular subspaces, which the SVD refresh resolves differently once the moments differ by rounding)
+    assert all(abs(a - b) < 0.02 * b for a, b in zip(l8, l32))
 
 
 def test_8bit_keeps_small_states_fp32():
@@ -262,7 +270,7 @@ def test_accumulate_param_equals_grouped_accumulation_off_refresh():
     shape = (20, 12)
     w0 = torch.randn(shape)
     batches = [fixed_grads(shape, micro, seed=s) for s in range(2 * gap)]
-    group = dict(rank=4, update_proj_gap=gap, scale=1.0, proj_type="std")
+    group = {"rank": 4, "update_proj_gap": gap, "scale": 1.0, "proj_type": "std"}
     grouped, opt_g = run({}, group, w0, [torch.stack(b).sum(0) for b in batches[:1]])
     layer = torch.nn.Parameter(w0.clone())
     opt_l = GaLoreAdamW([{"params": [layer], **group}])
@@ -279,7 +287,7 @@ def test_accumulate_param_equals_grouped_accumulation_off_refresh():
     torch.testing.assert_close(opt_l.state[layer]["ortho"], first)
     assert not torch.allclose(opt_g.state[grouped]["ortho"].abs(), first.abs(), atol=1e-3)
     # from the same state, steps 2..gap (no refresh) agree with grouped accumulation to rounding
-    opt_g.load_state_dict(opt_l.state_dict())
+    opt_g.load_state_dict(copy.deepcopy(opt_l.state_dict()))  # in-memory load shares tensors
     with torch.no_grad():
         grouped.copy_(layer)
     for b in batches[1:gap]:
