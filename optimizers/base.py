@@ -29,6 +29,16 @@ from collections.abc import Callable
 import torch
 
 
+def check_adam_hparams(lr: float, betas: tuple[float, float], eps: float) -> None:
+    """The constructor checks every Adam-family optimizer shares (a ValueError that says what is allowed)."""
+    if lr < 0.0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas must be two values in [0, 1), got {betas}")
+    if eps < 0.0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+
+
 class PerTensorOptimizer(torch.optim.Optimizer):
     """Base class: ``step()`` = ``update_param`` for each parameter with a gradient, then ``finish_step``."""
 

@@ -49,7 +49,7 @@ from collections.abc import Iterable
 import torch
 
 from .adamw import adam_moments_, adam_update_torch
-from .base import PerTensorOptimizer
+from .base import PerTensorOptimizer, check_adam_hparams
 from .projection import (
     BLOCK_ORDERS,
     active_blocks,
@@ -83,12 +83,7 @@ class FRUGAL(PerTensorOptimizer):
                  update_gap: int = 200, reset_statistics: bool = True, inactive_update_rule: str = "sign_sgd",
                  inactive_lr_scale: float = 1.0, proj_params_lr_scale: float = 1.0, block_order: str = "random",
                  seed: int = 0):
-        if lr < 0.0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas must lie in [0, 1), got {betas}")
-        if eps < 0.0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
+        check_adam_hparams(lr, betas, eps)
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "proj_type": proj_type,
                         "density": density, "update_gap": update_gap, "reset_statistics": reset_statistics,
                         "inactive_update_rule": inactive_update_rule, "inactive_lr_scale": inactive_lr_scale,

@@ -43,7 +43,7 @@ from collections.abc import Iterable
 import torch
 
 from .adamw import adam_direction_eps_hat, adam_moments_
-from .base import PerTensorOptimizer
+from .base import PerTensorOptimizer, check_adam_hparams
 from .projection import (
     GALORE_PROJ_TYPES,
     galore_side,
@@ -141,12 +141,7 @@ class GaLoreAdamW(PerTensorOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True, state_bits: int = 32,
                  min_8bit_size: int = 4096):
-        if lr < 0.0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas must lie in [0, 1), got {betas}")
-        if eps < 0.0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
+        check_adam_hparams(lr, betas, eps)
         if state_bits not in (8, 32):
             raise ValueError(f"state_bits must be 8 or 32, got {state_bits}")
         if min_8bit_size < 0:

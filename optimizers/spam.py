@@ -53,7 +53,7 @@ import math
 import torch
 
 from .adamw import adam_direction_eps_hat, adam_moments_
-from .base import PerTensorOptimizer
+from .base import PerTensorOptimizer, check_adam_hparams
 
 _MASK64 = 2**64 - 1
 
@@ -95,12 +95,7 @@ class SPAM(PerTensorOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, correct_bias: bool = True, warmup_steps: int = 150,
                  threshold: float = 5000, delta_t: int = 500, grad_accu_steps: int = 20, seed: int = 0):
-        if lr < 0.0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two values in [0, 1), got {betas}")
-        if eps < 0.0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
+        check_adam_hparams(lr, betas, eps)
         if weight_decay < 0.0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if threshold < 0:

@@ -160,9 +160,10 @@ def test_mezo_full_parameter_learns_without_backward(tmp_path, count_backward):
     assert result.eval_after["eval_loss"] < result.eval_before["eval_loss"] - 0.3  # measured: 5.88 -> 5.27
 
 
-def test_mezo_on_lora_moves_only_the_adapter(tmp_path, count_backward):
+@pytest.mark.parametrize("adapter", ["lora", "qlora"])
+def test_mezo_on_adapters_moves_only_the_adapter(tmp_path, count_backward, adapter):
     recipe = recipe_from_dict(tiny(tmp_path, *NO_CLIP, "optimizer.name=mezo", "training.max_steps=5",
-                                   "training.learning_rate=1e-2"))
+                                   "training.learning_rate=1e-2", f"adapter.type={adapter}"))
     trainer = Trainer(recipe, prepare(recipe), progress=False)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     micro = trainer.micro_batches()
