@@ -64,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _quiet_libraries()
     prepared = prepare(recipe)
     trainer = Trainer(recipe, prepared, progress=not args.no_progress)
-    print(format_header(recipe, prepared, trainer.steps), flush=True)
+    print(format_header(recipe, prepared, trainer.steps, trainer.optimizer), flush=True)
     try:
         result = trainer.train()
     except KeyboardInterrupt:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from slimtune.offload import format_bytes
+from slimtune.optimizers import optimizer_state_bytes
 
 
-def format_header(recipe, prepared, steps: int) -> str:
+def format_header(recipe, prepared, steps: int, optimizer=None) -> str:
     m, a, t = recipe.model, recipe.adapter, recipe.training
     model = m.name_or_path or (f"inline llama ({m.architecture.num_hidden_layers} layers, hidden "
                                f"{m.architecture.hidden_size}, vocab {len(prepared.tokenizer)})")
@@ -19,7 +20,9 @@ def format_header(recipe, prepared, steps: int) -> str:
         + f"; trainable {prepared.trainable_params:,} of {prepared.total_params:,} parameters ({pct:.2f}%)",
         f"  data       {len(prepared.train_examples)} train / {eval_rows} eval examples ({recipe.data.format})",
         f"  optimizer  {recipe.optimizer.name} lr {t.learning_rate:g}, {t.lr_scheduler_type} schedule; {steps} steps "
-        f"x {t.per_device_train_batch_size} x {t.gradient_accumulation_steps} accumulation",
+        f"x {t.per_device_train_batch_size} x {t.gradient_accumulation_steps} accumulation"
+        + (f"; state {format_bytes(optimizer_state_bytes(optimizer))}" if optimizer is not None else "")
+        + (", per-layer updates in backward" if getattr(recipe.optimizer, "per_layer", False) else ""),
     ])
 
 
