@@ -5,5 +5,14 @@ offload engine land here (see DESIGN.md).
 """
 
 from .memory import current_rss_bytes, format_bytes, memory_snapshot, peak_gpu_bytes, peak_rss_bytes
+from .nvme import NvmeStore, measure_bandwidth
 
-__all__ = ["current_rss_bytes", "format_bytes", "memory_snapshot", "peak_gpu_bytes", "peak_rss_bytes"]
+__all__ = [
+    "NvmeStore",
+    "current_rss_bytes",
+    "format_bytes",
+    "measure_bandwidth",
+    "memory_snapshot",
+    "peak_gpu_bytes",
+    "peak_rss_bytes",
+]
