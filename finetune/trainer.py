@@ -135,17 +135,19 @@ class Trainer:
         """
         t = self.recipe.training
         group = [next(micro) for _ in range(t.gradient_accumulation_steps)]
-        total = sum(supervised_tokens(b["labels"]) for b in group)
+        counts = [supervised_tokens(b["labels"]) for b in group]
+        total = sum(counts)
         tokens = sum(int(b["attention_mask"].sum()) for b in group)
         if self.zeroth_order:
             return self.zeroth_order_step(group, total), None, tokens
+        # Per-layer mode updates (and frees) inside the last backward that runs: the last micro-batch with tokens.
+        last = max((i for i, n in enumerate(counts) if n), default=-1)
         loss_sum = 0.0
-        for i, batch in enumerate(group):
-            n = supervised_tokens(batch["labels"])
-            if self.per_layer is not None:
-                self.per_layer.final = i == len(group) - 1  # update+free in the hooks only on the last micro-batch
+        for i, (batch, n) in enumerate(zip(group, counts)):
             if n == 0:
-                continue
+                continue  # nothing supervised: no loss, no backward
+            if self.per_layer is not None:
+                self.per_layer.final = i == last
             with autocast(self.device, t.bf16):
                 out = self.model(**{k: v.to(self.device) for k, v in batch.items()})
             loss = out.loss * (n / total)  # mean over this micro-batch -> share of the whole step's tokens

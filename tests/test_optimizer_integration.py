@@ -185,3 +185,27 @@ def test_optimizer_state_bytes_are_reported_and_exact(tmp_path):
         trainer.optimizer_step(trainer.micro_batches())
         actual = sum(allocated_state_bytes(trainer.optimizer, p) for _, p in trainer.params)
         assert predicted == actual, method
+
+
+@pytest.mark.parametrize("method", ["galore", "frugal"])
+def test_per_layer_update_runs_when_the_last_micro_batch_has_no_supervised_tokens(tmp_path, method):
+    # A micro-batch whose labels are all -100 runs no backward; the step's update must still happen (in per-layer
+    # mode it belongs to the last micro-batch that does), identical to grouped mode.
+    args = (*METHODS[method], "training.max_steps=1", "training.warmup_steps=0", "training.per_device_train_batch_size=2",
+            "training.gradient_accumulation_steps=2")
+    results = []
+    for per_layer in (False, True):
+        recipe = recipe_from_dict(tiny(tmp_path / str(per_layer), *NO_CLIP, *args,
+                                       "adapter.type=none", f"optimizer.per_layer={str(per_layer).lower()}"))
+        trainer = Trainer(recipe, prepare(recipe), progress=False)
+        micro = trainer.micro_batches()
+        first = next(micro)
+        empty = dict(next(micro))
+        empty["labels"] = torch.full_like(empty["labels"], -100)
+        before = {n: p.detach().clone() for n, p in trainer.params}
+        trainer.optimizer_step(iter([first, empty]))
+        moved = {n for n, p in trainer.params if not torch.equal(before[n], p.detach())}
+        assert moved == set(before), (per_layer, sorted(set(before) - moved)[:3])
+        results.append({n: p.detach().clone() for n, p in trainer.params})
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-5, atol=1e-7)
