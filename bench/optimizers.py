@@ -12,8 +12,8 @@ update_proj_gap gap, scale 0.25; FRUGAL density 0.25, update_gap gap (columns, s
 delta_t gap, warmup_steps 10, grad_accu_steps 5 (dense); MeZO eps 1e-3, one SPSA sample; mezo-long: MeZO for
 ``--mezo-long-steps`` steps (its usual regime is 10-100x the steps of first-order methods; one round only).
 
-The peer, galore-torch 1.0 (PyPI; ``pip install --no-deps galore-torch==1.0`` into this interpreter at run time if
-missing, never a project dependency; skipped if that fails), runs inside the *same* slimtune Trainer on the same
+The peer, galore-torch 1.0 (PyPI; installed by the test-only dev extra, ``pip install -e '.[dev]'``; the column is
+skipped with the reason if it does not import), runs inside the *same* slimtune Trainer on the same
 model, data, param groups (``split_targets`` + ``decay_groups``, group keys rank/update_proj_gap/scale/proj_type) and
 hyperparameters as our GaLore: ``trainer.optimizer`` is replaced by ``galore_torch.GaLoreAdamW`` and
 ``trainer.scheduler`` rebuilt with ``get_scheduler`` as the Trainer does, so only the optimizer class differs.
@@ -40,7 +40,6 @@ Writes bench/results/optimizers.{md,json,png}. Wall-clock numbers on a shared ma
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -60,7 +59,6 @@ LABELS = {"adamw": "AdamW (torch)", "galore": "GaLore", "galore-torch": "galore-
 # 2e-2, frugal 1e-3/2e-3/4e-3, spam 1e-3/2e-3/4e-3, mezo 3e-4/1e-3/3e-3/1e-2: 3e-3 and up diverge); --lr NAME=LR.
 LR = {"adamw": 1e-3, "galore": 1e-2, "galore-torch": 1e-2, "frugal": 2e-3, "spam": 1e-3, "mezo": 1e-3,
       "mezo-long": 5e-4}
-PEER_SPEC = "galore-torch==1.0"
 
 
 def optimizer_overrides(name: str, steps: int) -> list[str]:
@@ -161,15 +159,11 @@ def child(name: str, recipe_path: str, steps: int, lr: float, json_path: str) ->
 
 # --------------------------------------------------------------------------------------- report (parent process)
 def ensure_peer() -> str | None:
-    """galore-torch importable in this interpreter (installed with --no-deps if missing), or why not."""
-    if importlib.util.find_spec("galore_torch") is None:
-        print(f"installing {PEER_SPEC} (--no-deps) for the peer column ...", file=sys.stderr, flush=True)
-        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", PEER_SPEC],
-                           capture_output=True, text=True, check=False)
-        if r.returncode:
-            return f"pip install {PEER_SPEC} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}"
+    """None when galore-torch imports in this interpreter (the dev extra installs it), else why not."""
     r = subprocess.run([sys.executable, "-c", "import galore_torch"], capture_output=True, text=True, check=False)
-    return None if r.returncode == 0 else f"import galore_torch failed: {r.stderr.strip().splitlines()[-1:]}"
+    if r.returncode == 0:
+        return None
+    return f"import galore_torch failed ({r.stderr.strip().splitlines()[-1:]}); install it: pip install -e '.[dev]'"
 
 
 def summarize(runs: list[dict]) -> dict:

@@ -113,5 +113,3 @@ OptimizerConfig = Annotated[
     Discriminator(_name_of, custom_error_type="invalid_optimizer",
                   custom_error_message="optimizer.name must be one of adamw, galore, frugal, spam, mezo"),
 ]
-OPTIMIZER_CONFIGS = {"adamw": AdamWConfig, "galore": GaLoreConfig, "frugal": FrugalConfig, "spam": SpamConfig,
-                     "mezo": MeZOConfig}

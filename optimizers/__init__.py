@@ -100,7 +100,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     total = 0
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if isinstance(optimizer, PerTensorOptimizer) or hasattr(optimizer, "state_bytes"):
+            if hasattr(optimizer, "state_bytes"):  # every slimtune optimizer
                 total += optimizer.state_bytes(p, group)
             else:  # torch.optim.AdamW: exp_avg + exp_avg_sq in the param dtype, step as a 0-d fp32 tensor
                 total += 2 * p.numel() * p.element_size() + 4

@@ -262,7 +262,7 @@ def test_disk_full_during_save_is_a_clean_error_and_keeps_the_last_checkpoint(tm
 
     import slimtune.finetune.checkpoint as ck
 
-    real_save, calls = ck.torch.save, {"n": 0}
+    real_save = ck.torch.save
 
     def full_disk(obj, path, *args, **kwargs):
         if "checkpoint-4" in str(path):
