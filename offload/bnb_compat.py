@@ -1,0 +1,53 @@
+"""Make bitsandbytes' 4-bit matmul safe to stream: keep its weight as a *saved tensor*.
+
+bitsandbytes' ``MatMul4Bit.forward`` keeps the packed weight for backward as a plain attribute (``ctx.tensors = (None,
+B)``, bitsandbytes 0.50 ``autograd/_functions.py``), not through ``ctx.save_for_backward``. Activation checkpointing
+only re-creates saved tensors, so in backward bnb reads the weight view it kept from the *forward* pass. When that
+layer's weights were streamed into a ring slot that has since been reused for another layer, the backward silently
+multiplies by the wrong weights (measured: QLoRA losses diverge from the in-memory run at step 2). The subclass below
+saves ``B`` with ``save_for_backward``, so the recompute binds the freshly fetched weight; the math is bnb's own.
+It is installed only around a streamed layer's compute (:func:`streamable_4bit`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+try:  # bitsandbytes is a dependency, but keep the engine importable without a working build
+    from bitsandbytes.autograd import _functions as _bnb
+except Exception:  # pragma: no cover - no bitsandbytes
+    _bnb = None
+
+
+if _bnb is not None:
+    _MatMul4Bit = _bnb.MatMul4Bit
+
+    class CheckpointableMatMul4Bit(_MatMul4Bit):
+        """bnb's MatMul4Bit with the weight saved through ``save_for_backward`` (see the module docstring)."""
+
+        @staticmethod
+        def forward(ctx, A, B, out=None, bias=None, quant_state=None):
+            output = _MatMul4Bit.forward(ctx, A, B, out, bias, quant_state)
+            if not ctx.is_empty:
+                ctx.tensors = None  # never keep the forward-time view of a streamed slot
+                ctx.save_for_backward(B.view(-1, 1))
+            return output
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            if not ctx.is_empty:
+                ctx.tensors = (None, ctx.saved_tensors[0])
+            return _MatMul4Bit.backward(ctx, grad_output)
+
+
+@contextlib.contextmanager
+def streamable_4bit():
+    """Route ``bitsandbytes.matmul_4bit`` through :class:`CheckpointableMatMul4Bit` inside the block."""
+    if _bnb is None:
+        yield
+        return
+    _bnb.MatMul4Bit = CheckpointableMatMul4Bit
+    try:
+        yield
+    finally:
+        _bnb.MatMul4Bit = _MatMul4Bit

@@ -1,0 +1,405 @@
+"""Stream decoder-layer weights from a home tier (CPU RAM or NVMe) through a ring of device slots.
+
+DESIGN.md "Stores / Scheduler / Hooks"; reference/offload.md design lessons 3, 6, 8, 9, 13, 14, 18, 20. How it works:
+
+* **Flat homes.** Each decoder layer's streamed tensors (its frozen weights, including bitsandbytes 4-bit codes;
+  with ``stream_trainable`` all of its parameters) are packed into one contiguous, 4 KiB-aligned byte region: a
+  (pinned, on CUDA) CPU buffer, or a region of one :class:`~slimtune.offload.nvme.NvmeStore` swap file. One big
+  copy or one big aligned read per layer, never a per-tensor swap. Small non-parameter state (bnb quant states,
+  norms of other modules, LoRA weights) stays resident.
+* **A fixed ring of ``prefetch + 2`` device slots**, each the size of the largest layer, allocated once: at most
+  ``prefetch + 1`` layers are bound (computing + prefetched), one more slot absorbs a write-back. No buffer is ever
+  held by a cache policy it does not own (DeepSpeed's "Not enough buffers", #3062). While a layer is not bound its
+  parameters point at an empty placeholder, so nothing can silently use a stale copy (and a use fails loudly).
+* **A static schedule.** Decoder layers run 0..L-1 forward, then L-1..0 in backward, each recomputed under
+  activation checkpointing (mandatory: without it autograd would keep every fetched weight alive until backward,
+  lesson 8). So each layer is fetched twice per training step (once for forward, once for recompute + backward,
+  lesson 9), and once per step in forward-only use. The window is the next ``prefetch`` distinct layers of that
+  schedule; evaluation and generation loop 0..L-1 repeatedly.
+* **Hooks, no model changes.** Each layer's ``forward`` is wrapped (instance attribute; HF's own per-layer
+  checkpointing is switched off for the streamed layers and restored on :meth:`detach`): bind the layer, run it
+  inside ``torch.utils.checkpoint`` (non-reentrant, RNG preserved, so dropout recomputes identically) when autograd
+  records, release it after its forward. In backward (``torch._C._current_graph_task_id() != -1``) the layer stays
+  bound until the recompute of the layer below begins (its backward is done by then).
+* **Overlap.** Copies run on a small thread pool (CPU home -> slot memcpy, NVMe reads straight into the aligned slot
+  with O_DIRECT). On CUDA: pinned homes/staging, a copy stream and events, never ``synchronize()`` (DeepSpeed#1130).
+
+The engine keeps its own accounting (``peak_bound`` layers, bytes per link, seconds waited, a timeline) which the
+tests and ``metrics.jsonl`` read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .bnb_compat import streamable_4bit
+from .blocks import Block, flat_layout, model_blocks, view_as
+from .nvme import NvmeStore, aligned_empty
+
+
+def in_backward() -> bool:
+    """True while the autograd engine runs a backward pass (a checkpointed layer is being recomputed)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _done(value=None) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
+class _Layer:
+    """A streamed decoder layer: its tensors, their offsets in the flat region and its bound slot (if any)."""
+
+    def __init__(self, index: int, block: Block, params: list[nn.Parameter], offsets: list[int], nbytes: int):
+        self.index, self.block, self.params, self.offsets, self.nbytes = index, block, params, offsets, nbytes
+        self.shapes = [(p.shape, p.dtype) for p in params]
+        self.slot: int | None = None       # ring slot holding (or receiving) the layer
+        self.fetch: Future | None = None    # the copy into the slot; result: a CUDA event or None
+        self.home_ready: Future = _done()   # a pending write-back to the home
+        self.bound = False
+
+
+class BlockStreamer:
+    """Keeps only the layers in the prefetch window on ``device``; the rest live in ``home`` ("cpu" or "nvme").
+
+    ``stream_trainable``: stream every parameter of a layer (zeroth-order / full fine-tuning), not only frozen ones;
+    ``writeback``: copy a released layer back to its home (its weights changed while bound, e.g. zeroth-order).
+    ``on_bind(index)``: called after a layer is bound, before its compute (zeroth-order applies deferred updates).
+    """
+
+    def __init__(self, model: nn.Module, home: str, device: torch.device | str, prefetch: int = 1,
+                 nvme_dir: str | None = None, stream_trainable: bool = False, writeback: bool = False,
+                 threads: int = 2, on_bind: Callable[[int], None] | None = None):
+        if home not in ("cpu", "nvme"):
+            raise ValueError(f"home must be 'cpu' or 'nvme', got {home!r}")
+        if not isinstance(prefetch, int) or prefetch < 1:
+            raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
+        if home == "nvme" and not nvme_dir:
+            raise ValueError("home 'nvme' needs nvme_dir (offload.nvme_dir)")
+        self.model, self.home, self.device = model, home, torch.device(device)
+        self.prefetch, self.writeback, self.on_bind = prefetch, writeback, on_bind
+        self.cuda = self.device.type == "cuda"
+        self.layers: list[_Layer] = []
+        for i, block in enumerate(model_blocks(model)[1:-1]):
+            params = [p for _, p in block.params if stream_trainable or not p.requires_grad]
+            offsets, nbytes = flat_layout(params)
+            self.layers.append(_Layer(i, block, params, offsets, nbytes))
+        self.slot_bytes = max((layer.nbytes for layer in self.layers), default=0)
+        self.n_slots = prefetch + 2
+        self._lock = threading.RLock()
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="slimtune-stream")
+        self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._placeholders: dict[torch.dtype, torch.Tensor] = {}
+        self.stats = {"bytes_to_device": 0, "bytes_to_home": 0, "fetches": 0, "misses": 0, "wait_s": 0.0}
+        self.bound_now = self.peak_bound = 0
+        self.timeline: list[tuple[str, float, float, str]] = []
+        self._t0 = time.perf_counter()
+        self._store: NvmeStore | None = None
+        self._homes: list[torch.Tensor] = []
+        self._build_homes(nvme_dir, threads)
+        self._slots = [self._new_slot() for _ in range(self.n_slots)]
+        self._staging = ([aligned_empty(self.slot_bytes, pin=True) for _ in range(self.n_slots)]
+                         if self.cuda and home == "nvme" else None)
+        self._slot_free: list[Future] = [_done() for _ in range(self.n_slots)]  # completes when reusable
+        self._slot_event: list = [None] * self.n_slots  # CUDA: compute stream done with the slot
+        self._free = list(range(self.n_slots))
+        self._saved_ckpt: dict[nn.Module, bool] = {}
+        self._originals: dict[nn.Module, Callable] = {}
+        self.attach()
+
+    # ------------------------------------------------------------------ homes and slots
+    def _placeholder(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._placeholders:
+            self._placeholders[dtype] = torch.empty(0, dtype=dtype, device=self.device)
+        return self._placeholders[dtype]
+
+    def _new_slot(self) -> torch.Tensor:
+        if self.cuda:
+            return torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device)
+        return aligned_empty(self.slot_bytes)
+
+    def _pack(self, layer: _Layer, out: torch.Tensor) -> None:
+        for p, off in zip(layer.params, layer.offsets):
+            view_as(out, off, p).copy_(p.data)
+
+    def _build_homes(self, nvme_dir: str | None, threads: int) -> None:
+        """Copy every streamed tensor to its home, then point the parameter at a placeholder (frees the original)."""
+        if self.home == "nvme":
+            self._store = NvmeStore(nvme_dir, capacity_bytes=sum(layer.nbytes for layer in self.layers) or None,
+                                    direct=None, threads=threads)
+            staging = aligned_empty(self.slot_bytes)
+        for layer in self.layers:
+            if self.home == "cpu":
+                buf = aligned_empty(layer.nbytes, pin=self.cuda)
+                self._pack(layer, buf)
+                self._homes.append(buf)
+            else:
+                staging.zero_()
+                self._pack(layer, staging[:layer.nbytes])
+                self._store.write(layer.index, staging[:layer.nbytes]).result()
+            for p in layer.params:
+                p.data = self._placeholder(p.dtype)
+            for module in layer.block.module.modules():  # bnb would repack a bound weight in place on CPU
+                if hasattr(module, "support_avx512bf16_for_cpu"):
+                    module.support_avx512bf16_for_cpu = False
+
+    def home_bytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    def device_bytes(self) -> int:
+        """Bytes of the ring on the compute device (allocated once)."""
+        return self.n_slots * self.slot_bytes
+
+    # ------------------------------------------------------------------ moving one layer
+    def _event(self, lane: str, start: float, label: str) -> None:
+        self.timeline.append((lane, start - self._t0, time.perf_counter() - self._t0, label))
+
+    def _start_fetch(self, layer: _Layer) -> None:
+        slot = self._free.pop(0)
+        layer.slot = slot
+        free, home_ready = self._slot_free[slot], layer.home_ready
+        dst = self._slots[slot][:layer.nbytes]
+        self.bound_now += 1
+        self.peak_bound = max(self.peak_bound, self.bound_now)
+        self.stats["fetches"] += 1
+        self.stats["bytes_to_device"] += layer.nbytes
+        event_before = self._slot_event[slot]
+
+        def run():
+            free.result()
+            home_ready.result()
+            t = time.perf_counter()
+            if self.cuda:
+                src = self._homes[layer.index] if self.home == "cpu" else self._staging[slot][:layer.nbytes]
+                if self.home == "nvme":
+                    self._store.read(layer.index, src).result()
+                with torch.cuda.stream(self._copy_stream):
+                    if event_before is not None:
+                        self._copy_stream.wait_event(event_before)
+                    dst.copy_(src, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(self._copy_stream)
+                self._event("fetch", t, f"layer {layer.index}")
+                return event
+            if self.home == "cpu":
+                dst.copy_(self._homes[layer.index])
+            else:
+                self._store.read(layer.index, dst).result()
+            self._event("fetch", t, f"layer {layer.index}")
+            return None
+
+        layer.fetch = self._pool.submit(run)
+
+    def _bind(self, layer: _Layer) -> None:
+        t = time.perf_counter()
+        if not layer.fetch.done():
+            self.stats["misses"] += 1
+        event = layer.fetch.result()
+        self.stats["wait_s"] += time.perf_counter() - t
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        buf = self._slots[layer.slot]
+        for p, off, (shape, dtype) in zip(layer.params, layer.offsets, layer.shapes):
+            p.data = buf[off:off + shape.numel() * dtype.itemsize].view(dtype).view(shape)
+        layer.bound = True
+        if self.on_bind is not None:
+            self.on_bind(layer.index)
+
+    def _release(self, layer: _Layer) -> None:
+        """Unbind ``layer`` and give its slot back (after writing it home when it changed)."""
+        if layer.slot is None:
+            return
+        slot = layer.slot
+        if layer.fetch is not None and not layer.bound:
+            layer.fetch.result()  # a prefetch nobody used: let it land before the slot is reused
+        for p in layer.params:
+            p.data = self._placeholder(p.dtype)
+        write = self.writeback and layer.bound
+        layer.bound, layer.slot, layer.fetch = False, None, None
+        if self.cuda:
+            self._slot_event[slot] = torch.cuda.current_stream(self.device).record_event()
+        if write:
+            layer.home_ready = self._slot_free[slot] = self._pool.submit(self._write_home, layer, slot)
+            self.stats["bytes_to_home"] += layer.nbytes
+        self._free.append(slot)
+        self.bound_now -= 1
+
+    def _write_home(self, layer: _Layer, slot: int) -> None:
+        t = time.perf_counter()
+        src = self._slots[slot][:layer.nbytes]
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self._slot_event[slot])  # pragma: no cover - GPU
+            host = self._homes[layer.index] if self.home == "cpu" else self._staging[slot][:layer.nbytes]
+            host.copy_(src)  # synchronous D2H on this I/O thread's stream
+            src = host
+        if self.home == "cpu":
+            if not self.cuda:
+                self._homes[layer.index].copy_(src)
+        else:
+            self._store.write(layer.index, src).result()
+        self._event("write", t, f"layer {layer.index}")
+
+    # ------------------------------------------------------------------ the schedule
+    def _window(self, i: int, backward: bool, recompute: bool) -> list[int]:
+        n = len(self.layers)
+        if backward:
+            order = list(range(i - 1, -1, -1)) + list(range(n))
+        elif recompute:
+            order = list(range(i + 1, n)) + list(range(n - 1, -1, -1))
+        else:
+            order = list(range(i + 1, n)) + list(range(n))
+        window: list[int] = []
+        for j in order:
+            if j != i and j not in window:
+                window.append(j)
+                if len(window) == self.prefetch:
+                    break
+        return window
+
+    def acquire(self, i: int, recompute: bool = False) -> None:
+        """Bind layer ``i`` (waiting for its prefetch, or fetching it now) and prefetch the window after it."""
+        with self._lock:
+            backward = in_backward()
+            window = self._window(i, backward, recompute)
+            keep = {i, *window}
+            for layer in self.layers:
+                if layer.slot is not None and layer.index not in keep:
+                    self._release(layer)
+            layer = self.layers[i]
+            if layer.slot is None:
+                self._start_fetch(layer)
+            for j in window:
+                if self.layers[j].slot is None and self._free:
+                    self._start_fetch(self.layers[j])
+            if not layer.bound:
+                self._bind(layer)
+
+    def after(self, i: int, recompute: bool = False) -> None:
+        """Layer ``i`` finished its forward: release it unless backward still needs it or it is next again."""
+        with self._lock:
+            if in_backward():
+                return  # the recompute's saved tensors view this slot until the layer's backward is done
+            if recompute and i == len(self.layers) - 1:
+                return  # the last layer is recomputed right away in backward: keep it
+            self._release(self.layers[i])
+
+    def release_all(self) -> None:
+        """Unbind every layer and wait for write-backs (after backward, before eval/saving)."""
+        with self._lock:
+            for layer in self.layers:
+                self._release(layer)
+            for f in self._slot_free:
+                f.result()
+
+    @contextlib.contextmanager
+    def bound(self, i: int):
+        """Bind layer ``i`` outside a forward pass (flushing deferred updates, checkpoints); released on exit."""
+        self.acquire(i)
+        try:
+            yield self.layers[i]
+        finally:
+            self.after(i)
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self) -> None:
+        for layer in self.layers:
+            module = layer.block.module
+            if module in self._originals:
+                continue
+            self._originals[module] = module.__dict__.get("forward")
+            self._saved_ckpt[module] = getattr(module, "gradient_checkpointing", None)
+            if self._saved_ckpt[module] is not None:
+                module.gradient_checkpointing = False  # we checkpoint ourselves, around the bind
+            module.forward = self._wrap(layer.index, module.forward)
+
+    def _wrap(self, i: int, forward: Callable) -> Callable:
+        def run(*args, **kwargs):
+            recompute = torch.is_grad_enabled()
+            self.acquire(i, recompute)
+            try:
+                t = time.perf_counter()
+                with streamable_4bit():
+                    out = forward(*args, **kwargs)
+                self._event("compute", t, f"layer {i}{' (recompute)' if in_backward() else ''}")
+                return out
+            finally:
+                self.after(i, recompute)
+
+        def streamed_forward(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return run(*args, **kwargs)
+            for key in ("past_key_values", "layer_past"):  # as HF's checkpointing: a cache would update twice
+                if kwargs.get(key) is not None:
+                    kwargs[key] = None
+            if "use_cache" in kwargs:
+                kwargs["use_cache"] = False
+            return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+        return streamed_forward
+
+    def detach(self) -> None:
+        """Put every streamed tensor back on the device as an ordinary parameter and remove the hooks."""
+        self.release_all()
+        for layer in self.layers:
+            module = layer.block.module
+            original = self._originals.pop(module, None)
+            if original is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = original
+            if self._saved_ckpt.get(module) is not None:
+                module.gradient_checkpointing = self._saved_ckpt[module]
+            for p, value in self.layer_tensors(layer.index):
+                p.data = value.to(self.device)
+        self.close()
+
+    def _read_home(self, layer: _Layer) -> torch.Tensor:
+        """The layer's current bytes (a CPU tensor), from its home."""
+        layer.home_ready.result()
+        if self.home == "cpu":
+            return self._homes[layer.index]
+        buf = aligned_empty(layer.nbytes)
+        self._store.read(layer.index, buf).result()
+        return buf
+
+    def layer_tensors(self, i: int) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(parameter, CPU copy of its current value) for layer ``i``: checkpoints and exports read through this."""
+        layer = self.layers[i]
+        buf = self._read_home(layer)
+        return [(p, buf[off:off + s.numel() * d.itemsize].view(d).view(s).clone())
+                for p, off, (s, d) in zip(layer.params, layer.offsets, layer.shapes)]
+
+    def write_layer(self, i: int, values: list[torch.Tensor]) -> None:
+        """Replace layer ``i``'s streamed tensors (in ``self.layers[i].params`` order) in its home, e.g. after an
+        optimizer update or a checkpoint load. The layer must not be bound."""
+        layer = self.layers[i]
+        if layer.slot is not None:
+            raise RuntimeError(f"layer {i} is bound; release it before rewriting its home")
+        layer.home_ready.result()
+        buf = self._homes[i] if self.home == "cpu" else aligned_empty(layer.nbytes).zero_()
+        for value, off, (shape, dtype) in zip(values, layer.offsets, layer.shapes):
+            buf[off:off + shape.numel() * dtype.itemsize].view(dtype).view(shape).copy_(value)
+        if self.home == "nvme":
+            self._store.write(i, buf).result()
+        self.stats["bytes_to_home"] += layer.nbytes
+
+    def counters(self) -> dict[str, float]:
+        """Cumulative bytes per link and NVMe counters, for metrics.jsonl."""
+        out = dict(self.stats)
+        if self._store is not None:
+            out["nvme_read_bytes"], out["nvme_write_bytes"] = self._store.bytes_read, self._store.bytes_written
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self._store is not None:
+            self._store.close()

@@ -1,0 +1,128 @@
+"""Block streaming of frozen weights (offload/streamer.py): a streamed model trains and generates exactly like the
+in-memory one, the prefetch window bounds what is resident, and swap files do not outlive the engine."""
+
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+
+import pytest
+import torch
+
+from slimtune.finetune.adapters import apply_adapter
+from slimtune.finetune.model import build_base_model, load_model
+from slimtune.finetune.recipe import AdapterConfig, ModelConfig
+from slimtune.offload.blocks import model_blocks
+from slimtune.offload.streamer import BlockStreamer
+
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, tiny_tokenizer, tiny_arch):
+    config = ModelConfig(architecture=tiny_arch(num_hidden_layers=LAYERS), tokenizer_vocab_size=320)
+    return build_base_model(config, tiny_tokenizer, seed=0, save_dir=tmp_path_factory.mktemp("stream-base"))
+
+
+def lora_model(base_dir, quantized: bool = False):
+    torch.manual_seed(0)
+    config = ModelConfig(name_or_path=str(base_dir), load_in_4bit=quantized)
+    model = load_model(config, base_dir, torch.device("cpu"), quantized, False)
+    adapter = AdapterConfig(type="qlora" if quantized else "lora", r=4, alpha=8, dropout=0.1)
+    return apply_adapter(model, adapter, quantized)
+
+
+def train(model, batch, steps: int = 3):
+    """A few AdamW steps (dropout on), then an eval loss and a greedy generation; returns everything observed."""
+    torch.manual_seed(1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    with torch.no_grad():
+        eval_loss = model(**batch).loss.item()
+        generated = model.generate(input_ids=batch["input_ids"][:1, :5], max_new_tokens=6, do_sample=False)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return losses, eval_loss, generated.tolist(), trained
+
+
+@pytest.mark.parametrize("home,quantized,prefetch", [("cpu", False, 1), ("nvme", False, 2), ("cpu", True, 1),
+                                                      ("nvme", True, 1)])
+def test_streamed_training_equals_in_memory(base_dir, tiny_batch, tmp_path, home, quantized, prefetch):
+    expected = train(lora_model(base_dir, quantized), tiny_batch)
+    model = lora_model(base_dir, quantized)
+    frozen = sum(p.numel() * p.element_size() for block in model_blocks(model)[1:-1] for _, p in block.params
+                 if not p.requires_grad)
+    streamer = BlockStreamer(model, home, "cpu", prefetch=prefetch, nvme_dir=str(tmp_path))
+    assert streamer.home_bytes() >= frozen  # every frozen layer weight (4-bit codes included) left the device
+    assert all(p.numel() == 0 for layer in streamer.layers for p in layer.params)  # placeholders until bound
+    got = train(model, tiny_batch)
+    assert got[:3] == expected[:3]  # losses, eval loss and generated tokens: bit-identical
+    for name, value in expected[3].items():
+        assert torch.equal(got[3][name], value), name
+    # the window: the layer computing + `prefetch` layers in flight, never more (engine's own accounting)
+    assert streamer.peak_bound == prefetch + 1
+    assert streamer.stats["fetches"] >= 2 * LAYERS  # really streamed: forward and backward fetched layers
+    streamer.close()
+    assert not glob.glob(str(tmp_path / "*.swap"))
+
+
+def test_detach_restores_an_ordinary_model(base_dir, tiny_batch, tmp_path):
+    model = lora_model(base_dir)
+    with torch.no_grad():
+        before = model(**tiny_batch).logits
+    streamer = BlockStreamer(model, "nvme", "cpu", nvme_dir=str(tmp_path))
+    with torch.no_grad():
+        streamed = model(**tiny_batch).logits
+    streamer.detach()
+    assert not glob.glob(str(tmp_path / "*.swap"))
+    assert all(p.numel() > 0 for p in model.parameters())
+    assert "forward" not in model_blocks(model)[1].module.__dict__  # hooks removed
+    with torch.no_grad():
+        after = model(**tiny_batch).logits
+    assert torch.equal(before, streamed) and torch.equal(before, after)
+
+
+def test_swap_file_lives_only_while_the_engine_does(base_dir, tmp_path):
+    streamer = BlockStreamer(lora_model(base_dir), "nvme", "cpu", nvme_dir=str(tmp_path))
+    files = glob.glob(str(tmp_path / "*.swap"))
+    assert len(files) == 1 and os.path.getsize(files[0]) >= streamer.home_bytes()
+    del streamer
+    import gc
+
+    gc.collect()
+    assert not glob.glob(str(tmp_path / "*.swap"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs a tmpfs at /dev/shm")
+def test_buffered_fallback_when_o_direct_is_refused(base_dir, tiny_batch, tmp_path, monkeypatch):
+    """A filesystem that refuses O_DIRECT (forced here) falls back to buffered I/O with a warning; results equal."""
+    import slimtune.offload.nvme as nvme
+
+    monkeypatch.setattr(nvme, "_O_DIRECT", 0)
+    expected = train(lora_model(base_dir), tiny_batch, steps=2)
+    model = lora_model(base_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        streamer = BlockStreamer(model, "nvme", "cpu", nvme_dir=str(tmp_path))
+    assert any("O_DIRECT" in str(w.message) for w in caught)
+    assert streamer._store.direct is False
+    assert train(model, tiny_batch, steps=2)[:3] == expected[:3]
+    streamer.close()
+
+
+def test_bad_arguments_are_refused(base_dir):
+    model = lora_model(base_dir)
+    with pytest.raises(ValueError, match="nvme_dir"):
+        BlockStreamer(model, "nvme", "cpu")
+    with pytest.raises(ValueError, match="prefetch"):
+        BlockStreamer(model, "cpu", "cpu", prefetch=0)
+    with pytest.raises(ValueError, match="home"):
+        BlockStreamer(model, "disk", "cpu")
