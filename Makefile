@@ -10,11 +10,14 @@ TORCH_SPEC ?= $(shell if nvidia-smi -L >/dev/null 2>&1; then echo torch; else ec
 
 setup: $(VENV)/.installed
 
+# The last install is test-only: the official MixLoRA inference package, which tests/test_mixlora.py loads our
+# adapters with. Pinned, and --no-deps: it needs only torch/transformers/huggingface-hub, already installed.
 $(VENV)/.installed: pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "slimtune needs Python >= 3.10, found " + sys.version.split()[0])'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps mixlora==0.2.3
 	@touch $@
 
 quickstart: setup

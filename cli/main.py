@@ -5,6 +5,7 @@
     slimtune recipe-docs                              every recipe field with its type, default and doc
     slimtune generate RUN_OR_ADAPTER --prompt TEXT    quick look at a fine-tuned model
     slimtune merge ADAPTER OUT_DIR                    write a merged Hugging Face model
+    slimtune plan RECIPE [key=value ...] [--png PATH] where params/grads/optimizer state live, peaks, step bound
 
 User errors (bad recipe, file, dataset row, checkpoint) print a message naming the key/file/line and exit 2.
 """
@@ -18,6 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from slimtune.finetune.errors import RecipeError, SlimtuneError
+
+from .plan import add_parser as add_plan_parser
+from .plan import cmd_plan
 
 
 def _recipe_docs() -> str:
@@ -120,6 +124,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "recipe-docs": cmd_docs,
     "generate": cmd_generate,
     "merge": cmd_merge,
+    "plan": cmd_plan,
 }
 
 
@@ -156,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="adapter directory (or run directory)")
     p.add_argument("out_dir")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+    add_plan_parser(sub)
     return parser
 
 
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides: list[str] = []
-    if argv and argv[0] in ("train", "validate"):
+    if argv and argv[0] in ("train", "validate", "plan"):
         # section.key=value overrides may come before or after flags such as --no-progress
         overrides = [a for a in argv[2:] if "=" in a and not a.startswith("-")]
         argv = argv[:2] + [a for a in argv[2:] if a not in overrides]

@@ -20,7 +20,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -96,13 +96,18 @@ def _to_tuple(obj: Any) -> Any:
 
 
 def save_checkpoint(run_dir: Path, state: TrainerState, trainable: dict[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer, scheduler: Any, recipe: dict[str, Any],
-                    save_total_limit: int | None) -> Path:
-    """Write ``checkpoint-<step>`` atomically, then prune old checkpoints beyond ``save_total_limit``."""
+                    optimizer_state: dict[str, Any], scheduler: Any, recipe: dict[str, Any],
+                    save_total_limit: int | None, extra: Callable[[Path], None] | None = None) -> Path:
+    """Write ``checkpoint-<step>`` atomically, then prune old checkpoints beyond ``save_total_limit``.
+
+    ``extra(tmp_dir)`` writes more files into the checkpoint before it is renamed into place (the offload engine's
+    masters and optimizer state, streamed block by block into ``offload/``)."""
     target = checkpoint_dir(run_dir) / f"checkpoint-{state.step}"
     with atomic_dir(target) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        if extra is not None:
+            extra(tmp)
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))

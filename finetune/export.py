@@ -15,6 +15,7 @@ from peft import PeftModel
 from transformers import AutoTokenizer
 
 from .adapters import METADATA_FILE, read_metadata
+from .adapters.mixlora_io import load_mixlora
 from .data import prompt_ids
 from .errors import SlimtuneError
 from .io import atomic_dir
@@ -36,12 +37,15 @@ def load_for_inference(run_or_adapter_dir: Path, device: str | torch.device = "a
     device = resolve_device(device)
     if (directory / "adapter_config.json").is_file():
         adapter_cfg = json.loads((directory / "adapter_config.json").read_text())
-        if adapter_cfg.get("peft_type") != "LORA":
+        if adapter_cfg.get("peft_type") not in ("LORA", "MIXLORA"):
             raise SlimtuneError(f"{directory}: adapter peft_type {adapter_cfg.get('peft_type')!r} is not supported "
-                                "here (LORA is)")
+                                "here (LORA and MIXLORA are)")
         model_cfg, source = _base_config(directory, adapter_cfg, meta, base, trust_remote_code)
         model = _load_base(directory, model_cfg, source, device, bool(meta.get("quantized")))
-        model = PeftModel.from_pretrained(model, str(directory))
+        if adapter_cfg["peft_type"] == "MIXLORA":  # ours or an official one (official format, see mixlora_io)
+            model = load_mixlora(model, directory, bool(meta.get("quantized")), meta.get("mixlora"))
+        else:
+            model = PeftModel.from_pretrained(model, str(directory))
         tokenizer_dir = directory if (directory / "tokenizer_config.json").is_file() else source
     else:
         model_cfg = ModelConfig(name_or_path=str(directory), dtype=meta.get("dtype") or "float32",
@@ -109,6 +113,10 @@ def merge_adapter(adapter_dir: Path, out_dir: Path, dtype: str = "float32", devi
     if out_dir.exists() and any(out_dir.iterdir()):
         raise SlimtuneError(f"merge output {out_dir} already exists and is not empty; choose a new directory")
     adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if adapter_cfg.get("peft_type") == "MIXLORA":
+        raise SlimtuneError(f"{adapter_dir} is a MixLoRA adapter, which cannot be merged into dense weights: its "
+                            "router picks different experts (different LoRA deltas) for every token, so no single "
+                            "weight matrix reproduces it. Use it as is (slimtune generate, or load_for_inference)")
     meta = read_metadata(adapter_dir)
     quantized = bool(meta.get("quantized"))
     model_cfg, source = _base_config(adapter_dir, adapter_cfg, meta, base, False)

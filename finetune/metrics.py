@@ -1,7 +1,8 @@
 """One definition of what a run reports: metrics.jsonl, the progress bar, TensorBoard/W&B, and the PNG plots.
 
 Every logged record has ``step``, ``loss``, ``lr``, ``tokens_per_s``, ``peak_rss_bytes`` (and ``peak_gpu_bytes`` on
-CUDA); eval records have ``eval_loss`` and the task metric. ``metrics.jsonl`` is appended and flushed per record,
+CUDA; ``router_load`` and ``router_load_per_layer`` for MixLoRA); eval records have ``eval_loss`` and the task
+metric. ``metrics.jsonl`` is appended and flushed per record,
 so a killed run keeps what it logged; on resume, records past the checkpoint's step are dropped (atomically).
 """
 
@@ -137,7 +138,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def write_plots(records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
-    """loss.png (train and eval loss vs step) and memory.png (RSS / GPU peak vs step)."""
+    """loss.png (train and eval loss vs step), memory.png (RSS / GPU peak vs step) and, for MixLoRA runs,
+    router_load.png (each expert's share of the routed tokens vs step, averaged over layers)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,6 +165,17 @@ def write_plots(records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
             ax.plot(steps, [(r.get("peak_gpu_bytes") or 0) / 2**20 for r in mem], label="peak GPU (MiB)")
         ax.set_ylim(bottom=0)  # absolute scale: a few MiB of allocator noise should look like noise
         written.append(_finish(fig, ax, "MiB", "slimtune: memory", run_dir / "memory.png"))
+
+    load = [r for r in records if r.get("router_load")]
+    if load:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        steps = [r["step"] for r in load]
+        for e, shares in enumerate(zip(*(r["router_load"] for r in load))):
+            ax.plot(steps, shares, label=f"expert {e}")
+        ax.axhline(1 / len(load[0]["router_load"]), color="gray", linestyle=":", label="balanced")
+        ax.set_ylim(bottom=0)
+        written.append(_finish(fig, ax, "share of routed tokens", "slimtune: MixLoRA router load",
+                               run_dir / "router_load.png"))
     return written
 
 

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
 from .recipe_base import DType, Section
@@ -99,20 +99,51 @@ class ModelConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------------- adapter
-class AdapterConfig(Section):
-    """Parameter-efficient adapter (through peft) or full fine-tuning."""
+class ExpertLoraConfig(Section):
+    """MixLoRA: the LoRA of every expert (on gate_proj/up_proj/down_proj), when it should differ from the
+    attention LoRA (MoE-PEFT's ``expert_lora``). A null field means the adapter's own r/alpha/dropout."""
 
-    type: Literal["lora", "qlora", "none"] = Field(
-        "lora", description="lora | qlora (NF4 4-bit base + LoRA) | none (full fine-tuning).")
+    r: int | None = Field(None, ge=1, le=4096, description="Expert LoRA rank; null = adapter.r.")
+    alpha: float | None = Field(None, gt=0, description="Expert LoRA alpha; null = adapter.alpha.")
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="Expert LoRA dropout; null = adapter.dropout.")
+
+
+# Fields only adapter.type mixlora reads (any of them set explicitly for another type is refused).
+MIXLORA_FIELDS = ("num_experts", "top_k", "router_aux_loss_coef", "router_init_range", "jitter_noise", "expert_lora",
+                  "act_fn")
+# The gated-MLP projections of Llama-family decoders: MixLoRA's experts put their LoRA on these.
+MIXLORA_EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+class AdapterConfig(Section):
+    """Parameter-efficient adapter (through peft; MixLoRA's experts are slimtune's own) or full fine-tuning."""
+
+    type: Literal["lora", "qlora", "mixlora", "none"] = Field(
+        "lora", description="lora | qlora (NF4 4-bit base + LoRA) | mixlora (LoRA experts in every FFN, "
+                            "arXiv 2404.15159; a 4-bit base with model.load_in_4bit true) | none (full fine-tuning).")
     r: int = Field(16, ge=1, le=4096, description="LoRA rank.")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: Union[Literal["all-linear"], list[str]] = Field(
         "all-linear", description="Module names to wrap, or all-linear (every linear layer except lm_head; "
-                                  "QLoRA's choice, unlike peft's q_proj/v_proj default for Llama).")
+                                  "QLoRA's choice, unlike peft's q_proj/v_proj default for Llama). mixlora: "
+                                  "gate_proj/up_proj/down_proj get per-expert LoRA, attention names plain LoRA.")
     modules_to_save: list[str] | None = Field(
         None, description="Extra modules trained in full and saved with the adapter (e.g. [lm_head]).")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+    # MixLoRA (reference/adapters.md §1a). Defaults: MoE-PEFT's code and templates/mixlora.json.
+    num_experts: int = Field(8, ge=1, le=256, description="mixlora: experts per FFN (MoE-PEFT template: 8).")
+    top_k: int = Field(2, ge=1, description="mixlora: experts per token; their router weights are renormalised.")
+    router_aux_loss_coef: float = Field(
+        0.001, ge=0.0, description="mixlora: weight of the load-balance loss over all layers' router logits "
+                                   "(official code default 0.001; its README uses 0.01; 0 turns it off).")
+    router_init_range: float = Field(0.02, ge=0.0, description="mixlora: std of the router's normal init.")
+    jitter_noise: float = Field(0.0, ge=0.0, lt=1.0, description="mixlora: multiply the FFN input by U(1-j, 1+j) "
+                                                                 "in training (never at inference).")
+    expert_lora: ExpertLoraConfig = Field(default_factory=ExpertLoraConfig,
+                                          description="mixlora: expert LoRA settings, if not the adapter's.")
+    act_fn: str | None = Field(None, description="mixlora: the experts' activation (a transformers ACT2FN name); "
+                                                 "null = the base model's hidden activation.")
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -159,10 +190,52 @@ class DataConfig(Section):
 
 # --------------------------------------------------------------------------------------------------- offload
 class OffloadConfig(Section):
-    """Where tensors live. Today: the compute device; budgets and NVMe placement come with the offload engine."""
+    """Where tensors live: the compute device, memory budgets per tier, and (optionally) where params, gradients and
+    optimizer state go. ``auto`` placement picks the fastest plan that fits the budgets (``slimtune plan`` shows it):
+    everything on the GPU, then optimizer state to CPU, gradients to CPU, params streamed from CPU, state to NVMe,
+    params streamed from NVMe."""
 
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Compute device: auto (cuda when available, else cpu) | cpu | cuda.")
+    gpu_memory: Union[Literal["auto"], int] = Field(
+        "auto", description="Budget of the compute device: auto | bytes | e.g. 20GB (1e9), 20GiB (2**30), 512MiB. "
+                            "auto = 90% of the CUDA device's memory; on offload.device cpu, auto = no separate limit "
+                            "(the device tier is host memory and counts against cpu_memory).")
+    cpu_memory: Union[Literal["auto"], int] = Field(
+        "auto", description="Budget of host memory (the process's resident set, runtime included), same syntax. auto "
+                            "= 90% of what is available to this run: RAM the OS reports available plus what this "
+                            "process already holds.")
+    nvme_dir: str | None = Field(
+        None, description="Directory on a local NVMe/SSD for the nvme tier (swap files live there during the run).")
+    params: Literal["auto", "gpu", "cpu", "nvme"] = Field(
+        "auto", description="Where decoder-layer weights live: auto | gpu | cpu | nvme (cpu/nvme: streamed to the "
+                            "device block by block, prefetch blocks ahead). Embeddings and head stay on the device.")
+    optimizer_state: Literal["auto", "gpu", "cpu", "nvme"] = Field(
+        "auto", description="Where optimizer state (and fp32 master weights when it is off the GPU) lives: auto | "
+                            "gpu | cpu | nvme. Off the GPU, each block's update runs on the CPU.")
+    gradients: Literal["auto", "gpu", "cpu"] = Field(
+        "auto", description="Where gradients accumulate: auto | gpu | cpu (an fp32 CPU buffer filled block by block "
+                            "during backward; needs optimizer_state cpu or nvme). nvme is refused.")
+    prefetch: int = Field(1, ge=1, le=8, description="Blocks fetched ahead of the one computing when params stream.")
+
+    @field_validator("gpu_memory", "cpu_memory", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        """``auto`` stays ``auto``; any other size (20GB, 24GiB, 512MiB, bytes) becomes an int of bytes."""
+        from slimtune.offload.units import parse_bytes  # pure Python: validate stays free of torch
+
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        return parse_bytes(value)
+
+    @field_validator("gradients", mode="before")
+    @classmethod
+    def _no_nvme_gradients(cls, value: Any) -> Any:
+        if value == "nvme":
+            raise ValueError("nvme is not a place for gradients: they are produced and consumed within one step, so "
+                             "a disk round trip only adds I/O (and wears the drive) without lowering the peak; use "
+                             "cpu (each block's gradients leave the GPU as backward produces them) or auto")
+        return value
 
 
 # --------------------------------------------------------------------------------------------------- training
@@ -255,6 +328,7 @@ def combination_problems(recipe: Recipe) -> list[str]:
                         "adapter.type lora for a 16/32-bit base")
     if a.type == "none" and (a.modules_to_save is not None):
         problems.append("adapter.modules_to_save is only for lora/qlora (full fine-tuning trains every module)")
+    problems += _mixlora_problems(a)
     if recipe.quantized and m.dtype == "float16" and m.quantization.compute_dtype == "float16":
         problems.append("model.quantization.compute_dtype float16 is unstable for 4-bit training (QLoRA README); "
                         "use bfloat16 (or float32)")
@@ -283,6 +357,49 @@ def combination_problems(recipe: Recipe) -> list[str]:
                             "no activations are kept to checkpoint; set it to false")
     if recipe.offload.device == "cpu" and m.attn_implementation == "flash_attention_2":
         problems.append("model.attn_implementation flash_attention_2 needs CUDA; offload.device is cpu")
+    off = recipe.offload
+    on_nvme = [f"offload.{k} nvme" for k in ("params", "optimizer_state") if getattr(off, k) == "nvme"]
+    if on_nvme and not off.nvme_dir:
+        problems.append(f"{' and '.join(on_nvme)} needs offload.nvme_dir: set it to a directory on a local NVMe/SSD "
+                        "disk, or choose cpu or auto")
+    if o.name == "mezo":
+        if off.gradients != "auto":
+            problems.append(f"offload.gradients {off.gradients} with optimizer mezo: zeroth-order training computes "
+                            "no gradients; remove the key (or set it to auto)")
+        if off.optimizer_state not in ("auto", "gpu"):
+            problems.append(f"offload.optimizer_state {off.optimizer_state} with optimizer mezo: MeZO keeps no "
+                            "per-parameter state (a seed and a few counters); remove the key (or set it to auto)")
+    if off.gradients == "cpu" and off.optimizer_state == "gpu":
+        problems.append("offload.gradients cpu with offload.optimizer_state gpu: the update runs where the optimizer "
+                        "state lives, so gradients sent to the CPU would have to come back; set optimizer_state to "
+                        "cpu or nvme, or gradients to gpu or auto")
+    if off.optimizer_state in ("cpu", "nvme") and getattr(o, "per_layer", False):
+        problems.append(f"optimizer.per_layer true with offload.optimizer_state {off.optimizer_state}: an offloaded "
+                        "update already runs per block as backward produces the gradients; remove optimizer.per_layer "
+                        "(or keep the state on the gpu)")
+    if off.device == "cpu" and off.gpu_memory != "auto" and off.cpu_memory != "auto" \
+            and off.gpu_memory > off.cpu_memory:
+        problems.append(f"offload.gpu_memory {off.gpu_memory} exceeds offload.cpu_memory {off.cpu_memory} with "
+                        "offload.device cpu: the device tier is host memory there, so it must fit in cpu_memory")
+    return problems
+
+
+def _mixlora_problems(a: AdapterConfig) -> list[str]:
+    """MixLoRA settings that cannot work, or that another adapter type would silently ignore."""
+    if a.type != "mixlora":
+        return [f"adapter.{key} is only used by adapter.type mixlora (adapter.type is {a.type}); remove it"
+                for key in MIXLORA_FIELDS if key in a.model_fields_set]
+    problems = []
+    if a.top_k > a.num_experts:
+        problems.append(f"adapter.top_k {a.top_k} exceeds adapter.num_experts {a.num_experts}: each token is routed "
+                        "to top_k distinct experts")
+    if a.modules_to_save is not None:
+        problems.append("adapter.modules_to_save with adapter.type mixlora: the MixLoRA checkpoint format holds "
+                        "only LoRA and router weights; remove modules_to_save or use adapter.type lora")
+    if a.target_modules != "all-linear" and not set(a.target_modules) & set(MIXLORA_EXPERT_PROJECTIONS):
+        problems.append(f"adapter.target_modules {list(a.target_modules)} with adapter.type mixlora names no MLP "
+                        f"projection, so every expert would be the same frozen FFN; add at least one of "
+                        f"{', '.join(MIXLORA_EXPERT_PROJECTIONS)} (or use all-linear)")
     return problems
 
 

@@ -98,6 +98,9 @@ class MeZOConfig(Section):
     name: Literal["mezo"] = Field("mezo", description="Optimizer (registry key).")
     eps: float = Field(1e-3, gt=0, description="Perturbation scale epsilon of the SPSA estimate.")
     n_samples: int = Field(1, ge=1, description="Random directions averaged per step (n-SPSA).")
+    noise: Literal["sequential", "per_tensor"] = Field(
+        "sequential", description="Noise stream: sequential (the official code's z for a seed) | per_tensor (each "
+                                  "tensor's z from its own seed; needed by zeroth-order block streaming).")
 
 
 def _name_of(value: Any) -> str:

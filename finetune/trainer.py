@@ -27,7 +27,7 @@ from slimtune.optimizers import ZEROTH_ORDER, build_optimizer
 
 from .per_layer import PerLayerUpdates
 
-from .adapters import load_trainable_state_dict, save_adapter, trainable_state_dict
+from .adapters import aux_loss, load_trainable_state_dict, router_load, save_adapter, trainable_state_dict
 from .checkpoint import (TrainerState, find_resume_checkpoint, list_checkpoints, load_checkpoint, recipe_changes,
                          save_checkpoint, set_rng_state)
 from .data import batches, num_batches
@@ -35,6 +35,7 @@ from .errors import CheckpointError
 from .evaluate import autocast, eval_loss, exact_match_score, supervised_tokens
 from .io import atomic_write_text
 from .metrics import MetricsLog, write_plots
+from .offloading import build_offload, offload_requested
 from .recipe import Recipe
 
 
@@ -55,6 +56,7 @@ class Prepared:
     run_dir: Path
     trainable_params: int = 0
     total_params: int = 0
+    runtime_bytes: int | None = None  # process RSS before the model was built (the offload plan's baseline)
 
 
 @dataclass
@@ -101,9 +103,20 @@ class Trainer:
         hparams = o.model_dump(exclude={"name"})
         if o.name in SEEDED:
             hparams["seed"] = t.seed
-        self.optimizer = build_optimizer(o.name, self.params, lr=t.learning_rate, weight_decay=t.weight_decay,
-                                         **hparams)
+        def build(named, **override):
+            return build_optimizer(o.name, named, lr=t.learning_rate, weight_decay=t.weight_decay,
+                                   **{**hparams, **override})
+
+        # The offload engine (None unless the recipe's plan moves something off the device): streamed layers,
+        # offloaded optimizer state (it then owns the optimizer, built over its fp32 masters), ZO streaming.
+        self.offload = build_offload(recipe, self.model, self.device, build, prepared.runtime_bytes) if offload_requested(recipe) else None
+        updates = self.offload.updates if self.offload is not None else None
+        if o.name == "mezo" and self.offload is not None and self.offload.streamer is not None:
+            hparams["noise"] = "per_tensor"  # streamed blocks regenerate each tensor's noise on its own
+        self.optimizer = updates.optimizer if updates is not None else build(self.params)
         self.zeroth_order = o.name in ZEROTH_ORDER
+        if self.zeroth_order and self.offload is not None and self.offload.streamer is not None:
+            self.offload.attach_zeroth_order(self.optimizer)
         self.per_layer = PerLayerUpdates(self.optimizer) if getattr(o, "per_layer", False) else None
         self.scheduler = get_scheduler(t.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=warmup_steps(recipe, self.steps),
@@ -134,6 +147,7 @@ class Trainer:
         Returns (token-weighted loss, grad norm before clipping or None, input tokens processed).
         """
         t = self.recipe.training
+        updates = self.offload.updates if self.offload is not None else None
         group = [next(micro) for _ in range(t.gradient_accumulation_steps)]
         counts = [supervised_tokens(b["labels"]) for b in group]
         total = sum(counts)
@@ -148,12 +162,19 @@ class Trainer:
                 continue  # nothing supervised: no loss, no backward
             if self.per_layer is not None:
                 self.per_layer.final = i == last
+            if updates is not None:
+                updates.final = i == last  # the last backward of the step sends each block's update off
             with autocast(self.device, t.bf16):
                 out = self.model(**{k: v.to(self.device) for k, v in batch.items()})
-            loss = out.loss * (n / total)  # mean over this micro-batch -> share of the whole step's tokens
+            # mean over this micro-batch -> share of the whole step's tokens; aux_loss: MixLoRA's router term (or 0)
+            loss = (out.loss + aux_loss(self.model, batch["attention_mask"])) * (n / total)
             loss.backward()
             loss_sum += float(loss.detach())
         grad_norm = None
+        if updates is not None:  # offloaded: updates ran (or run now, after clipping) where the state lives
+            grad_norm = self.offload.step(t.max_grad_norm)
+            self.scheduler.step()
+            return loss_sum, grad_norm, tokens
         if self.per_layer is None and t.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.params], t.max_grad_norm))
         # Per-layer mode: every update already ran inside backward and freed its gradient, so step() finds no
@@ -171,6 +192,10 @@ class Trainer:
         the perturbed forwards (the official zo_forward runs model.eval()).
         """
         t = self.recipe.training
+        if self.offload is not None and self.offload.zo is not None:  # each block streamed once per step
+            loss = self.offload.zo.step({k: v.to(self.device) for k, v in group[0].items()})
+            self.scheduler.step()
+            return loss
 
         def closure() -> float:
             loss = 0.0
@@ -179,7 +204,7 @@ class Trainer:
                 if n:
                     with autocast(self.device, t.bf16):
                         out = self.model(**{k: v.to(self.device) for k, v in batch.items()})
-                    loss += float(out.loss) * n / total
+                    loss += float(out.loss + aux_loss(self.model, batch["attention_mask"])) * n / total
             return loss
 
         self.model.eval()
@@ -195,6 +220,8 @@ class Trainer:
         p, d, t = self.p, self.recipe.data, self.recipe.training
         if not p.eval_examples:
             return None
+        if self.offload is not None:
+            self.offload.sync()  # deferred zeroth-order updates land before eval
         result: dict[str, Any] = {"step": self.state.step,
                                   "eval_loss": eval_loss(self.model, p.eval_examples, t.per_device_eval_batch_size,
                                                          self.pad_id, self.device, t.bf16)}
@@ -211,7 +238,13 @@ class Trainer:
     def save(self) -> Path:
         o = self.recipe.output
         try:
-            return save_checkpoint(self.p.run_dir, self.state, trainable_state_dict(self.model), self.optimizer,
+            off = self.offload
+            if off is not None and off.updates is not None:  # masters + state live in the engine: saved by it
+                return save_checkpoint(self.p.run_dir, self.state, {}, {}, self.scheduler, self.recipe.to_dict(),
+                                       o.save_total_limit, extra=lambda tmp: off.updates.save(tmp / "offload"))
+            trainable = (off.trainable_state_dict(trainable_state_dict) if off is not None
+                         else trainable_state_dict(self.model))
+            return save_checkpoint(self.p.run_dir, self.state, trainable, self.optimizer.state_dict(),
                                    self.scheduler, self.recipe.to_dict(), o.save_total_limit)
         except OSError as exc:  # disk full, quota, permissions: the half-written temp dir is already removed
             previous = list_checkpoints(self.p.run_dir)
@@ -231,8 +264,17 @@ class Trainer:
         for line in warned:
             log_warning(f"resuming with a changed schedule length ({line}): the LR schedule is rebuilt for the "
                         "new length, so steps after the checkpoint differ from the original plan")
-        load_trainable_state_dict(self.model, ckpt.trainable)
-        self.optimizer.load_state_dict(ckpt.optimizer)
+        off = self.offload
+        if off is not None and off.updates is not None:
+            off.updates.load(path / "offload")  # masters, state, and the model's weights from them
+            if off.streamer is not None:
+                off.streamer.release_all()
+        elif off is not None:
+            off.load_trainable_state_dict(ckpt.trainable, load_trainable_state_dict)
+            self.optimizer.load_state_dict(ckpt.optimizer)
+        else:
+            load_trainable_state_dict(self.model, ckpt.trainable)
+            self.optimizer.load_state_dict(ckpt.optimizer)
         if not warned:
             self.scheduler.load_state_dict(ckpt.scheduler)
         else:
@@ -272,7 +314,9 @@ class Trainer:
                     window = losses[-(step % o.logging_steps or o.logging_steps):]
                     log.log({"step": step, "epoch": round(self.epoch_progress(), 4), "loss": sum(window) / len(window),
                              "lr": lr, "grad_norm": grad_norm, "tokens_per_s": log.tokens_per_s(),
-                             "tokens_seen": self.state.tokens_seen, **memory_snapshot(self.device)})
+                             "tokens_seen": self.state.tokens_seen, **memory_snapshot(self.device),
+                             **(self.offload.metrics(len(window)) if self.offload is not None else {}),
+                             **router_load(self.model)})
                 if t.eval_steps and step % t.eval_steps == 0 and step != self.steps:
                     self.evaluate(log)
                 if o.save_steps and step % o.save_steps == 0 and step != self.steps:
@@ -281,11 +325,15 @@ class Trainer:
             after = self.evaluate(log)
             self.save()
             adapter_dir = run_dir / "adapter"
+            if self.offload is not None:  # every weight back on the device for the save (full-model runs)
+                self.offload.close(materialize=True)
             save_adapter(self.model, adapter_dir, self.p.tokenizer)  # atomic: temp dir renamed into place
             if o.plots:
                 write_plots(log.records, run_dir)
         finally:
             log.close()
+            if self.offload is not None:
+                self.offload.close()  # swap files removed (also when training fails)
         mem = memory_snapshot(self.device)
         result = TrainResult(
             run_dir=run_dir, adapter_dir=adapter_dir, steps=self.state.step,

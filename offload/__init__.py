@@ -1,18 +1,41 @@
 """slimtune.offload: where tensors live and when they move (GPU, CPU, NVMe).
 
-Today: memory probes per tier, used by the trainer's reporting. The planner, stores, scheduler and hooks of the
-offload engine land here (see DESIGN.md).
+Memory probes per tier (used by the trainer's reporting), the NVMe store, and the planner (``make_plan``: where
+each block's params, grads and optimizer state live, predicted peaks per tier, a step-time bound). Stores,
+scheduler and hooks of the engine land here too (see DESIGN.md). To export a name, add it to ``_EXPORTS``.
 """
 
-from .memory import current_rss_bytes, format_bytes, memory_snapshot, peak_gpu_bytes, peak_rss_bytes
-from .nvme import NvmeStore, measure_bandwidth
+import importlib
 
-__all__ = [
-    "NvmeStore",
-    "current_rss_bytes",
-    "format_bytes",
-    "measure_bandwidth",
-    "memory_snapshot",
-    "peak_gpu_bytes",
-    "peak_rss_bytes",
-]
+# Public name -> submodule, imported on first access (PEP 562). Lazy because the recipe schema validates sizes with
+# ``offload.units.parse_bytes`` and ``slimtune validate`` must not import torch (which every other submodule does).
+_EXPORTS = {
+    "NvmeStore": "nvme",
+    "measure_bandwidth": "nvme",
+    "current_rss_bytes": "memory",
+    "format_bytes": "memory",
+    "memory_snapshot": "memory",
+    "peak_gpu_bytes": "memory",
+    "peak_rss_bytes": "memory",
+    "parse_bytes": "units",
+    "block_sizes": "sizes",
+    "BlockPlan": "plan",
+    "Plan": "plan",
+    "PlanError": "plan",
+    "make_plan": "plan",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+__all__ = sorted(_EXPORTS)

@@ -392,6 +392,30 @@ class BlockStreamer:
             self._store.write(i, buf).result()
         self.stats["bytes_to_home"] += layer.nbytes
 
+    def write_home(self, i: int, values: dict[int, torch.Tensor]) -> None:
+        """Rewrite some of layer ``i``'s tensors (position in ``layers[i].params`` -> new value) in its home, from
+        any thread, while the layer may still be bound (an optimizer update running during backward). The bound copy
+        is left alone (backward may still read it); the caller must :meth:`release_all` once every update of the
+        step has landed, so the next forward fetches the new values."""
+        layer = self.layers[i]
+        with self._lock:
+            layer.home_ready.result()
+        if self.home == "cpu":
+            buf = self._homes[i]
+        elif len(values) == len(layer.params):
+            buf = aligned_empty(layer.nbytes).zero_()
+        else:
+            buf = aligned_empty(layer.nbytes)
+            self._store.read(i, buf).result()
+        for k, value in values.items():
+            shape, dtype = layer.shapes[k]
+            off = layer.offsets[k]
+            buf[off:off + shape.numel() * dtype.itemsize].view(dtype).view(shape).copy_(value)
+        if self.home == "nvme":
+            self._store.write(i, buf).result()
+        with self._lock:
+            self.stats["bytes_to_home"] += sum(v.numel() * layer.shapes[k][1].itemsize for k, v in values.items())
+
     def counters(self) -> dict[str, float]:
         """Cumulative bytes per link and NVMe counters, for metrics.jsonl."""
         out = dict(self.stats)

@@ -69,12 +69,12 @@ def build_spam(named_params: NamedParams, *, lr: float, weight_decay: float, bet
 
 
 def build_mezo(named_params: NamedParams, *, lr: float, weight_decay: float, eps: float = 1e-3, n_samples: int = 1,
-               seed: int = 0):
+               seed: int = 0, noise: str = "sequential"):
     """MeZO with the official decay rule (no decay on biases and norms)."""
     from .zeroth_order import MeZO, mezo_param_groups
 
     return MeZO(mezo_param_groups(named_params, weight_decay), lr=lr, eps=eps, weight_decay=weight_decay,
-                n_samples=n_samples, seed=seed)
+                n_samples=n_samples, seed=seed, noise=noise)
 
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {

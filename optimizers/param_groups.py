@@ -30,7 +30,9 @@ def decay_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_
 
 
 # Never projected or given sparse state, whatever target_modules says (every official script keeps them on AdamW).
-NEVER_TARGET = ("embed", "lm_head", "wte", "wpe")
+# moe_gate: MixLoRA's router (num_experts x hidden): a projection of rank >= num_experts saves nothing, and GaLore's
+# scale would silently shrink its learning rate; it stays on AdamW like the other small non-target weights.
+NEVER_TARGET = ("embed", "lm_head", "wte", "wpe", "moe_gate")
 
 
 def split_targets(named_params: Iterable[tuple[str, torch.nn.Parameter]], target_modules: Iterable[str]

@@ -343,3 +343,83 @@ def test_argument_and_closure_validation():
         with pytest.raises(ValueError, match=match):
             MeZO([p], **kwargs)
     assert projected_gradient(2.0, 1.0, 0.25) == 2.0
+
+
+# ---- noise="per_tensor" (block streaming's noise) -------------------------------------------------------------
+
+def test_per_tensor_noise_regenerates_each_tensor_alone():
+    """z_j comes from its own generator seeded with tensor_seed(seed, j): each tensor's perturbation and update can
+    be replayed alone, in any order, and the result is the protocol's (perturb +ε, −2ε, +ε, then Eq. (3))."""
+    from slimtune.optimizers.zeroth_order import noise_source, tensor_seed
+
+    gen = torch.Generator().manual_seed(4)
+    params = [torch.nn.Parameter(torch.randn(7, 5, generator=gen)) for _ in range(3)]
+    start = [p.detach().clone() for p in params]
+    lr, eps = 0.1, 1e-2
+    opt = MeZO(params, lr=lr, eps=eps, seed=5, noise="per_tensor")
+    opt.step(lambda: sum((p * p).sum() for p in params))
+    seed, g = int(last(opt, "seeds")[0]), float(last(opt, "projected_grads")[0])
+    for j in (2, 0, 1):  # any order, each from nothing but (seed, j)
+        z = torch.randn(7, 5, generator=torch.Generator().manual_seed(tensor_seed(seed, j)))
+        assert torch.equal(z, noise_like(params[j], noise_source("per_tensor", seed)(j, params[j])))
+        expected = start[j] + z * eps
+        expected = expected + z * (-2 * eps)
+        expected = expected + z * eps
+        expected = expected - (z * g) * lr
+        assert torch.equal(params[j].detach(), expected), j
+    # same distribution, different draws: same-shape tensors get different z, unlike one shared stream re-seeded
+    zs = [noise_like(p, noise_source("per_tensor", seed)(j, p)) for j, p in enumerate(params)]
+    assert not torch.equal(zs[0], zs[1]) and not torch.equal(zs[1], zs[2])
+    assert not torch.equal(zs[0], regen_z(seed, params[:1])[0])  # not the sequential stream
+
+
+def test_tensor_seeds_are_distinct_for_the_cpu_generator():
+    """The CPU generator (mt19937) keeps only the low 32 bits of a seed: they must differ within a step."""
+    from slimtune.optimizers.zeroth_order import tensor_seed
+
+    for seed in (0, 1, 999_999_999):
+        low = {tensor_seed(seed, j) & 0xFFFFFFFF for j in range(20_000)}
+        assert len(low) == 20_000
+    assert tensor_seed(3, 0) != tensor_seed(4, 0)
+    with pytest.raises(ValueError, match="tensor_seed"):
+        tensor_seed(-1, 0)
+
+
+def test_noise_mode_is_state_and_resume_keeps_it():
+    p = torch.nn.Parameter(torch.zeros(3))
+    assert MeZO([p]).noise == "sequential"  # default: the official stream
+    with pytest.raises(ValueError, match="noise must be one of sequential, per_tensor"):
+        MeZO([p], noise="gaussian")
+    per = MeZO([torch.nn.Parameter(torch.zeros(3))], noise="per_tensor")
+    per.step(lambda: 1.0)
+    saved = torch.load(io.BytesIO(_saved(per)), weights_only=True)
+    again = MeZO([torch.nn.Parameter(torch.zeros(3))], noise="per_tensor")
+    again.load_state_dict(saved)
+    assert again.noise == "per_tensor" and last(again, "noise").dtype == torch.int64
+    with pytest.raises(ValueError, match="noise='per_tensor'"):
+        MeZO([torch.nn.Parameter(torch.zeros(3))]).load_state_dict(saved)  # would continue with other noise
+    legacy = torch.load(io.BytesIO(_saved(MeZO([torch.nn.Parameter(torch.zeros(3))]))), weights_only=True)
+    del legacy["state"][0]["noise"]  # written before the option existed: sequential
+    MeZO([torch.nn.Parameter(torch.zeros(3))]).load_state_dict(legacy)
+    with pytest.raises(ValueError, match="noise='sequential'"):
+        MeZO([torch.nn.Parameter(torch.zeros(3))], noise="per_tensor").load_state_dict(legacy)
+
+
+def _saved(opt) -> bytes:
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    return buf.getvalue()
+
+
+def test_noise_recipe_field_reaches_the_optimizer():
+    from pydantic import ValidationError
+    from slimtune.finetune.recipe_optimizers import MeZOConfig
+    from slimtune.optimizers import build_optimizer
+
+    assert MeZOConfig().noise == "sequential"
+    config = MeZOConfig(noise="per_tensor")
+    w = torch.nn.Parameter(torch.zeros(2, 2))
+    opt = build_optimizer("mezo", [("w.weight", w)], lr=1e-3, weight_decay=0.0, **config.model_dump(exclude={"name"}))
+    assert opt.noise == "per_tensor"
+    with pytest.raises(ValidationError, match="per_tensor"):
+        MeZOConfig(noise="random")

@@ -4,7 +4,8 @@
 adapters use peft's format (``adapter_config.json`` + ``adapter_model.safetensors``), so ``PeftModel.from_pretrained``
 and every peft-aware tool load them; next to it ``slimtune.json`` records what peft does not: whether the base was
 4-bit at training time (and with which settings), so inference and merging rebuild exactly the base the adapter
-was trained against.
+was trained against. MixLoRA adapters (``mixlora``, :mod:`.mixlora`) are saved in the official MixLoRA format instead
+(:mod:`.mixlora_io`: peft has no MoE adapter type), with the same ``slimtune.json``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from ..errors import CheckpointError, SlimtuneError
 from ..io import atomic_dir
 from ..recipe import AdapterConfig
 from .lora import apply_lora
+from .mixlora import apply_mixlora, aux_loss, is_mixlora, router_load
+from .mixlora_io import extra_settings, save_mixlora
 
 METADATA_FILE = "slimtune.json"
 
@@ -35,11 +38,13 @@ def apply_full(model: torch.nn.Module, cfg: AdapterConfig, quantized: bool) -> t
     return model
 
 
-ADAPTERS: dict[str, Callable] = {"lora": apply_lora, "qlora": apply_lora, "none": apply_full}
+ADAPTERS: dict[str, Callable] = {"lora": apply_lora, "qlora": apply_lora, "mixlora": apply_mixlora,
+                                  "none": apply_full}
 
 
 def apply_adapter(model: torch.nn.Module, cfg: AdapterConfig, quantized: bool) -> torch.nn.Module:
-    """Return the model to train for ``cfg.type`` (a ``PeftModel`` for lora/qlora, ``model`` itself for none)."""
+    """Return the model to train for ``cfg.type`` (a ``PeftModel`` for lora/qlora, ``model`` itself with its
+    adapter injected for mixlora, ``model`` itself for none)."""
     if cfg.type not in ADAPTERS:
         raise SlimtuneError(f"adapter.type {cfg.type!r} is not known; choose one of {', '.join(ADAPTERS)}")
     return ADAPTERS[cfg.type](model, cfg, quantized)
@@ -85,19 +90,27 @@ def save_adapter(model: torch.nn.Module, out_dir: Path, tokenizer) -> None:
     """Write a loadable result to ``out_dir`` (atomically: a temp dir renamed into place).
 
     lora/qlora: peft format (``adapter_config.json`` + ``adapter_model.safetensors``) + tokenizer + ``slimtune.json``.
+    mixlora: the official MixLoRA format (see :mod:`.mixlora_io`) + tokenizer + ``slimtune.json``.
     none: the full model (``save_pretrained``, safetensors) + tokenizer + ``slimtune.json``.
     """
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     quantized = bool(getattr(base, "is_loaded_in_4bit", False))
+    mixlora = is_mixlora(model)
     meta = {
-        "adapter_type": ("qlora" if quantized else "lora") if isinstance(model, PeftModel) else "none",
+        "adapter_type": "mixlora" if mixlora else ("qlora" if quantized else "lora") if isinstance(model, PeftModel)
+        else "none",
         "quantized": quantized,
         "quantization": _quantization_meta(base) if quantized else None,
         "dtype": _dtype_name(getattr(base.config, "dtype", None) or base.dtype),
         "base_revision": getattr(base.config, "_commit_hash", None),  # hub commit the base was loaded from
     }
+    if mixlora:
+        meta["mixlora"] = extra_settings(model.mixlora_settings)
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if mixlora:
+            save_mixlora(model, tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 

@@ -1,0 +1,368 @@
+"""MixLoRA: every FFN becomes a sparse mixture of LoRA experts that share its frozen weights (Li et al. 2024,
+arXiv 2404.15159; official code TUDB-Labs/MixLoRA and MoE-PEFT, reference/adapters.md §1a).
+
+Per decoder layer, without touching model code:
+
+* attention projections get ordinary, independent LoRA through peft (``adapter.r/alpha/dropout/target_modules``);
+* the MLP is wrapped by :class:`MixLoraFFN` (peft's base-layer pattern: it holds the frozen MLP as ``base_layer``
+  and calls its projections). Expert ``e`` is the frozen FFN with its own LoRA on gate_proj, up_proj and down_proj
+  (``adapter.expert_lora``)::
+
+      g_e = W_gate x + s B_g^e A_g^e drop(x)      u_e = W_up x + s B_u^e A_u^e drop(x)      a_e = act(g_e) * u_e
+      out_e = W_down a_e + s B_d^e A_d^e drop(a_e)                                         (s = alpha / r)
+
+* a bias-free fp32 router ``W_r`` (``moe_gate``, init N(0, router_init_range)): ``p = softmax(W_r x)``, the top-k
+  experts are kept and their weights renormalised to sum to 1 (official ``model.py:210-217``), and
+  ``y = sum_{e in topk(x)} w_e(x) out_e(x)``.
+
+**Shared computation.** ``W_gate x`` and ``W_up x`` run once for all tokens and are sliced per expert (the paper's
+high-throughput trick). We go one step further for ``W_down``: it is one frozen linear map shared by every expert,
+so ``sum_e w_e W_down a_e = W_down (sum_e w_e a_e)`` and it runs once on all tokens too, on the routing-weighted mix
+of the expert activations, instead of once per expert (the official code runs it top_k times per token). The mix is
+accumulated as ``a_0 + sum_e w_e (a_e - a_0)`` with ``a_0 = act(W_gate x) * W_up x``, so while every B is zero the
+layer computes exactly what the base MLP computes: identity at init holds bit for bit, not just up to rounding
+(the official weighted sum of identical expert outputs is off by an ulp, since the renormalised weights need not sum
+to exactly 1.0 in floating point). Experts that receive no token are skipped, and no base layer ever sees an empty
+input: a bitsandbytes 4-bit layer on CPU kills the process on one (reference §1a, bug 3).
+
+**dtypes** (MoE-PEFT's choices): router weights, routing and every LoRA matrix in fp32 whatever the base dtype; the
+LoRA input is cast to fp32 and its output back to the base activation dtype; the router runs with autocast off.
+
+**Load-balance loss** (:func:`aux_loss`): the HF-Mixtral formula MoE-PEFT uses
+(``_mixtral_load_balancing_loss_func``), over the router logits of *all* layers concatenated along the token axis,
+padding excluded, times ``router_aux_loss_coef``; the trainer adds it to each micro-batch's LM loss before the
+gradient-accumulation weighting. It also tallies the router load that :func:`router_load` reports.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import SlimtuneError
+from ..recipe import MIXLORA_EXPERT_PROJECTIONS, AdapterConfig
+
+
+@dataclass(frozen=True)
+class MixLoraSettings:
+    """Everything that defines a MixLoRA adapter once it is resolved against a model (kept on the model as
+    ``model.mixlora_settings``; saving writes it out, loading rebuilds the same adapter from it)."""
+
+    r: int
+    alpha: float
+    dropout: float
+    use_rslora: bool
+    attention_targets: tuple[str, ...]  # leaf names inside self_attn that get plain LoRA (peft)
+    expert_targets: tuple[str, ...]  # subset of gate_proj/up_proj/down_proj that get per-expert LoRA
+    num_experts: int
+    top_k: int
+    router_aux_loss_coef: float
+    router_init_range: float
+    jitter_noise: float
+    expert_r: int
+    expert_alpha: float
+    expert_dropout: float
+    act_fn: str
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    """peft's (and the official code's) LoRA scale: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+class LoraPair(nn.Module):
+    """One expert's LoRA on one projection: ``s * B A drop(x)`` in fp32 (peft's conventions: kaiming-uniform A with
+    a = sqrt(5), zero B, dropout on the input of A). Returns only the delta; the caller adds the frozen path."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, use_rslora: bool,
+                 device: torch.device | None = None):
+        super().__init__()
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = lora_scaling(alpha, r, use_rslora)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
+
+
+def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, experts), each (tokens, top_k): softmax in fp32, the top-k, renormalised to sum to 1."""
+    probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), experts
+
+
+class MixLoraFFN(nn.Module):
+    """A Llama-family gated MLP (gate_proj, up_proj, down_proj, act_fn) turned into a MixLoRA mixture of experts.
+
+    ``router_logits`` holds the last forward's (tokens, experts) fp32 logits for :func:`aux_loss`; ``load_counts``
+    (not saved) counts, per expert, the non-padding tokens routed to it since the last :func:`router_load`.
+    """
+
+    def __init__(self, base_layer: nn.Module, settings: MixLoraSettings, act_fn: nn.Module):
+        super().__init__()
+        for name in MIXLORA_EXPERT_PROJECTIONS:
+            if not isinstance(getattr(base_layer, name, None), nn.Linear):
+                raise SlimtuneError(f"adapter.type mixlora needs a gated MLP with gate_proj, up_proj and down_proj "
+                                    f"linear layers (Llama, Mistral, Qwen2, Gemma); {type(base_layer).__name__} "
+                                    f"has no {name}")
+        self.base_layer = base_layer
+        self.act_fn = act_fn
+        self.num_experts, self.top_k, self.jitter_noise = settings.num_experts, settings.top_k, settings.jitter_noise
+        self.router_aux_loss_coef = settings.router_aux_loss_coef
+        self.expert_targets = settings.expert_targets
+        gate = base_layer.gate_proj
+        device = _weight_device(gate)
+        hidden, inner = gate.in_features, gate.out_features
+        self.moe_gate = nn.Linear(hidden, settings.num_experts, bias=False, device=device, dtype=torch.float32)
+        nn.init.normal_(self.moe_gate.weight, mean=0.0, std=settings.router_init_range)
+        shapes = {"gate_proj": (hidden, inner), "up_proj": (hidden, inner),
+                  "down_proj": (inner, base_layer.down_proj.out_features)}
+        self.experts = nn.ModuleList(
+            nn.ModuleDict({proj: LoraPair(*shapes[proj], settings.expert_r, settings.expert_alpha,
+                                          settings.expert_dropout, settings.use_rslora, device)
+                           for proj in settings.expert_targets})
+            for _ in range(settings.num_experts))
+        self.register_buffer("load_counts", torch.zeros(settings.num_experts, dtype=torch.float64, device=device),
+                             persistent=False)
+        self.router_logits: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        base = self.base_layer
+        if self.training and self.jitter_noise > 0:  # MoE-PEFT: training only (the package also jitters inference)
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # the router stays fp32 under bf16 autocast
+            logits = F.linear(x.float(), self.moe_gate.weight)
+        self.router_logits = logits
+        n_tokens = x.shape[0]
+        if n_tokens == 0:  # nothing to route; a 4-bit base layer must not see an empty input
+            return hidden_states.new_zeros(*shape[:-1], base.down_proj.out_features)
+        weights, experts = route(logits, self.top_k)
+
+        gate, up = base.gate_proj(x), base.up_proj(x)  # shared by every expert: computed once for all tokens
+        a0 = self.act_fn(gate) * up  # exactly what the base MLP feeds its down_proj
+        # The (token, slot) assignments sorted by expert: one gather of each shared tensor, then per-expert views;
+        # elementwise work runs once over all assignments, only the LoRA matmuls run per expert.
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # one host sync per layer
+        tokens = order // self.top_k
+        xs, g, u = x.float()[tokens], gate[tokens], up[tokens]
+        if "gate_proj" in self.expert_targets:
+            g = g + self._lora("gate_proj", xs, counts).to(g.dtype)
+        if "up_proj" in self.expert_targets:
+            u = u + self._lora("up_proj", xs, counts).to(u.dtype)
+        a = self.act_fn(g) * u  # a_e of every assignment
+        # Back to (token, slot) order and summed over the top_k slots: a permutation and a sum rather than
+        # index_add_, which is nondeterministic on CUDA and stalls on a busy CPU (measured: 57 ms for 32 rows).
+        inverse = torch.argsort(order)
+        a_slots = a[inverse].view(n_tokens, self.top_k, -1)  # (token, slot, inner), weights' layout
+        mix = (weights.unsqueeze(-1) * (a_slots.float() - a0.float().unsqueeze(1))).sum(1)  # sum_e w_e (a_e - a0)
+        out = base.down_proj((a0.float() + mix).to(a0.dtype))  # W_down (sum_e w_e a_e): once, for all tokens
+        if "down_proj" in self.expert_targets:
+            down = weights.reshape(-1)[order].unsqueeze(-1) * self._lora("down_proj", a, counts).float()
+            out = out + down[inverse].view(n_tokens, self.top_k, -1).sum(1).to(out.dtype)
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+    def _lora(self, proj: str, inputs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Each expert's LoRA delta on ``proj`` for its slice of the expert-sorted ``inputs``, concatenated.
+        Experts with no tokens are skipped: no layer ever sees an empty input."""
+        return torch.cat([loras[proj](chunk) for loras, chunk, n in zip(self.experts, inputs.split(counts), counts)
+                          if n])
+
+
+def _weight_device(layer: nn.Module) -> torch.device:
+    return layer.weight.device
+
+
+# --------------------------------------------------------------------------------------------------- build
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a Llama-family causal LM (``model.model.layers``, as the official code reads them)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not all(hasattr(l, "mlp") and hasattr(l, "self_attn")
+                                                        for l in layers):
+        raise SlimtuneError(f"adapter.type mixlora needs a Llama-family decoder (model.model.layers[i] with self_attn "
+                            f"and mlp: Llama, Mistral, Qwen2, Gemma); {type(model).__name__} has none")
+    return layers
+
+
+def resolve_settings(model: nn.Module, cfg: AdapterConfig) -> MixLoraSettings:
+    """``cfg`` (a recipe's ``adapter`` section with type mixlora) resolved against ``model``: which attention
+    projections get LoRA, which MLP projections the experts adapt, the activation name."""
+    from transformers.activations import ACT2FN
+
+    if cfg.type != "mixlora":
+        raise ValueError(f"resolve_settings needs adapter.type mixlora, got {cfg.type!r}")
+    layer = decoder_layers(model)[0]
+    attention = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in layer.self_attn.named_modules()
+                                   if n and isinstance(m, nn.Linear)))  # model order: q, k, v, o
+    if cfg.target_modules == "all-linear":
+        attn_targets, expert_targets = tuple(attention), MIXLORA_EXPERT_PROJECTIONS
+    else:
+        names = list(cfg.target_modules)
+        unknown = [n for n in names if n not in attention and n not in MIXLORA_EXPERT_PROJECTIONS]
+        if unknown:
+            raise SlimtuneError(f"adapter.target_modules: {', '.join(map(repr, unknown))} with adapter.type mixlora "
+                                f"match no attention projection or MLP projection; valid: "
+                                f"{', '.join(attention + list(MIXLORA_EXPERT_PROJECTIONS))} (or all-linear)")
+        attn_targets = tuple(n for n in attention if n in names)
+        expert_targets = tuple(n for n in MIXLORA_EXPERT_PROJECTIONS if n in names)
+        if not expert_targets:
+            raise SlimtuneError("adapter.target_modules with adapter.type mixlora must name at least one of "
+                                f"{', '.join(MIXLORA_EXPERT_PROJECTIONS)} (else every expert is the same frozen FFN)")
+    act = cfg.act_fn or base_activation(model)
+    if act not in ACT2FN:
+        raise SlimtuneError(f"adapter.act_fn {act!r} is not a transformers activation; use one of "
+                            f"{', '.join(sorted(ACT2FN))} (or null for the base model's)")
+    if cfg.top_k > cfg.num_experts:
+        raise SlimtuneError(f"adapter.top_k {cfg.top_k} exceeds adapter.num_experts {cfg.num_experts}")
+    e = cfg.expert_lora
+    return MixLoraSettings(
+        r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora, attention_targets=attn_targets,
+        expert_targets=expert_targets, num_experts=cfg.num_experts, top_k=cfg.top_k,
+        router_aux_loss_coef=cfg.router_aux_loss_coef, router_init_range=cfg.router_init_range,
+        jitter_noise=cfg.jitter_noise, expert_r=e.r if e.r is not None else cfg.r,
+        expert_alpha=e.alpha if e.alpha is not None else cfg.alpha,
+        expert_dropout=e.dropout if e.dropout is not None else cfg.dropout, act_fn=act)
+
+
+def base_activation(model: nn.Module) -> str:
+    """The base model's MLP activation name (Gemma keeps it in ``hidden_activation``, the others in
+    ``hidden_act``); MoE-PEFT fills a missing ``act_fn`` with it (``moe_peft/model.py:589-591``)."""
+    config = model.config
+    return getattr(config, "hidden_activation", None) or config.hidden_act
+
+
+def apply_mixlora(model: nn.Module, cfg: AdapterConfig, quantized: bool) -> nn.Module:
+    """Turn ``model`` (a Llama-family causal LM, fp32/bf16 or bitsandbytes 4-bit) into a MixLoRA model to train.
+
+    The model is changed in place and returned (not wrapped): the base is frozen, the attention LoRA is injected by
+    peft (``inject_adapter_in_model``), every ``layers[i].mlp`` is replaced by a :class:`MixLoraFFN` around it.
+    Only the LoRA matrices and routers train, all in fp32.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if quantized and not any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        raise ValueError("apply_mixlora(quantized=True) on a model without 4-bit layers; load it with quantized=True")
+    if is_mixlora(model):
+        raise ValueError("apply_mixlora: the model already has a MixLoRA adapter")
+    settings = resolve_settings(model, cfg)
+    layers = decoder_layers(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if settings.attention_targets:
+        prefix = _module_name(model, layers)
+        names = [f"{prefix}.{i}.self_attn.{proj}" for i in range(len(layers)) for proj in settings.attention_targets]
+        lora = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=names,
+                          use_rslora=settings.use_rslora, bias="none")
+        inject_adapter_in_model(lora, model)
+        for layer in layers:  # LoRA in fp32 whatever the base dtype (peft's autocast_adapter_dtype, MoE-PEFT)
+            for name, p in layer.self_attn.named_parameters():
+                if "lora_" in name:
+                    p.data = p.data.float()
+                    p.requires_grad_(True)
+    act_fn = _activation(settings.act_fn)
+    for layer in layers:
+        layer.mlp = MixLoraFFN(layer.mlp, settings, act_fn)
+    model.mixlora_settings = settings
+    return model
+
+
+def _activation(name: str) -> nn.Module:
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+def _module_name(model: nn.Module, target: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is target)
+
+
+# --------------------------------------------------------------------------------------------------- training
+def is_mixlora(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "mixlora_settings", None), MixLoraSettings)
+
+
+def mixlora_layers(model: nn.Module) -> list[MixLoraFFN]:
+    """Every MixLoRA FFN of ``model`` in layer order ([] for a model without MixLoRA)."""
+    return [m for m in model.modules() if isinstance(m, MixLoraFFN)]
+
+
+def load_balancing_loss(router_logits: torch.Tensor, num_experts: int, top_k: int,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """HF-Mixtral load-balance loss as MoE-PEFT computes it (``_mixtral_load_balancing_loss_func``), without the
+    coefficient: ``E * sum_{slot,e} f[slot,e] * P[e]``.
+
+    ``router_logits`` is (layers * batch * seq, E): every layer's logits concatenated along the token axis.
+    ``f[slot, e]`` is the fraction of tokens whose ``slot``-th choice is ``e``, ``P[e]`` the mean router
+    probability of ``e``; both average over non-padding tokens when ``attention_mask`` (batch, seq; 1 = token) is
+    given. Perfect balance gives ``top_k``.
+    """
+    probs = F.softmax(router_logits.float(), dim=-1)
+    _, selected = torch.topk(probs, top_k, dim=-1)
+    chosen = F.one_hot(selected, num_experts).float()  # (tokens, top_k, E)
+    if attention_mask is None:
+        return num_experts * (chosen.mean(0) * probs.mean(0).unsqueeze(0)).sum()
+    mask = attention_mask.reshape(-1).to(device=probs.device, dtype=probs.dtype)
+    if router_logits.shape[0] % mask.numel():
+        raise ValueError(f"router logits for {router_logits.shape[0]} tokens do not tile an attention mask of "
+                         f"{mask.numel()} tokens")
+    mask = mask.repeat(router_logits.shape[0] // mask.numel())  # the same mask for every layer
+    denom = mask.sum()
+    f = (chosen * mask[:, None, None]).sum(0) / denom
+    p = (probs * mask[:, None]).sum(0) / denom
+    return num_experts * (f * p.unsqueeze(0)).sum()
+
+
+def aux_loss(model: nn.Module, attention_mask: torch.Tensor | None = None) -> torch.Tensor | float:
+    """``router_aux_loss_coef`` x the load-balance loss of the last forward, over all MixLoRA layers (0.0 for a
+    model without MixLoRA, so the trainer calls it unconditionally). Also tallies the router load (non-padding
+    tokens per expert) that :func:`router_load` reports."""
+    layers = mixlora_layers(model)
+    if not layers:
+        return 0.0
+    if any(layer.router_logits is None for layer in layers):
+        raise ValueError("aux_loss: run a forward pass of the model first")
+    num_experts, top_k, coef = layers[0].num_experts, layers[0].top_k, layers[0].router_aux_loss_coef
+    logits = torch.cat([layer.router_logits for layer in layers], dim=0)
+    with torch.no_grad():
+        n = layers[0].router_logits.shape[0]
+        keep = None if attention_mask is None else attention_mask.reshape(-1).to(logits.device).bool()
+        if keep is not None and keep.numel() != n:
+            raise ValueError(f"aux_loss: attention mask of {keep.numel()} tokens for router logits of {n} tokens")
+        for layer in layers:
+            _, selected = torch.topk(layer.router_logits.detach(), layer.top_k, dim=-1)  # softmax keeps the order
+            if keep is not None:
+                selected = selected[keep]
+            layer.load_counts += torch.bincount(selected.reshape(-1), minlength=layer.num_experts).to(
+                layer.load_counts)
+    if coef == 0:
+        return 0.0
+    return coef * load_balancing_loss(logits, num_experts, top_k, attention_mask)
+
+
+def router_load(model: nn.Module, reset: bool = True) -> dict[str, list]:
+    """Router load since the last call: for each expert, its share of the top-k assignments of non-padding
+    training tokens. Each layer's shares sum to 1: perfect balance is 1/num_experts for every expert, and a
+    collapsed router shows top_k experts near 1/top_k and the rest near 0. ``router_load`` averages the layers,
+    ``router_load_per_layer`` lists them. {} without MixLoRA, or when nothing was tallied since the last call."""
+    layers = mixlora_layers(model)
+    if not layers or not all(float(layer.load_counts.sum()) > 0 for layer in layers):
+        return {}
+    per_layer = [(layer.load_counts / layer.load_counts.sum()).tolist() for layer in layers]
+    if reset:
+        for layer in layers:
+            layer.load_counts.zero_()
+    mean = [sum(col) / len(per_layer) for col in zip(*per_layer)]
+    return {"router_load": [round(v, 5) for v in mean],
+            "router_load_per_layer": [[round(v, 5) for v in row] for row in per_layer]}

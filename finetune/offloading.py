@@ -1,0 +1,208 @@
+"""The trainer's view of the offload engine: build it from the recipe's plan, and the few calls the loop makes.
+
+The plan (``slimtune.offload.plan``) decides where each kind of tensor lives; this module turns its decisions into
+engine objects and keeps the loop free of placement logic:
+
+* decoder-layer weights on ``cpu``/``nvme`` -> a :class:`~slimtune.offload.streamer.BlockStreamer` (frozen weights
+  for LoRA/QLoRA/MixLoRA bases; every weight for full fine-tuning and full-parameter zeroth-order),
+* full fine-tuning with optimizer state on ``cpu``/``nvme`` -> :class:`~slimtune.offload.offloaded_updates.
+  OffloadedUpdates` (gradients leave the device per parameter, updates run on the CPU, overlapped with backward),
+* MeZO with streamed weights -> :class:`~slimtune.offload.zo_stream.ZOStream` (each block once per step).
+
+Everything else (LoRA weights, their optimizer state) stays on the device, so a plan with nothing offloaded builds
+no engine at all and the loop is exactly the in-memory one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .recipe import Recipe
+
+
+@dataclass
+class Offload:
+    """The engine pieces of one run (each may be None) and the per-tier accounting the metrics read."""
+
+    plan: Any = None
+    streamer: Any = None
+    updates: Any = None
+    zo: Any = None
+    device: torch.device = torch.device("cpu")
+    model: Any = None
+    update_blocks: list[int] = field(default_factory=list)
+    _last: dict[str, float] = field(default_factory=dict)
+
+    def on_updated(self, b: int, named: list[tuple[str, torch.Tensor]]) -> None:
+        """OffloadedUpdates -> new weights: streamed layers get them in their home, resident blocks in place."""
+        block = self.update_blocks[b]
+        layer = block - 1
+        if self.streamer is not None and 0 <= layer < len(self.streamer.layers):
+            position = {id(p): k for k, p in enumerate(self.streamer.layers[layer].params)}
+            params = dict(self.model.named_parameters())
+            self.streamer.write_home(layer, {position[id(params[n])]: v for n, v in named})
+            return
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in named:
+                params[name].data.copy_(value)
+
+    # ------------------------------------------------------------------ loop hooks
+    def step(self, max_grad_norm: float) -> float | None:
+        """After the step's last backward: wait for (or run) every offloaded update; with streamed weights, drop
+        every bound/prefetched layer so the next forward fetches the updated homes. Returns the pre-clip norm."""
+        norm = self.updates.step(max_grad_norm)
+        if self.streamer is not None:
+            self.streamer.release_all()
+        return norm
+
+    def sync(self) -> None:
+        """Make the model's weights current (deferred zeroth-order updates applied): before eval, saving, export."""
+        if self.zo is not None:
+            self.zo.flush()
+
+    def attach_zeroth_order(self, optimizer) -> None:
+        """MeZO over streamed blocks: each block visited once per step (both perturbed forwards back to back)."""
+        from slimtune.offload.zo_stream import ZOStream
+
+        self.zo = ZOStream(self.model, optimizer, self.streamer)
+
+    # ------------------------------------------------------------------ weights through the engine
+    def trainable_state_dict(self, fallback: Callable[[Any], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Trainable weights by name: streamed ones read from their home, the rest as the adapter code returns."""
+        self.sync()
+        if self.updates is not None:
+            return self.updates.trainable_state_dict()
+        if self.streamer is None or not any(p.requires_grad for layer in self.streamer.layers for p in layer.params):
+            return fallback(self.model)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        out = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad and p.numel()}
+        for i in range(len(self.streamer.layers)):
+            for p, value in self.streamer.layer_tensors(i):
+                if p.requires_grad:
+                    out[names[id(p)]] = value
+        return out
+
+    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor], fallback: Callable[[Any, dict], None]) -> None:
+        if self.updates is not None:
+            self.updates.load_trainable_state_dict(sd)
+            return
+        if self.streamer is None:
+            return fallback(self.model, sd)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        streamed = set()
+        self.streamer.release_all()
+        for i, layer in enumerate(self.streamer.layers):
+            if any(names[id(p)] in sd for p in layer.params):
+                current = self.streamer.layer_tensors(i)
+                self.streamer.write_layer(i, [sd.get(names[id(p)], value) for p, value in current])
+                streamed.update(names[id(p)] for p in layer.params)
+        fallback(self.model, {k: v for k, v in sd.items() if k not in streamed})
+
+    # ------------------------------------------------------------------ accounting
+    def tier_bytes(self) -> dict[str, int]:
+        """What the engine holds per tier now (its own accounting, compared with the plan's predictions)."""
+        gpu = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.numel())
+        cpu = nvme = 0
+        if self.streamer is not None:
+            gpu += self.streamer.device_bytes() - sum(
+                p.numel() * p.element_size() for layer in self.streamer.layers for p in layer.params if p.numel())
+            if self.streamer.home == "cpu":
+                cpu += self.streamer.home_bytes()
+            else:
+                nvme += self.streamer.home_bytes()
+        if self.updates is not None:
+            tiers = self.updates.resident_bytes()
+            cpu += tiers.get("cpu", 0)
+            nvme += tiers.get("nvme", 0)
+            if self.streamer is None:
+                gpu = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return {"gpu_tier_bytes": gpu, "cpu_tier_bytes": cpu, "nvme_tier_bytes": nvme}
+
+    def counters(self) -> dict[str, float]:
+        out: dict[str, float] = dict(self.streamer.counters()) if self.streamer is not None else {}
+        if self.updates is not None:
+            u = self.updates.stats()
+            for key, theirs in (("nvme_read_bytes", "nvme_bytes_read"), ("nvme_write_bytes", "nvme_bytes_written"),
+                                ("bytes_to_home", "grad_bytes_to_cpu"), ("bytes_to_device", "param_bytes_to_device")):
+                out[key] = out.get(key, 0) + u.get(theirs, 0)
+        return out
+
+    def metrics(self, steps: int) -> dict[str, float]:
+        """Per-tier bytes now, and bytes moved per step (averaged since the previous call over ``steps`` steps)."""
+        now = self.counters()
+        record: dict[str, float] = dict(self.tier_bytes())
+        for key in ("nvme_read_bytes", "nvme_write_bytes", "bytes_to_device", "bytes_to_home"):
+            if key in now:
+                record[f"{key}_per_step"] = (now[key] - self._last.get(key, 0)) / max(steps, 1)
+        self._last = now
+        return record
+
+    def close(self, materialize: bool = False) -> None:
+        """Stop the engine; ``materialize`` first puts every weight back on the device (for a full-model save)."""
+        self.sync()
+        if self.zo is not None:
+            self.zo.detach()
+        if self.updates is not None:
+            self.updates.close()
+        if self.streamer is not None:
+            self.streamer.detach() if materialize else self.streamer.close()
+        self.streamer = self.updates = self.zo = None
+
+
+def _config(model: torch.nn.Module):
+    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+
+
+# The trainer needs the plan's placement, not its step-time bound: skip the bandwidth/FLOP measurements.
+_NOT_MEASURED = {"cpu->gpu": 1e10, "gpu->cpu": 1e10, "nvme->cpu": 1e9, "cpu->nvme": 1e9, "memcpy": 1e10,
+                 "flops": 1e12}
+
+
+def offload_requested(recipe: Recipe) -> bool:
+    """Plan only when the recipe asks for offloading (a placement or a budget) or runs on CUDA (auto may need it)."""
+    o = recipe.offload
+    return bool(o.model_fields_set - {"device"}) or o.device == "cuda"
+
+
+def build_offload(recipe: Recipe, model: torch.nn.Module, device: torch.device,
+                  build_optimizer: Callable[[list], torch.optim.Optimizer],
+                  runtime_bytes: int | None = None) -> Offload | None:
+    """The engine the recipe's plan asks for, attached to ``model``; None when everything stays on the device.
+    Raises PlanError (a SlimtuneError naming the budget and a fix) when nothing fits."""
+    from slimtune.offload.blocks import model_blocks
+    from slimtune.offload.plan import make_plan
+    from slimtune.offload.sizes import block_sizes
+    from slimtune.offload.streamer import BlockStreamer
+
+    o, t = recipe.offload, recipe.training
+    with torch.random.fork_rng(devices=[]):  # sizing builds stand-in tensors: keep the run's RNG stream untouched
+        plan = make_plan(recipe, sizes=block_sizes(recipe, config=_config(model)), bandwidths=_NOT_MEASURED,
+                         runtime_bytes=runtime_bytes)
+    layers = [b for b in plan.blocks if b.name.startswith("layers.")]
+    params_tier, state_tier = layers[0].params_tier, layers[0].state_tier
+    full, zeroth_order = recipe.adapter.type == "none", recipe.optimizer.name == "mezo"
+    off = Offload(plan=plan, device=device, model=model)
+    blocks = model_blocks(model)
+    if full and not zeroth_order and state_tier in ("cpu", "nvme"):
+        from slimtune.offload.offloaded_updates import OffloadedUpdates
+
+        named = [(n, p) for b in blocks for n, p in b.params if p.requires_grad]
+        groups = [[n for n, p in b.params if p.requires_grad] for b in blocks]
+        off.update_blocks = [i for i, g in enumerate(groups) if g]  # updates' block index -> model block index
+        per_tensor = lambda named_masters: build_optimizer(named_masters, per_layer=True)  # noqa: E731
+        off.updates = OffloadedUpdates(named, [g for g in groups if g], per_tensor, state_tier=state_tier,
+                                       nvme_dir=o.nvme_dir if state_tier == "nvme" else None,
+                                       overlap=t.max_grad_norm == 0)
+    if params_tier in ("cpu", "nvme"):
+        off.streamer = BlockStreamer(model, params_tier, device, prefetch=o.prefetch, nvme_dir=o.nvme_dir,
+                                     stream_trainable=full, writeback=full and zeroth_order)
+        if off.updates is not None:
+            off.updates.on_updated = off.on_updated
+    if off.streamer is None and off.updates is None:
+        return None
+    return off

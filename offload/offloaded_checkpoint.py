@@ -1,0 +1,194 @@
+"""Checkpoints of the offloaded optimizer, streamed block by block (Design lesson 19: resume must cover offloaded
+state explicitly, without a whole-model ``state_dict()`` in RAM).
+
+Layout of the directory :meth:`OffloadedUpdates.save` writes (the same for both tiers, so a run can resume on the
+other tier)::
+
+    offload.json               format, step count, update order, per block: names, shapes, state keys and
+                               non-tensor state values; every param group's non-tensor values (lr, betas, ...)
+    groups.safetensors         tensor-valued param-group entries (SPAM's total_step / current_step counters)
+    block-00000.safetensors    "master/<i>" and "state/<i>/<key>" of block 0's parameter i, ...
+
+RAM while saving or loading: one block (its staging buffer on NVMe). The directory is written to a temporary
+sibling and renamed into place, so a kill leaves the previous checkpoint intact; the same protocol as
+``finetune/io.py`` ``atomic_dir``, repeated here because ``offload`` must not import ``finetune`` (DESIGN.md,
+dependency direction).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from itertools import zip_longest
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .state_layout import master_views, state_views
+
+FORMAT = 1
+META = "offload.json"
+GROUPS = "groups.safetensors"
+
+
+def _block_file(b: int) -> str:
+    return f"block-{b:05d}.safetensors"
+
+
+@contextlib.contextmanager
+def _atomic_dir(target: Path) -> Iterator[Path]:
+    """Fill a ``.tmp-`` sibling, fsync it, rename it over ``target`` (see ``finetune/io.py``)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for file in tmp.iterdir():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        old = target.parent / f".tmp-old-{target.name}-{os.getpid()}"
+        if target.exists():
+            os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _plain(value, what: str):
+    """A non-tensor state or group value as JSON (tuples tagged so they come back as tuples)."""
+    if isinstance(value, tuple):
+        return {"__tuple__": [_plain(v, what) for v in value]}
+    if isinstance(value, list):
+        return [_plain(v, what) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ValueError(f"{what}: {type(value).__name__} values cannot be checkpointed; optimizer state must be tensors "
+                     "and plain numbers (optimizers/base.py)")
+
+
+def _unplain(value):
+    if isinstance(value, dict) and "__tuple__" in value:
+        return tuple(_unplain(v) for v in value["__tuple__"])
+    if isinstance(value, list):
+        return [_unplain(v) for v in value]
+    return value
+
+
+def save_engine(engine, directory) -> None:
+    if engine._futures:
+        raise RuntimeError("save() between optimizer steps: call step() first")
+    groups = engine.optimizer.param_groups
+    group_tensors = {f"{g}/{k}": v.detach().clone() for g, group in enumerate(groups) for k, v in group.items()
+                     if k != "params" and isinstance(v, torch.Tensor)}
+    meta = {"format": FORMAT, "steps": engine.steps, "order": list(engine._order),
+            "master_dtype": str(engine.master_dtype), "blocks": [],
+            "param_groups": [{k: _plain(v, f"param group {g} key {k!r}") for k, v in group.items()
+                              if k != "params" and not isinstance(v, torch.Tensor)} for g, group in enumerate(groups)]}
+    with _atomic_dir(Path(directory)) as tmp:
+        for b, blk in enumerate(engine.blocks):
+            with block_state(engine, b) as (masters, states):
+                tensors = {f"master/{i}": m.contiguous() for i, m in enumerate(masters)}
+                tensors.update({f"state/{i}/{k}": v.contiguous() for i, s in enumerate(states) for k, v in s.items()
+                                if isinstance(v, torch.Tensor)})
+                save_file(tensors, tmp / _block_file(b))
+                meta["blocks"].append({
+                    "names": blk.names, "shapes": [list(s) for s in blk.shapes],
+                    "state": [{"keys": list(s), "scalars": {k: _plain(v, f"state of {blk.names[i]!r} key {k!r}")
+                                                            for k, v in s.items() if not isinstance(v, torch.Tensor)}}
+                              for i, s in enumerate(states)]})
+        save_file(group_tensors, tmp / GROUPS)
+        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+    _after_io(engine)
+
+
+def load_engine(engine, directory) -> None:
+    directory = Path(directory)
+    if engine._futures:
+        raise RuntimeError("load() between optimizer steps: call step() first")
+    if not (directory / META).is_file():
+        raise ValueError(f"{directory} is not an offloaded-optimizer checkpoint (no {META})")
+    meta = json.loads((directory / META).read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{directory / META}: format {meta.get('format')!r}, this version reads {FORMAT}")
+    ours = [(blk.names, [list(s) for s in blk.shapes]) for blk in engine.blocks]
+    theirs = [(blk["names"], blk["shapes"]) for blk in meta["blocks"]]
+    for b, (a, c) in enumerate(zip_longest(ours, theirs)):
+        if a != c:
+            raise ValueError(f"{directory}: block {b} holds {c} but this engine's block {b} is {a}; resume with the "
+                             "same model, trainable parameters and blocks")
+    groups = engine.optimizer.param_groups
+    if len(meta["param_groups"]) != len(groups):
+        raise ValueError(f"{directory}: {len(meta['param_groups'])} param groups saved, the optimizer has "
+                         f"{len(groups)}; resume with the same optimizer settings")
+    _before_io(engine)
+    for b, blk_meta in enumerate(meta["blocks"]):
+        tensors = load_file(directory / _block_file(b))
+        masters = [tensors[f"master/{i}"] for i in range(len(blk_meta["names"]))]
+        states = [{k: tensors[f"state/{i}/{k}"] if k not in s["scalars"] else _unplain(s["scalars"][k])
+                   for k in s["keys"]} for i, s in enumerate(blk_meta["state"])]
+        restore_block(engine, b, masters, states)
+        del tensors
+    group_tensors = load_file(directory / GROUPS)
+    for g, (group, values) in enumerate(zip(groups, meta["param_groups"])):
+        group.update({k: _unplain(v) for k, v in values.items()})
+        group.update({k.split("/", 1)[1]: v for k, v in group_tensors.items() if k.split("/", 1)[0] == str(g)})
+    engine.steps, engine._order = int(meta["steps"]), [int(b) for b in meta["order"]]
+    _after_io(engine)
+
+
+@contextlib.contextmanager
+def block_state(engine, b: int) -> Iterator[tuple[list[torch.Tensor], list[dict]]]:
+    """Block ``b``'s masters and per-parameter optimizer state, readable in RAM for the duration (read-only)."""
+    blk = engine.blocks[b]
+    if engine.swapper is None:
+        yield blk.master_views, [engine.optimizer.state.get(m, {}) for m in blk.masters]
+        return
+    slot = engine.swapper.acquire(b)
+    try:
+        yield (master_views(slot.buf, blk.shapes, blk.offsets, engine.master_dtype),
+               state_views(slot.buf, engine.layouts[b]))
+    finally:
+        engine.swapper.unclaim(slot)
+
+
+@torch.no_grad()
+def restore_block(engine, b: int, masters: list[torch.Tensor], states: list[dict]) -> None:
+    """Put saved masters and state into block ``b``'s tier, and the masters into the device params."""
+    blk = engine.blocks[b]
+    everything = list(range(len(blk.params)))
+    if engine.swapper is None:
+        for view, m in zip(blk.master_views, masters):
+            view.copy_(m)
+        for m, state in zip(blk.masters, states):
+            engine.optimizer.state.pop(m, None)
+            if state:
+                engine.optimizer.state[m] = state
+        engine._state_held[b] = engine._block_state_bytes(b)
+        engine._publish(b, blk.master_views, everything)
+        return
+    slot = engine.swapper.acquire(b, read=False)
+    for view, m in zip(master_views(slot.buf, blk.shapes, blk.offsets, engine.master_dtype), masters):
+        view.copy_(m)
+    engine._publish(b, engine._pack(b, slot, states), everything)
+    engine.swapper.release(slot, b, engine.layouts[b].nbytes)
+
+
+def _before_io(engine) -> None:
+    if engine.swapper is not None:
+        engine.swapper.forget()  # prefetched regions are about to be rewritten
+
+
+def _after_io(engine) -> None:
+    """Writes landed; the next step's clock and (NVMe) prefetch start afresh."""
+    if engine.swapper is not None:
+        engine.swapper.forget()
+    with engine._lock:
+        engine._note_peak(0)
+    engine._begin_step()

@@ -1,0 +1,404 @@
+"""Full-parameter training with gradients, fp32 master weights and optimizer state offloaded to CPU or NVMe.
+
+The offloaded sibling of per-layer mode (``finetune/per_layer.py``). Each gradient leaves the device as soon as
+backward produces it (a ``register_post_accumulate_grad_hook``, torchao ``CPUOffloadOptimizer``'s pattern,
+``reference/offload.md`` §6) into its block's CPU fp32 buffer, and the device gradient is freed at once. When a
+block has all its final gradients, its update runs on a worker thread while backward continues on the blocks still
+to come (Design lesson 10: Fuyou / SuperOffload, instead of ZeRO-3's and torchao's step after backward). The update
+is the optimizer's own per-tensor function (``PerTensorOptimizer.update_param``) on fp32 masters held off the device
+(ZeRO-Offload's fp32 master partition, §1), so every first-order optimizer of the project works unchanged and the
+result equals the in-memory run. The updated master is cast to the device dtype and copied into the model.
+
+State tiers:
+
+* ``cpu``: masters in one flat fp32 buffer per block; optimizer state in ``optimizer.state`` as the optimizer
+  creates it. RAM: grads + masters + state.
+* ``nvme``: each block's masters and tensor-valued state in one aligned region of a swap file
+  (:mod:`.state_layout`, :mod:`.state_swapper`), read into a ring of ``threads + 2`` staging buffers, prefetched in
+  the expected order and written back behind the update. Between updates no state tensor stays in RAM: a small
+  :class:`~.state_layout.BlockLayout` (keys, shapes, dtypes, offsets, non-tensor values) is all that is kept.
+  RAM: fp32 grads of every block (written by backward at any time, so all of them) + the staging ring + the state
+  a block's first update allocates before it is packed -- not masters + state of the whole model.
+
+Global-norm clipping (Design lesson 12) needs every gradient first, so it runs with ``overlap=False``: the updates
+wait for :meth:`step`, which computes the norm from the CPU buffers with torch's own ``get_total_norm`` and scales
+them as ``clip_grad_norm_`` does, then runs the block updates (still pipelined with NVMe I/O).
+
+How the trainer uses this (one optimizer step, gradient accumulation over micro-batches ``0..last``)::
+
+    engine = OffloadedUpdates(trainable_named_params, block_names,
+                              lambda named: build_optimizer(name, named, lr=..., per_layer=True, **hparams),
+                              state_tier="nvme", nvme_dir=recipe.offload.nvme_dir, overlap=max_grad_norm == 0)
+    scheduler = get_scheduler(..., engine.optimizer, ...)    # LR schedules drive the optimizer over the masters
+    for i, batch in enumerate(micro_batches):               # those with supervised tokens
+        engine.final = i == last                             # like PerLayerUpdates.final
+        (model(**batch).loss * n_i / n_total).backward()     # hooks: grads -> CPU buffers, device grads freed,
+                                                             # (overlap) finished blocks update during backward
+    grad_norm = engine.step(max_grad_norm)                   # waits for every update, clips first if asked,
+                                                             # runs finish_step; returns the pre-clip norm or None
+    scheduler.step()                                         # no optimizer.step()/zero_grad(): step() did both
+    ...
+    engine.save(checkpoint_dir / "optimizer")                # one safetensors file per block, atomic
+    engine.load(checkpoint_dir / "optimizer")                # on resume, after building the engine
+    engine.close()                                           # removes the hooks and the swap file
+
+``step()`` (or ``wait()``) must return before the next forward: the device weights are final only then.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+from torch import nn
+
+from slimtune.optimizers import PerTensorOptimizer, allocated_state_bytes
+
+from .offloaded_blocks import build_blocks, checked_optimizer
+from .paged_state import PagedState
+from .state_layout import (aliases, master_views, pack_state, plan_layout, planned_block_bytes, signature_of,
+                           state_views)
+from .state_swapper import StateSwapper
+
+TIERS = ("cpu", "nvme")
+MASTER_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+class OffloadedUpdates:
+    """Gradient hooks + CPU/NVMe optimizer updates for the model's trainable ``named_params``, grouped in ``blocks``.
+
+    ``on_updated(block_index, [(name, master)])``, when set, is called instead of copying updated masters into the
+    device params (for params streamed from a home buffer); it must copy what it needs before returning.
+    """
+
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], blocks: list[list[str]],
+                 build_optimizer: Callable[[list[tuple[str, torch.Tensor]]], PerTensorOptimizer],
+                 state_tier: str = "cpu", nvme_dir: str | None = None, master_dtype: torch.dtype = torch.float32,
+                 overlap: bool = True, threads: int = 1):
+        if state_tier not in TIERS:
+            raise ValueError(f"state_tier must be one of {TIERS}, got {state_tier!r}")
+        if (state_tier == "nvme") != (nvme_dir is not None):
+            raise ValueError("nvme_dir is required with state_tier='nvme' and only used there; got "
+                             f"state_tier={state_tier!r}, nvme_dir={nvme_dir!r}")
+        if master_dtype not in MASTER_DTYPES:
+            raise ValueError(f"master_dtype must be one of {MASTER_DTYPES}, got {master_dtype}")
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be True or False, got {overlap!r}")
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads (update worker threads) must be an int >= 1, got {threads!r}")
+        self.tier, self.overlap, self.threads, self.master_dtype = state_tier, overlap, threads, master_dtype
+        self.final, self.on_updated = True, None
+        named_params = list(named_params)
+        pin = torch.cuda.is_available() and any(p.is_cuda for _, p in named_params)
+        self.blocks = build_blocks(named_params, blocks, master_dtype, keep_masters=state_tier == "cpu", pin=pin)
+        self.optimizer = checked_optimizer(build_optimizer([(n, m) for blk in self.blocks
+                                                             for n, m in zip(blk.names, blk.masters)]), self.blocks)
+        self._group = {id(m): g for g in self.optimizer.param_groups for m in g["params"]}
+        self._where = {id(p): (b, i) for b, blk in enumerate(self.blocks) for i, p in enumerate(blk.params)}
+        self._master_at = {id(m): (b, i) for b, blk in enumerate(self.blocks) for i, m in enumerate(blk.masters)}
+        self._events: list[tuple[str, float, float, str]] = []
+        self._lock = threading.Lock()
+        self._counts = {"grad_bytes_to_cpu": 0, "param_bytes_to_device": 0, "update_seconds": 0.0}
+        self._state_held = [0] * len(self.blocks)  # cpu tier: allocated state bytes per block
+        self.steps = 0
+        self.last_step: dict = {}
+        self._order = list(reversed(range(len(self.blocks))))  # backward order until a step has been observed
+        self._submitted: list[int] = []
+        self._futures: list[Future] = []
+        self.swapper: StateSwapper | None = None
+        self.layouts = []
+        if state_tier == "nvme":
+            self._init_nvme(nvme_dir, pin)
+        else:
+            self._state_held = [self._block_state_bytes(b) for b in range(len(self.blocks))]
+        self._peak = self._held_bytes()
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="slimtune-update")
+        self._hooks = [p.register_post_accumulate_grad_hook(self._hook) for blk in self.blocks for p in blk.params]
+        self._begin_step()
+
+    # ---- construction ---------------------------------------------------------------------------------------------
+    def _planned_state(self, b: int) -> list[int]:
+        return [self.optimizer.state_bytes(m, self._group[id(m)]) for m in self.blocks[b].masters]
+
+    def _init_nvme(self, nvme_dir, pin: bool) -> None:
+        """Reserve every block's region from state_bytes, then write each block's masters (and any state the
+        optimizer made at construction, e.g. SPAM's masks) through one staging buffer; nothing stays in RAM."""
+        states = [[self.optimizer.state.pop(m, {}) for m in blk.masters] for blk in self.blocks]
+        self.layouts = [plan_layout(blk.master_bytes, s) for blk, s in zip(self.blocks, states)]
+        planned = [max(planned_block_bytes(blk.master_bytes, self._planned_state(b)), self.layouts[b].nbytes)
+                   for b, blk in enumerate(self.blocks)]
+        self.swapper = StateSwapper(nvme_dir, planned, [lay.nbytes for lay in self.layouts], self.threads + 2, pin,
+                                    self._events, self._lock)
+        for b, blk in enumerate(self.blocks):
+            slot = self.swapper.acquire(b, read=False)
+            for view, p in zip(master_views(slot.buf, blk.shapes, blk.offsets, self.master_dtype), blk.params):
+                view.copy_(p.detach())
+            self._pack_and_release(b, slot, states[b])
+        self.swapper.drain()
+
+    # ---- gradients leave the device -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _hook(self, p: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        b, i = self._where[id(p)]
+        blk, grad = self.blocks[b], p.grad
+        if blk.submitted:  # its update may be running on this very buffer
+            raise RuntimeError(f"a gradient for {blk.names[i]!r} arrived after its block's update started; set "
+                               "final=True only for the last backward of an optimizer step")
+        blk.grads[i].add_(grad.to(device="cpu", dtype=self.master_dtype))
+        p.grad = None  # the device gradient is gone now: the next block's never meets it
+        blk.got[i] = True
+        with self._lock:
+            self._counts["grad_bytes_to_cpu"] += grad.numel() * grad.element_size()
+            self._events.append(("grad copy", t0, time.perf_counter(), blk.names[i]))
+        if self.final:
+            blk.final.add(i)
+            if self.overlap and len(blk.final) == len(blk.params) and not blk.submitted:
+                self._submit(b)
+
+    def _submit(self, b: int) -> None:
+        self.blocks[b].submitted = True
+        self._submitted.append(b)
+        self._futures.append(self._pool.submit(self._update_block, b))
+        if self.swapper is not None:
+            self.swapper.prefetch()
+
+    # ---- one block's update ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _update_block(self, b: int) -> None:
+        blk, opt = self.blocks[b], self.optimizer
+        slot = None
+        if self.swapper is not None:
+            slot = self.swapper.acquire(b)
+            self.swapper.prefetch()
+            self._stage(b, slot)
+        t0 = time.perf_counter()
+        todo = [i for i, got in enumerate(blk.got) if got]
+        for i in todo:
+            m = blk.masters[i]
+            m.grad = blk.grads[i]
+            opt.update_param(m, self._group[id(m)])
+            m.grad = None
+        if slot is None:
+            self._publish(b, blk.master_views, todo)
+            held = self._block_state_bytes(b)
+            with self._lock:
+                self._state_held[b] = held
+                self._note_peak(0)
+        else:
+            states = [opt.state.get(m, {}) for m in blk.masters]
+            with self._lock:  # new state (a first update, a refresh) is in RAM until packed
+                self._note_peak(sum(v.nbytes for s in states for v in s.values()
+                                    if isinstance(v, torch.Tensor) and not aliases(v, slot.buf)))
+            views = self._pack(b, slot, states)
+            self._publish(b, views, todo)
+            self._unstage(b)
+            self.swapper.release(slot, b, self.layouts[b].nbytes)
+        blk.grad_flat.zero_()
+        blk.got, blk.final = [False] * len(blk.params), set()
+        t1 = time.perf_counter()  # the update's CPU time: optimizer math, packing, copies to the device
+        with self._lock:
+            self._counts["update_seconds"] += t1 - t0
+            self._events.append(("update", t0, t1, f"block {b}"))
+
+    def _stage(self, b: int, slot) -> None:
+        """Point block ``b``'s masters and optimizer state at views into its staging buffer."""
+        blk = self.blocks[b]
+        views = master_views(slot.buf, blk.shapes, blk.offsets, self.master_dtype)
+        for m, view, state in zip(blk.masters, views, state_views(slot.buf, self.layouts[b])):
+            m.data = view
+            self.optimizer.state[m] = state
+
+    def _unstage(self, b: int) -> None:
+        for m, parked in zip(self.blocks[b].masters, self.blocks[b].parked):
+            self.optimizer.state.pop(m, None)
+            m.data = parked
+
+    def _pack(self, b: int, slot, states: list[dict]) -> list[torch.Tensor]:
+        """Lay ``states`` out after the masters in ``slot`` (moving what changed shape); returns the master views."""
+        blk = self.blocks[b]
+        layout = plan_layout(blk.master_bytes, states)
+        if signature_of(states) != self.layouts[b].signature():  # entries move: copy the ones still in the buffer
+            states = [{k: v.clone() if isinstance(v, torch.Tensor) and aliases(v, slot.buf) else v
+                       for k, v in s.items()} for s in states]
+            self.swapper.ensure_buffer(slot, layout.nbytes, keep=blk.master_bytes)
+        pack_state(slot.buf, layout, states)
+        self.layouts[b] = layout
+        return master_views(slot.buf, blk.shapes, blk.offsets, self.master_dtype)
+
+    def _pack_and_release(self, b: int, slot, states: list[dict]) -> None:
+        self._pack(b, slot, states)
+        self.swapper.release(slot, b, self.layouts[b].nbytes)
+
+    def _publish(self, b: int, masters: list[torch.Tensor], which: list[int]) -> None:
+        """Updated masters -> the device params (cast to their dtype), or to ``on_updated``."""
+        blk = self.blocks[b]
+        if self.on_updated is not None:
+            self.on_updated(b, [(blk.names[i], masters[i]) for i in which])
+            return
+        for i in which:
+            blk.params[i].data.copy_(masters[i])
+        with self._lock:
+            self._counts["param_bytes_to_device"] += sum(blk.params[i].numel() * blk.params[i].element_size()
+                                                         for i in which)
+
+    # ---- the step -------------------------------------------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until every submitted update has run and its NVMe write landed; re-raises a worker's error."""
+        futures, self._futures = self._futures, []
+        errors = [f.exception() for f in futures]
+        if self.swapper is not None:
+            self.swapper.drain()
+        for error in errors:
+            if error is not None:
+                raise error
+
+    @torch.no_grad()
+    def step(self, max_grad_norm: float = 0.0) -> float | None:
+        """Finish the optimizer step: (overlap=False) clip and run every update; wait; ``finish_step``.
+
+        Returns the global gradient norm before clipping when ``max_grad_norm > 0``, else None.
+        """
+        if max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0 = no clipping), got {max_grad_norm}")
+        if max_grad_norm > 0 and self.overlap:
+            raise ValueError("global-norm clipping needs every gradient before any update: build OffloadedUpdates "
+                             "with overlap=False, or pass max_grad_norm=0")
+        norm = self._clip(max_grad_norm) if max_grad_norm > 0 else None
+        # overlap=False: every block now; overlap=True: blocks whose params did not all get a final gradient.
+        for b in self._order:
+            if any(self.blocks[b].got) and not self.blocks[b].submitted:
+                self._submit(b)
+        self.wait()
+        self._finish()
+        self._end_step()
+        return None if norm is None else float(norm)
+
+    def _clip(self, max_norm: float) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` on the CPU buffers: same norm function, coefficient and order."""
+        grads = [blk.grads[i] for blk in self.blocks for i, got in enumerate(blk.got) if got]
+        total = torch.nn.utils.get_total_norm(grads, 2.0)
+        if grads:
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            torch._foreach_mul_(grads, coef)
+        return total
+
+    def _finish(self) -> None:
+        """``optimizer.step()`` with no gradient left: runs ``finish_step`` once and tells LR schedulers a step
+        happened. On NVMe, per-parameter state that ``finish_step`` touches (SPAM's mask re-draw) is paged in."""
+        if self.swapper is None:
+            self.optimizer.step()
+            return
+        real = self.optimizer.state
+        self.optimizer.state = PagedState(self)
+        try:
+            self.optimizer.step()
+        finally:
+            paged, self.optimizer.state = self.optimizer.state, real
+            paged.flush()
+            self.swapper.drain()
+
+    def _end_step(self) -> None:
+        now = time.perf_counter()
+        with self._lock:
+            events = list(self._events)
+            self._note_peak(0)
+        counts = self.stats()
+        self.last_step = {k: counts[k] - self._step_start_counts.get(k, 0) for k in counts}
+        self.last_step["step_seconds"] = now - self._t0
+        self.last_step["timeline"] = sorted((lane, s - self._t0, e - self._t0, label)
+                                            for lane, s, e, label in events)
+        if self._submitted:
+            self._order = self._submitted + [b for b in self._order if b not in self._submitted]
+        for blk in self.blocks:
+            blk.submitted = False
+        self.steps += 1
+        self._begin_step()
+
+    def _begin_step(self) -> None:
+        """Start the clock of the next step; on NVMe, prefetch its first blocks while the forward runs."""
+        with self._lock:
+            self._events.clear()  # the next step's timeline starts here (its prefetches included)
+        self._t0, self._submitted = time.perf_counter(), []
+        self._step_start_counts = self.stats()
+        if self.swapper is not None:
+            self.swapper.begin_step(self.steps, self._order)
+            self.swapper.prefetch()
+
+    # ---- accounting -----------------------------------------------------------------------------------------------
+    def _block_state_bytes(self, b: int) -> int:
+        return sum(allocated_state_bytes(self.optimizer, m) for m in self.blocks[b].masters)
+
+    def _held_bytes(self) -> int:
+        grads = sum(blk.grad_flat.nbytes for blk in self.blocks)
+        if self.swapper is None:
+            return grads + sum(blk.master_flat.nbytes for blk in self.blocks) + sum(self._state_held)
+        return grads + self.swapper.staging_bytes
+
+    def _note_peak(self, transient: int) -> None:  # caller holds self._lock
+        self._peak = max(self._peak, self._held_bytes() + transient)
+
+    def resident_bytes(self) -> dict[str, int]:
+        """What this engine holds now, per tier: RAM (grads, staging / masters + state) and NVMe (region data)."""
+        nvme = 0 if self.swapper is None else sum(self.swapper.valid_bytes)
+        return {"cpu": self._held_bytes(), "nvme": nvme}
+
+    def peak_resident_bytes(self) -> dict[str, int]:
+        """Peak of ``resident_bytes()['cpu']`` including state a block's update allocates before it is packed."""
+        nvme = 0 if self.swapper is None else self.swapper.store.reserved_bytes
+        return {"cpu": self._peak, "nvme": nvme}
+
+    def predicted_resident_bytes(self) -> dict[str, int]:
+        """The RAM and NVMe bytes this engine should peak at, from ``state_bytes`` (what the planner predicts)."""
+        grads = sum(blk.grad_flat.nbytes for blk in self.blocks)
+        planned = [self._planned_state(b) for b in range(len(self.blocks))]
+        masters = sum(blk.master_bytes for blk in self.blocks)
+        if self.swapper is None:
+            return {"cpu": grads + masters + sum(map(sum, planned)), "nvme": 0}
+        regions = [planned_block_bytes(blk.master_bytes, planned[b]) for b, blk in enumerate(self.blocks)]
+        staging = (self.threads + 2) * self.swapper.io_bytes(max(regions))
+        return {"cpu": grads + staging + self.threads * max(map(sum, planned)),
+                "nvme": sum(map(self.swapper.io_bytes, regions))}
+
+    def stats(self) -> dict[str, float]:
+        """Cumulative counters for metrics.jsonl; ``last_step`` holds the same per step plus a timeline of
+        (lane, start s, end s, label) events, lanes "update", "nvme read", "nvme write", "grad copy"."""
+        with self._lock:
+            out = dict(self._counts)
+        store = None if self.swapper is None else self.swapper.store
+        out["nvme_bytes_read"] = 0 if store is None else store.bytes_read
+        out["nvme_bytes_written"] = 0 if store is None else store.bytes_written
+        out["nvme_io_seconds"] = 0.0 if store is None else store.io_seconds
+        return out
+
+    # ---- checkpoints and lifetime ---------------------------------------------------------------------------------
+    def save(self, directory) -> None:
+        """Masters + optimizer state, one safetensors file per block, written atomically (see offloaded_checkpoint)."""
+        from .offloaded_checkpoint import save_engine
+
+        save_engine(self, directory)
+
+    def load(self, directory) -> None:
+        """Restore what :meth:`save` wrote into this engine's tier, block by block, and the device params."""
+        from .offloaded_checkpoint import load_engine
+
+        load_engine(self, directory)
+
+    def close(self) -> None:
+        """Remove the hooks, stop the workers, remove the swap file. Idempotent."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self._pool.shutdown(wait=True)
+        if self.swapper is not None:
+            self.swapper.close()
+
+    def __enter__(self) -> OffloadedUpdates:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+

@@ -1,0 +1,515 @@
+"""The offload plan: where each block's params, gradients and optimizer state live, what that costs per tier and
+per link, and how fast a step can possibly be. Plain data, printable (``slimtune plan``) and testable.
+
+Semantics the engine follows (``offload/streamer.py``, ``offload/state_swapper.py``; ``reference/offload.md``):
+
+* **params** ``gpu``: resident on the compute device. ``cpu`` / ``nvme``: each decoder layer's base weights live in
+  one flat aligned region there (:attr:`BlockSize.stream_bytes`) and stream into a ring of ``prefetch + 2`` device
+  slots, each the size of the largest layer; 4-bit quant state and adapter weights stay resident. Forward visits
+  layers 0..L-1, backward L-1..0 with per-block recompute, so a layer is fetched twice per micro-batch (design
+  lesson 9), and once per MeZO step (ZO2: every perturbed forward runs while the block is resident). ``embed``
+  and ``head`` always stay on the device. NVMe reads land in the device slot on a CPU device, and go through
+  ``prefetch + 2`` pinned staging buffers on CUDA.
+* **LoRA / QLoRA**: adapter weights, gradients and optimizer state stay on the device under ``auto`` (they are
+  tiny, lesson 11); explicit placements are honoured.
+* **Offloaded update** (``optimizer_state`` cpu/nvme, update on the CPU): gradients leave the device block by block
+  (``gradients`` cpu: into an fp32 CPU buffer, the whole model's when accumulation or global clipping needs every
+  gradient, else two blocks' worth; ``gradients`` gpu: accumulated on the device and sent down once per step),
+  fp32 masters + state live in ``optimizer_state``'s tier as one region per block (``align64(masters) + state``,
+  :func:`.state_layout.planned_block_bytes`; on NVMe each region 4 KiB aligned plus one largest region of head room,
+  staged through 3 CPU buffers: read ahead, update, write behind), and updated params go back to their home.
+* **MeZO**: no gradients, no state; streamed full-parameter weights are written back once per step.
+* **auto** tries, in order, and keeps the first plan that fits: everything on the device; optimizer state (+masters)
+  to CPU; gradients to CPU; params streamed from CPU; state to NVMe; params from NVMe (full fine-tuning). With a
+  frozen base (adapters, MeZO) only params move: device, CPU, NVMe. Explicit placements are honoured and checked.
+
+**Budgets** (bytes): ``gpu`` bounds the device tier (CUDA: ``offload.gpu_memory``, auto = 90% of the card; CPU
+device: only an explicit value, since the device tier is host memory); ``cpu`` bounds host memory, i.e. the
+process's resident set: the cpu tier plus, on a CPU device, the device tier, plus the process's own baseline
+(``runtime_bytes``: its RSS when planning, unless given; kept out of the tiers so that they compare item by item with
+the engine's own accounting); ``nvme`` is the free space in ``offload.nvme_dir``.
+
+**Step-time lower bound** (``reference/offload.md`` "Physical limits", perfect overlap): the largest of compute
+(FLOPs ~ 6·P·T full fine-tuning, 8·P·T with recompute; 4·P·T / 6·P·T over a frozen base; 4·P·T per MeZO sample) over
+a measured matmul rate, host<->device bytes over the measured copy bandwidth (full duplex on CUDA; one memory bus on
+CPU), NVMe reads + writes over the measured drive bandwidth (one drive), and the CPU update's memory traffic.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from slimtune.finetune.errors import SlimtuneError
+
+from .units import format_size
+
+if TYPE_CHECKING:
+    from slimtune.finetune.recipe import Recipe
+
+    from .sizes import BlockSize
+
+TIERS = ("gpu", "cpu", "nvme")
+LINKS = ("cpu->gpu", "gpu->cpu", "nvme->cpu", "cpu->nvme")
+CATEGORIES = ("params", "adapter", "grads", "state", "master", "activations", "buffers")
+BANDWIDTH_KEYS = LINKS + ("memcpy", "flops")
+AUTO_FRACTION = 0.9    # auto budgets leave 10% head room (allocator fragmentation, CUDA context, the OS)
+STATE_STAGING = 3      # CPU staging buffers of the NVMe state ring (state_swapper: workers + 2, one worker)
+NVME_ALIGN = 4096
+FULL_ORDER = (("gpu", "gpu", "gpu"), ("gpu", "gpu", "cpu"), ("gpu", "cpu", "cpu"), ("cpu", "cpu", "cpu"),
+              ("cpu", "cpu", "nvme"), ("nvme", "cpu", "nvme"))  # (params, gradients, optimizer_state)
+FROZEN_ORDER = (("gpu", "gpu", "gpu"), ("cpu", "gpu", "gpu"), ("nvme", "gpu", "gpu"))
+_LABELS = {"params": "params", "adapter": "adapter weights", "grads": "gradients", "state": "optimizer state",
+           "master": "fp32 masters", "activations": "activations", "buffers": "buffers", "runtime": "runtime"}
+
+
+class PlanError(SlimtuneError):
+    """A configuration that cannot fit: the message has the numbers and a suggestion; ``plan`` is the closest try."""
+
+    def __init__(self, message: str, plan: Plan | None = None):
+        super().__init__(message)
+        self.plan = plan
+
+
+@dataclass
+class BlockPlan:
+    """One block's placement. Tiers: gpu | cpu | nvme; ``update_on``: gpu, or cpu when the state is off the GPU."""
+
+    name: str
+    param_bytes: int
+    trainable_bytes: int
+    grad_bytes: int
+    state_bytes: int
+    master_bytes: int
+    params_tier: str
+    grads_tier: str
+    state_tier: str
+    update_on: str
+
+
+@dataclass
+class Plan:
+    """Placement of every block, predicted peak bytes per tier (``breakdown`` item by item), bytes per link per
+    optimizer step, and the step-time lower bound with its terms."""
+
+    blocks: list[BlockPlan]
+    device: str
+    budgets: dict[str, int | None]
+    prefetch: int
+    peak_bytes: dict[str, int]
+    link_bytes: dict[str, int]
+    bandwidths: dict[str, float]
+    step_time_lower_bound_s: float
+    notes: list[str]
+    breakdown: dict[str, dict[str, int]] = field(default_factory=dict)
+    step_terms: dict[str, float] = field(default_factory=dict)
+    tokens_per_step: int = 0
+    flops_per_step: float = 0.0
+    checkpointing: bool = False
+    source: str = ""
+    runtime_bytes: int = 0  # the process's own baseline (python, torch, data), outside every tier
+
+    @property
+    def host_bytes(self) -> int:
+        """Predicted peak resident memory of the process: the cpu tier, the device tier on a CPU device, and the
+        runtime baseline. This is what ``offload.cpu_memory`` bounds."""
+        return self.peak_bytes["cpu"] + (self.peak_bytes["gpu"] if self.device == "cpu" else 0) + self.runtime_bytes
+
+    def problems(self) -> list[tuple[str, int, int]]:
+        """(tier, needed, budget) for each budget this plan exceeds ("host" = the cpu_memory check)."""
+        out = []
+        gpu, cpu, nvme = (self.budgets.get(t) for t in TIERS)
+        if gpu is not None and self.peak_bytes["gpu"] > gpu:
+            out.append(("gpu", self.peak_bytes["gpu"], gpu))
+        if cpu is not None and self.host_bytes > cpu:
+            out.append(("cpu", self.host_bytes, cpu))
+        if self.peak_bytes["nvme"] and (nvme is None or self.peak_bytes["nvme"] > nvme):
+            out.append(("nvme", self.peak_bytes["nvme"], nvme or 0))
+        return out
+
+    def table(self) -> str:
+        """Per-block placement, tier peaks vs budgets, bytes per link and the step-time bound, as text."""
+        from .plan_report import table
+
+        return table(self)
+
+    def plot(self, path) -> str:
+        """Stacked bars per tier (params, grads, state, activations, buffers, ...) against each budget, as a PNG."""
+        from .plan_report import plot
+
+        return plot(self, path)
+
+
+# ------------------------------------------------------------------------------------------------- entry point
+def make_plan(recipe: Recipe, sizes: list[BlockSize] | None = None, bandwidths: dict[str, float] | None = None,
+              tokens_per_step: int | None = None, runtime_bytes: int | None = None) -> Plan:
+    """Plan ``recipe``'s run: placement per block, peaks per tier, link bytes, step-time bound.
+
+    ``sizes``: :func:`.sizes.block_sizes` output (computed from the recipe when None). ``bandwidths``: any of
+    ``cpu->gpu``, ``gpu->cpu``, ``nvme->cpu``, ``cpu->nvme``, ``memcpy`` (bytes/s) and ``flops`` (FLOP/s); the rest
+    are measured (in well under a second each). ``tokens_per_step``: tokens per optimizer step (default
+    ``per_device_train_batch_size * data.max_length * gradient_accumulation_steps``). ``runtime_bytes``: the
+    process's baseline host memory, counted against ``offload.cpu_memory`` (default: its RSS now, right for a
+    process that has not loaded the weights yet; a caller that already holds them passes the RSS it had before).
+    Raises :class:`PlanError` when nothing fits.
+    """
+    bandwidths = dict(bandwidths or {})
+    unknown = sorted(set(bandwidths) - set(BANDWIDTH_KEYS))
+    if unknown or any(not v > 0 for v in bandwidths.values()):
+        raise ValueError(f"bandwidths: keys must be among {', '.join(BANDWIDTH_KEYS)} with values > 0 (bytes/s, "
+                         f"FLOP/s); got {bandwidths}")
+    if tokens_per_step is not None and (not isinstance(tokens_per_step, int) or tokens_per_step < 1):
+        raise ValueError(f"tokens_per_step must be an int >= 1, got {tokens_per_step!r}")
+    if runtime_bytes is not None and (not isinstance(runtime_bytes, int) or runtime_bytes < 0):
+        raise ValueError(f"runtime_bytes must be an int >= 0, got {runtime_bytes!r}")
+    if sizes is None:
+        from .sizes import block_sizes
+
+        sizes = block_sizes(recipe)
+    if len(sizes) < 3 or sizes[0].name != "embed" or sizes[-1].name != "head":
+        raise ValueError("sizes must list the blocks embed, layers.0 .. layers.{L-1}, head (see block_sizes)")
+    t, d = recipe.training, recipe.data
+    tokens = tokens_per_step or t.per_device_train_batch_size * d.max_length * t.gradient_accumulation_steps
+    device = _device(recipe.offload.device)
+    notes = list(getattr(sizes, "notes", []))
+    if recipe.offload.nvme_dir:
+        _check_nvme_dir(recipe.offload.nvme_dir)
+    budgets = _budgets(recipe, device, notes)
+    runtime = _rss() if runtime_bytes is None else runtime_bytes
+    tried = []
+    for placement in _candidates(recipe):
+        plan = _evaluate(recipe, sizes, placement, device, budgets, runtime, tokens)
+        if not plan.problems():
+            break
+        tried.append(plan)
+    else:
+        closest = min(tried, key=lambda p: max(need / max(budget, 1) for _, need, budget in p.problems()))
+        closest.notes, closest.source = notes, getattr(sizes, "source", "")
+        raise PlanError(_refusal(recipe, closest, len(tried)), closest)
+    plan.notes = notes + _notes(recipe, plan)
+    plan.source = getattr(sizes, "source", "")
+    _bound(recipe, plan, sizes, bandwidths)
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------- placement
+def _frozen_base(recipe: Recipe) -> bool:
+    from slimtune.optimizers import ZEROTH_ORDER
+
+    return recipe.adapter.type != "none" or recipe.optimizer.name in ZEROTH_ORDER
+
+
+def _candidates(recipe: Recipe) -> list[tuple[str, str, str]]:
+    """Placements to try, fastest first: the auto order with explicit settings substituted (duplicates dropped)."""
+    off = recipe.offload
+    out = []
+    for p, g, s in FROZEN_ORDER if _frozen_base(recipe) else FULL_ORDER:
+        p = p if off.params == "auto" else off.params
+        g = g if off.gradients == "auto" else off.gradients
+        s = s if off.optimizer_state == "auto" else off.optimizer_state
+        if g == "cpu" and s == "gpu":
+            s = "cpu"  # the update runs where the state is (an explicit gpu + cpu pair is a recipe error)
+        if "nvme" in (p, s) and not off.nvme_dir:
+            continue
+        if (p, g, s) not in out:
+            out.append((p, g, s))
+    return out
+
+
+def _evaluate(recipe, sizes, placement, device, budgets, runtime, tokens) -> Plan:
+    """Bytes per tier and per link of one placement (the step-time bound is filled in by :func:`_bound`)."""
+    from slimtune.optimizers import ZEROTH_ORDER
+
+    from .state_layout import align_up, planned_block_bytes
+
+    p_tier, g_tier, s_tier = placement
+    t, o, off = recipe.training, recipe.optimizer, recipe.offload
+    zo, full = o.name in ZEROTH_ORDER, recipe.adapter.type == "none"
+    ga, n_samples = t.gradient_accumulation_steps, getattr(o, "n_samples", 1)
+    update_on = "gpu" if s_tier == "gpu" else "cpu"
+    streamed = p_tier != "gpu"
+    ckpt = not zo and (t.gradient_checkpointing or streamed)
+    bd = {tier: dict.fromkeys(CATEGORIES, 0) for tier in TIERS}
+    links = dict.fromkeys(LINKS, 0)
+    blocks, regions = [], []
+    for i, b in enumerate(sizes):
+        pt = p_tier if 0 < i < len(sizes) - 1 else "gpu"
+        trains = b.trainable_count > 0
+        master = b.master_bytes if update_on == "cpu" and trains else 0
+        state = b.state_bytes if update_on == "gpu" else b.state_bytes_fp32
+        blocks.append(BlockPlan(b.name, b.param_bytes, b.trainable_bytes, 0 if zo else b.grad_bytes, state, master,
+                                pt, g_tier, s_tier, update_on))
+        if pt == "gpu":
+            bd["gpu"]["params"] += b.param_bytes
+        else:
+            bd["gpu"]["params"] += b.quant_state_bytes
+            bd[pt]["params"] += b.stream_bytes
+        bd["gpu"]["adapter"] += b.adapter_bytes
+        if s_tier == "gpu":
+            bd["gpu"]["state"] += state
+        elif trains:
+            region = planned_block_bytes(master, [state])
+            region = align_up(region, NVME_ALIGN) if s_tier == "nvme" else region
+            regions.append(region)
+            bd[s_tier]["master"] += align_up(master, 64)
+            bd[s_tier]["state"] += region - align_up(master, 64)
+    layers = sizes[1:-1]
+    stream_total = sum(b.stream_bytes for b in layers)
+    trainable = [b for b in sizes if b.trainable_count]
+    # gradients
+    if not zo and trainable:
+        grads = [b.grad_bytes for b in trainable]
+        per_layer = getattr(o, "per_layer", False) and ga == 1  # each gradient freed by its own update
+        if g_tier == "gpu":
+            bd["gpu"]["grads"] += max(grads) if per_layer else sum(grads)
+        else:
+            bd["gpu"]["grads"] += 2 * max(grads)  # one block's being produced, one being copied out
+        if update_on == "cpu":
+            fp32 = [4 * b.trainable_count for b in trainable]
+            whole = g_tier == "cpu" and (ga > 1 or t.max_grad_norm > 0)  # accumulation / a global norm
+            bd["cpu"]["grads"] += sum(fp32) if whole else 2 * max(fp32)
+            links["gpu->cpu"] += sum(grads) * (ga if g_tier == "cpu" else 1)
+            # updated params that live on the device go back up: adapters, and resident base weights
+            links["cpu->gpu"] += sum(b.trainable_bytes for b, bp in zip(sizes, blocks)
+                                     if b.trainable_count and (not full or bp.params_tier == "gpu"))
+    # buffers
+    if streamed and layers:
+        slot = max(b.stream_bytes for b in layers)
+        bd["gpu"]["buffers"] += (off.prefetch + 2) * slot
+        if p_tier == "nvme" and device == "cuda":
+            bd["cpu"]["buffers"] += (off.prefetch + 2) * slot  # pinned staging between NVMe and the card
+    if regions and s_tier == "nvme":
+        bd["cpu"]["buffers"] += STATE_STAGING * max(regions)
+        bd["nvme"]["buffers"] += max(regions)  # head room for state that outgrows its prediction
+        links["nvme->cpu"] += sum(regions)
+        links["cpu->nvme"] += sum(regions)
+    if zo:
+        bd["gpu"]["buffers"] += max(b.largest_param_bytes for b in sizes)  # MeZO's z
+    bd["gpu"]["activations"] = _activation_bytes(sizes, zo, ckpt, 2 * n_samples if zo and streamed else 0)
+    # streaming traffic
+    fetches = (1 if zo else 2) * ga  # MeZO streamed: every perturbed forward of a block runs while it is resident
+    if p_tier == "cpu":
+        links["cpu->gpu"] += fetches * stream_total
+    elif p_tier == "nvme":
+        links["nvme->cpu"] += fetches * stream_total
+        if device == "cuda":
+            links["cpu->gpu"] += fetches * stream_total
+    if full and streamed:  # the streamed weights themselves change: back to their home once per step
+        if update_on == "gpu" and (device == "cuda" or p_tier == "cpu"):
+            links["gpu->cpu"] += stream_total
+        if p_tier == "nvme":
+            links["cpu->nvme"] += stream_total
+    peaks = {tier: sum(bd[tier].values()) for tier in TIERS}
+    plan = Plan(blocks, device, dict(budgets), off.prefetch, peaks, links, {}, 0.0, [], bd, {}, tokens, 0.0, ckpt,
+                runtime_bytes=runtime)
+    plan.flops_per_step = _flops(sizes, tokens, zo, full, ckpt, n_samples)
+    return plan
+
+
+def _activation_bytes(sizes, zo: bool, ckpt: bool, chunks: int = 0) -> int:
+    """Peak activation bytes of one micro-batch (formulas in :mod:`.sizes`).
+
+    MeZO keeps nothing for backward: one block's intermediates at a time, bounded by what that block would save. A
+    streamed MeZO step (``offload/zo_stream.py``) runs the batch repeated ``chunks`` = 2 x n_samples times through each
+    resident block, so the hidden states of every chunk go in and come out of the block being computed.
+    """
+    layers = sizes[1:-1]
+    largest = max(b.act_largest_bytes for b in sizes)
+    if zo:
+        hidden = min((b.act_input_bytes for b in layers if b.act_input_bytes), default=0)  # the residual stream
+        return max(b.act_saved_bytes for b in sizes) + 2 * chunks * hidden
+    if not ckpt:
+        return sum(b.act_saved_bytes for b in sizes) + largest
+    return (sizes[0].act_saved_bytes + sizes[-1].act_saved_bytes + sum(b.act_input_bytes for b in layers)
+            + max((b.act_saved_bytes for b in layers), default=0) + largest)
+
+
+def _flops(sizes, tokens: int, zo: bool, full: bool, ckpt: bool, n_samples: int) -> float:
+    p = sum(b.matmul_params for b in sizes)
+    if zo:
+        return 4.0 * p * tokens * n_samples  # two forwards per sample
+    if full:
+        return (8.0 if ckpt else 6.0) * p * tokens
+    return (6.0 if ckpt else 4.0) * p * tokens
+
+
+# ------------------------------------------------------------------------------------------------- budgets
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SlimtuneError("offload.device is 'cuda' but CUDA is not available on this machine; use offload.device "
+                            "cpu or auto")
+    return name
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _budgets(recipe: Recipe, device: str, notes: list[str]) -> dict[str, int | None]:
+    import psutil
+
+    off = recipe.offload
+    gpu = off.gpu_memory
+    if gpu == "auto":
+        if device == "cuda":
+            import torch
+
+            total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            gpu = int(AUTO_FRACTION * total)
+            notes.append(f"offload.gpu_memory auto = 90% of the card's {format_size(total)}")
+        else:
+            gpu = None
+    cpu = off.cpu_memory
+    if cpu == "auto":
+        available, rss = psutil.virtual_memory().available, _rss()
+        cpu = int(AUTO_FRACTION * (available + rss))
+        notes.append(f"offload.cpu_memory auto = 90% of {format_size(available)} available + "
+                     f"{format_size(rss)} this process holds")
+    nvme = None
+    if off.nvme_dir:
+        st = os.statvfs(off.nvme_dir)
+        nvme = st.f_bavail * st.f_frsize
+    return {"gpu": gpu, "cpu": cpu, "nvme": nvme}
+
+
+def _check_nvme_dir(path: str) -> None:
+    """Missing or unwritable ``offload.nvme_dir``: refuse before anything else (same rules as NvmeStore)."""
+    d = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(d):
+        what = "is not a directory" if os.path.exists(d) else "does not exist"
+        raise PlanError(f"offload.nvme_dir: {d} {what}; set offload.nvme_dir to an existing writable directory on a "
+                        "local NVMe/SSD disk")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise PlanError(f"offload.nvme_dir: {d} is not writable by this user; set offload.nvme_dir to a directory "
+                        "you can write to")
+
+
+# ------------------------------------------------------------------------------------------------- messages
+def _breakdown_text(plan: Plan, tiers: tuple[str, ...]) -> str:
+    items: dict[str, int] = {}
+    for tier in tiers:
+        for cat, n in plan.breakdown[tier].items():
+            items[cat] = items.get(cat, 0) + n
+    if "cpu" in tiers:
+        items["runtime"] = plan.runtime_bytes
+    parts = [f"{_LABELS[c]} {format_size(n)}" for c, n in sorted(items.items(), key=lambda kv: -kv[1]) if n]
+    return ", ".join(parts)
+
+
+def _refusal(recipe: Recipe, plan: Plan, n_tried: int) -> str:
+    """What the closest plan needs, per budget it exceeds, and what to change."""
+    off = recipe.offload
+    p_tier, g_tier, s_tier = plan.blocks[1].params_tier, plan.blocks[0].grads_tier, plan.blocks[0].state_tier
+    full = not _frozen_base(recipe)
+    lines = []
+    for tier, need, budget in plan.problems():
+        if tier == "gpu":
+            lines.append(f"needs {format_size(need)} on the {plan.device} device ({_breakdown_text(plan, ('gpu',))}), "
+                         f"offload.gpu_memory is {format_size(budget)}")
+        elif tier == "cpu":
+            tiers, where = (("cpu", "gpu"), "host memory (device + cpu tiers + runtime)") if plan.device == "cpu" \
+                else (("cpu",), "host memory (cpu tier + runtime)")
+            lines.append(f"needs {format_size(need)} of {where} ({_breakdown_text(plan, tiers)}), offload.cpu_memory "
+                         f"is {format_size(budget)}")
+        else:
+            lines.append(f"needs {format_size(need)} in offload.nvme_dir ({_breakdown_text(plan, ('nvme',))}), "
+                         f"{off.nvme_dir} has {format_size(budget)} free")
+    fixed = [f"offload.{k}: {getattr(off, k)}" for k in ("params", "gradients", "optimizer_state")
+             if getattr(off, k) != "auto"]
+    fixes = []
+    if fixed:
+        fixes.append(f"set {' / '.join(fixed)} to auto (or another tier) so the planner can move it")
+    if not off.nvme_dir:
+        what = "optimizer state and params" if full else "params"
+        fixes.append(f"set offload.nvme_dir (a local NVMe/SSD directory) so {what} can move to NVMe")
+    over = {tier for tier, _, _ in plan.problems()}
+    if "gpu" in over or (plan.device == "cpu" and "cpu" in over):
+        fixes.append("lower training.per_device_train_batch_size or data.max_length"
+                     + ("" if plan.checkpointing else ", or set training.gradient_checkpointing: true")
+                     + (", lower offload.prefetch" if off.prefetch > 1 and p_tier != "gpu" else "")
+                     + (", or use adapter.type qlora (a 4-bit base)" if recipe.adapter.type == "lora" else ""))
+    fixes += [f"raise offload.{'gpu_memory' if t == 'gpu' else 'cpu_memory'}" for t in ("gpu", "cpu") if t in over]
+    if "nvme" in over:
+        fixes.append("free space there or point offload.nvme_dir at a larger disk")
+    placed = f"params {p_tier}, gradients {g_tier}, optimizer state {s_tier}"
+    return (f"no placement fits ({n_tried} tried; the closest, {placed}, " + "; and ".join(lines)
+            + "). To fix: " + "; or ".join(fixes))
+
+
+def _notes(recipe: Recipe, plan: Plan) -> list[str]:
+    notes = []
+    t, off = recipe.training, recipe.offload
+    streamed = plan.blocks[1].params_tier != "gpu"
+    if streamed and not t.gradient_checkpointing and recipe.optimizer.name != "mezo":
+        notes.append("streamed layers are recomputed in backward (per-block activation checkpointing), whatever "
+                     "training.gradient_checkpointing says")
+    if not streamed and off.prefetch > 1:
+        notes.append(f"offload.prefetch {off.prefetch} is unused: no layer streams")
+    if recipe.adapter.type != "none" and plan.blocks[0].state_tier != "gpu":
+        adapter = sum(b.state_bytes + b.master_bytes for b in plan.blocks)
+        notes.append(f"adapter state off the device ({format_size(adapter)}): keeping it on the GPU would be faster "
+                     "(offload.optimizer_state auto)")
+    notes.append("activations and FLOPs assume full rows: micro-batches of per_device_train_batch_size x "
+                 "data.max_length tokens (padded: the attention mask is counted); shorter data needs less")
+    if plan.blocks[0].state_tier == "nvme":
+        written = plan.link_bytes["cpu->nvme"]
+        notes.append(f"NVMe writes {format_size(written)} per step ({format_size(written * 1000)} per 1000 steps): "
+                     "mind the drive's rated TBW")
+    return notes
+
+
+# ------------------------------------------------------------------------------------------------- step time
+def _bound(recipe: Recipe, plan: Plan, sizes, given: dict[str, float]) -> None:
+    """Fill ``bandwidths``, ``step_terms`` and ``step_time_lower_bound_s`` (measuring what was not given)."""
+    bw, links = dict(given), plan.link_bytes
+    import torch
+
+    device = torch.device(plan.device)
+    if "flops" not in bw:
+        from .measure import matmul_flops
+
+        bw["flops"] = matmul_flops(device, _compute_dtype(recipe))
+    update_cpu = plan.blocks[0].update_on == "cpu" and any(b.trainable_bytes for b in plan.blocks)
+    if any(links[k] and k not in bw for k in ("cpu->gpu", "gpu->cpu")) or (update_cpu and "memcpy" not in bw):
+        from .measure import copy_bandwidth
+
+        for k, v in copy_bandwidth(device).items():
+            bw.setdefault(k, v)
+    if (links["nvme->cpu"] or links["cpu->nvme"]) and not ("nvme->cpu" in bw and "cpu->nvme" in bw):
+        from .nvme import measure_bandwidth
+
+        read, write = measure_bandwidth(recipe.offload.nvme_dir, nbytes=64 << 20)
+        bw.setdefault("nvme->cpu", read * 1e9)
+        bw.setdefault("cpu->nvme", write * 1e9)
+    terms = {"compute": plan.flops_per_step / bw["flops"]}
+    h2d, d2h = (links["cpu->gpu"] / bw["cpu->gpu"] if links["cpu->gpu"] else 0.0,
+                links["gpu->cpu"] / bw["gpu->cpu"] if links["gpu->cpu"] else 0.0)
+    if h2d or d2h:
+        terms["gpu<->cpu"] = max(h2d, d2h) if plan.device == "cuda" else h2d + d2h  # PCIe is full duplex
+    if links["nvme->cpu"] or links["cpu->nvme"]:
+        terms["nvme"] = links["nvme->cpu"] / bw["nvme->cpu"] + links["cpu->nvme"] / bw["cpu->nvme"]
+    if update_cpu:
+        # memory-bound: read masters, fp32 gradients (master-sized) and state; write masters, state and the
+        # params in their own dtype (reference/offload.md: ~28 B per parameter for fp32 Adam)
+        touched = sum(3 * b.master_bytes + 2 * b.state_bytes + b.trainable_bytes
+                      for b in plan.blocks if b.trainable_bytes)
+        terms["cpu update"] = touched / bw["memcpy"]
+    plan.bandwidths, plan.step_terms = bw, terms
+    plan.step_time_lower_bound_s = max(terms.values())
+
+
+def _compute_dtype(recipe: Recipe):
+    import torch
+
+    if recipe.training.bf16:
+        return torch.bfloat16
+    if recipe.quantized:
+        return getattr(torch, recipe.model.quantization.compute_dtype)
+    return getattr(torch, recipe.model.dtype)
