@@ -4,7 +4,7 @@
 
 Every contender fine-tunes ``configs/quickstart.yaml`` (2-layer Llama, hidden 128, intermediate 512, fp32, batch 32,
 cosine with 10% warm-up, lr 2e-3, seed 42, dropout 0) for ``--steps`` steps with eval_steps=0, save_steps=0,
-plots=false, logging_steps=10 and a temporary output_dir, each in its own subprocess (torch.set_num_threads(2)),
+plots=false, logging_steps=10 and a temporary output_dir, each in its own subprocess (``--threads``, default 2),
 one after the other; with ``--rounds 2`` the second round runs in reverse order. Contenders (trainable parameters
 within 1.1% of each other; the table lists them):
 
@@ -64,10 +64,10 @@ def peak_rss() -> int:
 
 
 # --------------------------------------------------------------------------------------- one contender (child process)
-def child(name: str, recipe_path: str, steps: int, json_path: str) -> None:
+def child(name: str, recipe_path: str, steps: int, json_path: str, threads: int) -> None:
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     from slimtune.finetune.build import prepare
     from slimtune.finetune.evaluate import eval_loss, exact_match_score
     from slimtune.finetune.metrics import read_metrics
@@ -203,12 +203,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="each contender runs this many times (2nd round reversed)")
     ap.add_argument("--only", nargs="*", choices=list(LABELS), help="run only these contenders")
     ap.add_argument("--recipe", default="configs/quickstart.yaml")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per run (the other benches: 2)")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--child", choices=list(LABELS), help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        return child(a.child, a.recipe, a.steps, a.json)
+        return child(a.child, a.recipe, a.steps, a.json, a.threads)
     if a.steps <= SKIP:
         ap.error(f"--steps must exceed the {SKIP} warm-up steps left out of the statistics")
     names = [n for n in LABELS if not a.only or n in a.only]
@@ -217,15 +218,15 @@ def main() -> None:
     order = [n for r in range(a.rounds) for n in (names if r % 2 == 0 else names[::-1])]
     out, all_runs = Path(a.out), {n: [] for n in names}
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore",
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONWARNINGS": "ignore", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     started, load_start = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(order):  # one after the other: they never compete for the cores
             print(f"run {i + 1}/{len(order)}: {LABELS[name]} ({a.steps} steps) ...", file=sys.stderr, flush=True)
             path = Path(tmp) / f"{name}-{i}.json"
             subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(a.steps), "--recipe", a.recipe,
-                            "--json", str(path)], check=True, env=env)
+                            "--threads", str(a.threads), "--json", str(path)], check=True, env=env)
             all_runs[name].append(json.loads(path.read_text()))
     stats = {n: summarize(rs) for n, rs in all_runs.items()}
     losses = {n: rs[0]["losses"] for n, rs in all_runs.items()}

@@ -22,6 +22,9 @@ Settings (reference/offload.md §2 and §10; a competent configuration, not Deep
   the parameters would not be on NVMe at all (read in DeepSpeed 0.19.8's source; checked by the swap files);
 * ``offload_param.buffer_size``: the largest parameter (every NVMe param must fit one buffer); the default 1e8
   elements x 5 buffers is 1 GB of RAM whatever the model (§10);
+* ``reduce_bucket_size``: one decoder layer's elements (gradients leave per layer, like the engine's per-block
+  hand-off); the default 5e8 elements is a bf16 bucket as large as this whole model, and the measured peak RSS on
+  the 222 M model fell from 4080 to 2730 MiB at 2e7 with the same step time and losses (one run each);
 * ``aio.intra_op_parallelism: 2``: two I/O threads, as slimtune's NvmeStore uses; other aio settings default.
 
 Any key can be overridden from the command line (``--ds-set zero_optimization.sub_group_size=1e8``).
@@ -127,7 +130,7 @@ def prepare(env: dict, timeout: float) -> str | None:
     return None if r.returncode == 0 else f"DeepSpeed op build/load failed: {_tail(r.stderr or r.stdout)}"
 
 
-def ds_config(nvme_path: str, largest_param: int, lr: float, overrides: list[str]) -> dict:
+def ds_config(nvme_path: str, largest_param: int, layer_numel: int, lr: float, overrides: list[str]) -> dict:
     """The ZeRO-3 NVMe configuration above; ``overrides`` are ``dotted.key=value`` strings (value parsed as JSON)."""
     cfg = {
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
@@ -135,6 +138,7 @@ def ds_config(nvme_path: str, largest_param: int, lr: float, overrides: list[str
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}},
         "zero_optimization": {
             "stage": 3, "sub_group_size": int(1e7), "stage3_max_reuse_distance": 0,
+            "reduce_bucket_size": int(layer_numel),
             "offload_param": {"device": "nvme", "nvme_path": nvme_path, "max_in_cpu": 0,
                               "buffer_size": int(largest_param), "buffer_count": 5},
             "offload_optimizer": {"device": "nvme", "nvme_path": nvme_path},
@@ -179,10 +183,10 @@ def run(a, config, batches, meter) -> dict:
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    largest = max(config.vocab_size * config.hidden_size, config.hidden_size * config.intermediate_size,
-                  config.hidden_size * config.hidden_size)
+    h, i = config.hidden_size, config.intermediate_size
+    largest, layer = max(config.vocab_size * h, h * i, h * h), 4 * h * h + 3 * h * i + 2 * h  # q k v o, MLP, norms
     with tempfile.TemporaryDirectory(prefix="ds-nvme-", dir=a.nvme_dir) as nvme:
-        cfg = ds_config(nvme, largest, a.lr, a.ds_set)
+        cfg = ds_config(nvme, largest, layer, a.lr, a.ds_set)
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
         keep = HfDeepSpeedConfig(cfg)  # noqa: F841  (alive while the model is built: HF then builds under zero.Init)
         torch.manual_seed(a.seed)

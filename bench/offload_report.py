@@ -14,13 +14,26 @@ GB = 1e9
 OFFLOADED = ("deepspeed", "slimtune")  # rows compared with max(resident, io)
 
 
-def summarize(r: dict, budget: int) -> dict:
-    """Add median / min / max of the timed steps and peak RSS / budget to an ok row."""
-    if r["status"] != "ok":
-        return r
-    timed = r["step_s"][-r["timed_steps"]:] if r["timed_steps"] > 0 else r["step_s"]
-    return {**r, "median_step_s": statistics.median(timed), "min_step_s": min(timed), "max_step_s": max(timed),
-            "rss_over_budget": r["peak_rss_bytes"] / budget}
+def summarize(runs: list[dict], budget: int) -> dict:
+    """One contender over its runs (``--rounds``): the first failed run's row if any failed; else step time = median of
+    the runs' medians (timed steps only), min/max over all timed steps, memory and disk bytes = median over runs,
+    peak RSS / budget; losses, timeline and the rest from the first run; load averages of every run."""
+    loads = [(r.get("load_before", math.nan), r.get("load_after", math.nan)) for r in runs]
+    bad = next((r for r in runs if r["status"] != "ok"), None)
+    if bad is not None:
+        return {**bad, "loads": loads}
+    timed = [r["step_s"][-r["timed_steps"]:] for r in runs]
+    per_run = [statistics.median(t) for t in timed]
+
+    def med(key):
+        vals = [r[key] for r in runs]
+        return None if None in vals else statistics.median(vals)
+
+    return {**runs[0], "median_step_s": statistics.median(per_run), "runs_median_step_s": per_run,
+            "min_step_s": min(min(t) for t in timed), "max_step_s": max(max(t) for t in timed), "loads": loads,
+            **{k: med(k) for k in ("peak_rss_bytes", "steps_peak_rss_bytes", "disk_read_per_step",
+                                   "disk_write_per_step")},
+            "rss_over_budget": med("peak_rss_bytes") / budget}
 
 
 def ratios(rows: dict) -> dict:
@@ -45,24 +58,24 @@ def _fmt(v, spec: str, none: str = "—") -> str:
 
 def table(rows: dict, rat: dict, header: str, labels: dict) -> str:
     """Markdown: the header, one row per contender (``labels`` names them), then the cross-row ratios."""
-    cols = ["contender", "status", "median step (s)", "min–max (s)", "step / max(resident, io)", "peak RSS (MiB)",
-            "peak RSS in steps (MiB)", "RSS / budget", "disk read / step (GB)", "disk write / step (GB)",
-            "loss first → last", "load avg before/after", "measured"]
+    cols = ["contender", "status", "median step (s)", "min–max (s) [median of each run]", "step / max(resident, io)",
+            "peak RSS (MiB)", "peak RSS in steps (MiB)", "RSS / budget", "disk read / step (GB)",
+            "disk write / step (GB)", "loss first → last", "load avg before/after each run", "measured"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|---|---|" + "---:|" * 10 + "---|"]
     for n, r in rows.items():
+        loads = ", ".join(f"{b:.1f}/{e:.1f}" for b, e in r.get("loads", []))
         if r["status"] != "ok":
-            lines.append(f"| {labels[n]} | {r['status']} |" + " |" * 9 + f" {r.get('load_before', 0):.1f}/"
-                         f"{r.get('load_after', 0):.1f} | {r.get('measured_at', '')} |")
+            lines.append(f"| {labels[n]} | {r['status']} |" + " |" * 9 + f" {loads} | {r.get('measured_at', '')} |")
             continue
+        mib, gb = (lambda v: _fmt(v and v / 2**20, ".0f")), (lambda v: _fmt(v and v / GB, ".2f"))
         losses = r.get("losses") or []
         lines.append(
-            f"| {labels[n]} | ok | {r['median_step_s']:.2f} | {r['min_step_s']:.2f}–{r['max_step_s']:.2f} | "
-            f"{_fmt(rat.get(f'{n}_over_bound'), '.2f')} | {r['peak_rss_bytes'] / 2**20:.0f} | "
-            f"{_fmt(r['steps_peak_rss_bytes'] and r['steps_peak_rss_bytes'] / 2**20, '.0f')} | "
-            f"{r['rss_over_budget']:.2f} | {_fmt(r['disk_read_per_step'] and r['disk_read_per_step'] / GB, '.2f')} | "
-            f"{_fmt(r['disk_write_per_step'] and r['disk_write_per_step'] / GB, '.2f')} | "
-            + (f"{losses[0]:.3f} → {losses[-1]:.3f}" if losses else "—")
-            + f" | {r['load_before']:.1f}/{r['load_after']:.1f} | {r['measured_at']} |")
+            f"| {labels[n]} | ok | {r['median_step_s']:.2f} | {r['min_step_s']:.2f}–{r['max_step_s']:.2f} "
+            f"[{', '.join(f'{x:.2f}' for x in r.get('runs_median_step_s', [r['median_step_s']]))}] | "
+            f"{_fmt(rat.get(f'{n}_over_bound'), '.2f')} | {mib(r['peak_rss_bytes'])} | "
+            f"{mib(r['steps_peak_rss_bytes'])} | {r['rss_over_budget']:.2f} | {gb(r['disk_read_per_step'])} | "
+            f"{gb(r['disk_write_per_step'])} | " + (f"{losses[0]:.3f} → {losses[-1]:.3f}" if losses else "—")
+            + f" | {loads} | {r['measured_at']} |")
     x = {k: _fmt(v, ".2f") + "x" for k, v in rat.items()}
     notes = [(f"deepspeed / slimtune: step {x['deepspeed_over_slimtune_step']}, peak RSS "
               f"{x['deepspeed_over_slimtune_rss']}") if x.get("deepspeed_over_slimtune_step") else
@@ -106,17 +119,26 @@ def draw_timeline(events, path, title: str = "") -> None:
     span = max(e[2] for e in events) - t0 or 1.0
     fig, ax = plt.subplots(figsize=(12, 0.6 * len(lanes) + 1.4))
     for e in events:
-        y, color = lanes.index(e[0]), LANE_COLORS.get(e[0], f"C{lanes.index(e[0]) % 10}")
+        y, color = lanes.index(e[0]), LANE_COLORS.get(e[0], f"C{(4 + lanes.index(e[0])) % 10}")
         ax.barh(y, e[2] - e[1], left=e[1] - t0, height=0.7, color=color, edgecolor="white", linewidth=0.5)
         if e[3] and (e[2] - e[1]) > 0.02 * span * max(1, len(str(e[3])) / 3):
             ax.text((e[1] + e[2]) / 2 - t0, y, str(e[3]), ha="center", va="center", fontsize=7, color="white")
-    busy = {lane: sum(e[2] - e[1] for e in events if e[0] == lane) for lane in lanes}
+    busy = {lane: _union([(e[1], e[2]) for e in events if e[0] == lane]) for lane in lanes}
     ax.set_yticks(range(len(lanes)), [f"{x}\n{busy[x] / span:.0%} busy" for x in lanes], fontsize=8)
     ax.invert_yaxis()
     ax.set(xlabel="seconds into the step", xlim=(0, span), title=title or f"one step, {span:.2f} s")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _union(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of intervals (a lane with overlapping events, e.g. two I/O threads, is busy once)."""
+    total, end = 0.0, float("-inf")
+    for lo, hi in sorted(intervals):
+        total += max(0.0, hi - max(lo, end))
+        end = max(end, hi)
+    return total
 
 
 def plot(rows: dict, budget: int, title: str, labels: dict, path: Path) -> None:

@@ -16,8 +16,6 @@ import numpy as np
 import torch
 import yaml
 
-from slimtune.offload import current_rss_bytes
-
 from .adapters import apply_adapter
 from .checkpoint import list_checkpoints
 from .data import eval_prompts, load_records, record_texts, tokenize_rows
@@ -64,7 +62,6 @@ def prepare(recipe: Recipe) -> Prepared:
     """Build everything a :class:`~slimtune.finetune.trainer.Trainer` needs from a validated recipe."""
     t, d, m = recipe.training, recipe.data, recipe.model
     seed_everything(t.seed)
-    runtime_bytes = current_rss_bytes()  # before any model exists: the baseline the offload plan adds to
     device = resolve_device(recipe.offload.device)
     run_dir = prepare_run_dir(recipe)
     train_rows, eval_rows = load_records(d, t.seed)
@@ -97,4 +94,4 @@ def prepare(recipe: Recipe) -> Prepared:
     atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     return Prepared(model=model, tokenizer=tokenizer, train_examples=train_examples, eval_examples=eval_examples,
                     eval_pairs=pairs, device=device, run_dir=run_dir, trainable_params=trainable,
-                    total_params=total, runtime_bytes=runtime_bytes)
+                    total_params=total)

@@ -101,6 +101,9 @@ def merge_adapter(adapter_dir: Path, out_dir: Path, dtype: str = "float32", devi
     ``device`` is where the 4-bit base is quantized on load; use the training device (e.g. cuda) to reproduce its
     quantization bit for bit. Dequantized layers are moved to the CPU as they are made; the output is on disk.
     ``base`` overrides the adapter's recorded base (hub id or directory), e.g. when the base dir has moved.
+
+    MixLoRA adapters are refused: the router picks different LoRA experts per token, so no dense weight matrix
+    reproduces the adapted model.
     """
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if dtype not in DTYPES:

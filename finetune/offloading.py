@@ -154,6 +154,16 @@ class Offload:
         self.streamer = self.updates = self.zo = None
 
 
+def runtime_rss_bytes(model: torch.nn.Module) -> int:
+    """The process's resident memory that is not the model's host tensors (libraries, data, tokenizer, allocator
+    slack): the plan's "runtime" item. Measured now, with the model loaded, so setup's leftovers count too."""
+    from slimtune.offload import current_rss_bytes
+
+    tensors = {t.data_ptr(): t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()]
+               if t.device.type == "cpu"}
+    return max(0, current_rss_bytes() - sum(tensors.values()))
+
+
 def _config(model: torch.nn.Module):
     return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
 
@@ -170,8 +180,7 @@ def offload_requested(recipe: Recipe) -> bool:
 
 
 def build_offload(recipe: Recipe, model: torch.nn.Module, device: torch.device,
-                  build_optimizer: Callable[[list], torch.optim.Optimizer],
-                  runtime_bytes: int | None = None) -> Offload | None:
+                  build_optimizer: Callable[[list], torch.optim.Optimizer]) -> Offload | None:
     """The engine the recipe's plan asks for, attached to ``model``; None when everything stays on the device.
     Raises PlanError (a SlimtuneError naming the budget and a fix) when nothing fits."""
     from slimtune.offload.blocks import model_blocks
@@ -180,6 +189,7 @@ def build_offload(recipe: Recipe, model: torch.nn.Module, device: torch.device,
     from slimtune.offload.streamer import BlockStreamer
 
     o, t = recipe.offload, recipe.training
+    runtime_bytes = runtime_rss_bytes(model)
     with torch.random.fork_rng(devices=[]):  # sizing builds stand-in tensors: keep the run's RNG stream untouched
         plan = make_plan(recipe, sizes=block_sizes(recipe, config=_config(model)), bandwidths=_NOT_MEASURED,
                          runtime_bytes=runtime_bytes)

@@ -56,7 +56,6 @@ class Prepared:
     run_dir: Path
     trainable_params: int = 0
     total_params: int = 0
-    runtime_bytes: int | None = None  # process RSS before the model was built (the offload plan's baseline)
 
 
 @dataclass
@@ -109,7 +108,7 @@ class Trainer:
 
         # The offload engine (None unless the recipe's plan moves something off the device): streamed layers,
         # offloaded optimizer state (it then owns the optimizer, built over its fp32 masters), ZO streaming.
-        self.offload = build_offload(recipe, self.model, self.device, build, prepared.runtime_bytes) if offload_requested(recipe) else None
+        self.offload = build_offload(recipe, self.model, self.device, build) if offload_requested(recipe) else None
         updates = self.offload.updates if self.offload is not None else None
         if o.name == "mezo" and self.offload is not None and self.offload.streamer is not None:
             hparams["noise"] = "per_tensor"  # streamed blocks regenerate each tensor's noise on its own

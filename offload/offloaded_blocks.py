@@ -1,7 +1,8 @@
 """The offloaded optimizer's per-block bookkeeping: device params, fp32 masters, the CPU gradient buffer.
 
 One flat buffer per block and tier (DESIGN.md, "Stores"): the block's gradients accumulate into one contiguous fp32
-buffer (one ``zero_()`` after the update, one norm per view for clipping), and on the CPU tier its masters are one
+buffer (one ``zero_()`` after the update, one norm per view for clipping), taken from a pool when its first gradient
+of the step arrives and given back after its update (:class:`GradPool`), and on the CPU tier its masters are one
 contiguous fp32 buffer whose views the optimizer updates. On the NVMe tier the masters are tensors with the right
 shape and dtype "parked" on a one-element storage (stride 0, 4 bytes) between updates, and point into a staging
 buffer during one (``master.data = view``): the optimizer keys its state and param groups by these objects, so they
@@ -28,9 +29,10 @@ class OffloadBlock:
     masters: list[torch.Tensor]  # what the optimizer sees (views of master_flat, or parked on NVMe)
     master_views: list[torch.Tensor]  # cpu tier: views of master_flat; nvme: empty
     master_flat: torch.Tensor | None
-    grad_flat: torch.Tensor
-    grads: list[torch.Tensor]  # views of grad_flat
+    numel: int
     parked: list[torch.Tensor] = field(default_factory=list)
+    grad_flat: torch.Tensor | None = None  # from the GradPool while the block has gradients this step
+    grads: list[torch.Tensor] = field(default_factory=list)  # views of grad_flat
     master_bytes: int = 0
     got: list[bool] = field(default_factory=list)  # a gradient arrived this step
     final: set[int] = field(default_factory=set)  # indices whose final-micro-batch gradient arrived
@@ -39,6 +41,36 @@ class OffloadBlock:
 
 def _empty(numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
     return torch.zeros(numel, dtype=dtype, pin_memory=pin)
+
+
+class GradPool:
+    """Zeroed flat gradient buffers, reused by size (decoder layers are all the same size).
+
+    A block holds one from its first gradient of a step until its update has run. With gradient accumulation, or
+    with every update deferred to ``step()`` (clipping), that is every block at once; with ``overlap`` and one
+    micro-batch it is only the blocks whose gradients are complete but not yet applied, so gradient RAM follows
+    how far the updates trail backward instead of the model size. Buffers stay in the pool (pinned buffers are
+    slow to allocate on CUDA), so the pool's size is the peak.
+    """
+
+    def __init__(self, dtype: torch.dtype, pin: bool):
+        self.dtype, self.pin = dtype, pin
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self.nbytes = 0  # held: in use + free
+
+    def take(self, blk: OffloadBlock) -> None:  # caller holds the engine's lock
+        free = self._free.get(blk.numel)
+        if free:
+            flat = free.pop()
+        else:
+            flat = _empty(blk.numel, self.dtype, self.pin)
+            self.nbytes += flat.nbytes
+        blk.grad_flat = flat
+        blk.grads = [flat[o: o + math.prod(s)].view(s) for o, s in zip(blk.offsets, blk.shapes)]
+
+    def give(self, blk: OffloadBlock) -> None:  # caller holds the engine's lock; the buffer is zero again
+        self._free.setdefault(blk.numel, []).append(blk.grad_flat)
+        blk.grad_flat, blk.grads = None, []
 
 
 def build_blocks(named_params: list[tuple[str, nn.Parameter]], blocks: list[list[str]], dtype: torch.dtype,
@@ -78,8 +110,6 @@ def build_blocks(named_params: list[tuple[str, nn.Parameter]], blocks: list[list
         sizes = [math.prod(s) for s in shapes]
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         numel = sum(sizes)
-        grad_flat = _empty(numel, dtype, pin)
-        grads = [grad_flat[o: o + n].view(s) for o, n, s in zip(offsets, sizes, shapes)]
         parked = [park.expand(s) for s in shapes]
         if keep_masters:
             master_flat = _empty(numel, dtype, pin)
@@ -95,8 +125,8 @@ def build_blocks(named_params: list[tuple[str, nn.Parameter]], blocks: list[list
                 m = torch.empty(0, dtype=dtype).requires_grad_(True)
                 m.data = s
                 masters.append(m)
-        out.append(OffloadBlock(list(block), ps, shapes, offsets, masters, views, master_flat, grad_flat, grads,
-                                parked, numel * park.element_size(), [False] * len(ps)))
+        out.append(OffloadBlock(list(block), ps, shapes, offsets, masters, views, master_flat, numel, parked,
+                                master_bytes=numel * park.element_size(), got=[False] * len(ps)))
     return out
 
 

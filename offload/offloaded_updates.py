@@ -17,8 +17,10 @@ State tiers:
   (:mod:`.state_layout`, :mod:`.state_swapper`), read into a ring of ``threads + 2`` staging buffers, prefetched in
   the expected order and written back behind the update. Between updates no state tensor stays in RAM: a small
   :class:`~.state_layout.BlockLayout` (keys, shapes, dtypes, offsets, non-tensor values) is all that is kept.
-  RAM: fp32 grads of every block (written by backward at any time, so all of them) + the staging ring + the state
-  a block's first update allocates before it is packed -- not masters + state of the whole model.
+  RAM: fp32 grads + the staging ring + the state a block's first update allocates before it is packed -- not
+  masters + state of the whole model. Gradient buffers are held from a block's first gradient of the step to its
+  update: every block with gradient accumulation or clipping, only the blocks in flight with ``overlap`` and one
+  micro-batch (:class:`~.offloaded_blocks.GradPool`).
 
 Global-norm clipping (Design lesson 12) needs every gradient first, so it runs with ``overlap=False``: the updates
 wait for :meth:`step`, which computes the norm from the CPU buffers with torch's own ``get_total_norm`` and scales
@@ -38,8 +40,10 @@ How the trainer uses this (one optimizer step, gradient accumulation over micro-
                                                              # runs finish_step; returns the pre-clip norm or None
     scheduler.step()                                         # no optimizer.step()/zero_grad(): step() did both
     ...
-    engine.save(checkpoint_dir / "optimizer")                # one safetensors file per block, atomic
-    engine.load(checkpoint_dir / "optimizer")                # on resume, after building the engine
+    engine.save(checkpoint_dir / "optimizer")                # one safetensors file per block, atomic; NOT
+                                                             # optimizer.state_dict(), empty on the NVMe tier
+    engine.load(checkpoint_dir / "optimizer")                # on resume, after building the engine; also sets
+                                                             # the device params from the masters
     engine.close()                                           # removes the hooks and the swap file
 
 ``step()`` (or ``wait()``) must return before the next forward: the device weights are final only then.
@@ -57,10 +61,10 @@ from torch import nn
 
 from slimtune.optimizers import PerTensorOptimizer, allocated_state_bytes
 
-from .offloaded_blocks import build_blocks, checked_optimizer
+from .offloaded_blocks import GradPool, build_blocks, checked_optimizer
+from .offloaded_checkpoint import load_engine, save_engine
 from .paged_state import PagedState
-from .state_layout import (aliases, master_views, pack_state, plan_layout, planned_block_bytes, signature_of,
-                           state_views)
+from .state_layout import aliases, master_views, pack_state, plan_layout, planned_block_bytes, signature_of, state_views
 from .state_swapper import StateSwapper
 
 TIERS = ("cpu", "nvme")
@@ -70,8 +74,24 @@ MASTER_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 class OffloadedUpdates:
     """Gradient hooks + CPU/NVMe optimizer updates for the model's trainable ``named_params``, grouped in ``blocks``.
 
+    Args:
+        named_params: the model's trainable parameters (on the compute device, any float dtype), each once.
+        blocks: parameter names per block, in model order (embedding, layers, head); every name exactly once.
+            A block is the unit of gradient hand-off, update and NVMe I/O.
+        build_optimizer: called once with ``[(name, master)]``; must return a first-order
+            :class:`PerTensorOptimizer` over exactly those masters (e.g. ``build_optimizer("galore", named, ...,
+            per_layer=True)``). Its param groups, LR and ``finish_step`` counters are the run's.
+        state_tier: ``"cpu"`` or ``"nvme"`` (masters + state in a swap file in ``nvme_dir``).
+        nvme_dir: directory for the swap file (``offload.nvme_dir``); required with ``"nvme"``, refused otherwise.
+        master_dtype: dtype of the masters and of the CPU gradient buffers (float32 default; float64, bfloat16,
+            float16 accepted).
+        overlap: update blocks during backward as their gradients complete; False defers every update to
+            :meth:`step` (required for global-norm clipping).
+        threads: worker threads running block updates (the NVMe ring holds ``threads + 2`` staging buffers).
+
     ``on_updated(block_index, [(name, master)])``, when set, is called instead of copying updated masters into the
-    device params (for params streamed from a home buffer); it must copy what it needs before returning.
+    device params (for params streamed from a home buffer); the masters may be views into a staging buffer, so it
+    must copy what it needs before returning.
     """
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], blocks: list[list[str]],
@@ -101,6 +121,7 @@ class OffloadedUpdates:
         self._master_at = {id(m): (b, i) for b, blk in enumerate(self.blocks) for i, m in enumerate(blk.masters)}
         self._events: list[tuple[str, float, float, str]] = []
         self._lock = threading.Lock()
+        self._grad_pool = GradPool(master_dtype, pin)
         self._counts = {"grad_bytes_to_cpu": 0, "param_bytes_to_device": 0, "update_seconds": 0.0}
         self._state_held = [0] * len(self.blocks)  # cpu tier: allocated state bytes per block
         self.steps = 0
@@ -137,7 +158,7 @@ class OffloadedUpdates:
             for view, p in zip(master_views(slot.buf, blk.shapes, blk.offsets, self.master_dtype), blk.params):
                 view.copy_(p.detach())
             self._pack_and_release(b, slot, states[b])
-        self.swapper.drain()
+        self.swapper.forget()  # written: nothing staged counts as a prefetch of the first step
 
     # ---- gradients leave the device -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -148,6 +169,9 @@ class OffloadedUpdates:
         if blk.submitted:  # its update may be running on this very buffer
             raise RuntimeError(f"a gradient for {blk.names[i]!r} arrived after its block's update started; set "
                                "final=True only for the last backward of an optimizer step")
+        if blk.grad_flat is None:
+            with self._lock:
+                self._grad_pool.take(blk)
         blk.grads[i].add_(grad.to(device="cpu", dtype=self.master_dtype))
         p.grad = None  # the device gradient is gone now: the next block's never meets it
         blk.got[i] = True
@@ -199,6 +223,8 @@ class OffloadedUpdates:
             self.swapper.release(slot, b, self.layouts[b].nbytes)
         blk.grad_flat.zero_()
         blk.got, blk.final = [False] * len(blk.params), set()
+        with self._lock:
+            self._grad_pool.give(blk)
         t1 = time.perf_counter()  # the update's CPU time: optimizer math, packing, copies to the device
         with self._lock:
             self._counts["update_seconds"] += t1 - t0
@@ -333,7 +359,7 @@ class OffloadedUpdates:
         return sum(allocated_state_bytes(self.optimizer, m) for m in self.blocks[b].masters)
 
     def _held_bytes(self) -> int:
-        grads = sum(blk.grad_flat.nbytes for blk in self.blocks)
+        grads = self._grad_pool.nbytes
         if self.swapper is None:
             return grads + sum(blk.master_flat.nbytes for blk in self.blocks) + sum(self._state_held)
         return grads + self.swapper.staging_bytes
@@ -352,10 +378,13 @@ class OffloadedUpdates:
         return {"cpu": self._peak, "nvme": nvme}
 
     def predicted_resident_bytes(self) -> dict[str, int]:
-        """The RAM and NVMe bytes this engine should peak at, from ``state_bytes`` (what the planner predicts)."""
-        grads = sum(blk.grad_flat.nbytes for blk in self.blocks)
-        planned = [self._planned_state(b) for b in range(len(self.blocks))]
+        """The RAM and NVMe bytes this engine should peak at, from ``state_bytes`` (what the planner predicts).
+
+        Gradient buffers are counted for every block: what accumulation or clipping needs (see GradPool).
+        """
         masters = sum(blk.master_bytes for blk in self.blocks)
+        grads = masters  # same dtype and element count
+        planned = [self._planned_state(b) for b in range(len(self.blocks))]
         if self.swapper is None:
             return {"cpu": grads + masters + sum(map(sum, planned)), "nvme": 0}
         regions = [planned_block_bytes(blk.master_bytes, planned[b]) for b, blk in enumerate(self.blocks)]
@@ -377,14 +406,10 @@ class OffloadedUpdates:
     # ---- checkpoints and lifetime ---------------------------------------------------------------------------------
     def save(self, directory) -> None:
         """Masters + optimizer state, one safetensors file per block, written atomically (see offloaded_checkpoint)."""
-        from .offloaded_checkpoint import save_engine
-
         save_engine(self, directory)
 
     def load(self, directory) -> None:
         """Restore what :meth:`save` wrote into this engine's tier, block by block, and the device params."""
-        from .offloaded_checkpoint import load_engine
-
         load_engine(self, directory)
 
     def close(self) -> None:

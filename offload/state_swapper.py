@@ -25,8 +25,6 @@ import threading
 import time
 from concurrent.futures import Future
 
-import torch
-
 from .nvme import NvmeStore, NvmeStoreError, aligned_empty
 from .state_layout import align_up
 
@@ -75,14 +73,20 @@ class StateSwapper:
         return align_up(max(nbytes, 1), self.alignment)
 
     def _event(self, lane: str, label: str, fut: Future) -> Future:
-        start = time.perf_counter()
+        """``fut``, completing only once its timeline event is recorded (a waiter then sees the event)."""
+        start, out = time.perf_counter(), Future()
+        out.set_running_or_notify_cancel()
 
-        def done(_: Future) -> None:
+        def done(f: Future) -> None:
             with self._events_lock:
                 self._events.append((lane, start, time.perf_counter(), label))
+            if f.exception() is not None:
+                out.set_exception(f.exception())
+            else:
+                out.set_result(f.result())
 
         fut.add_done_callback(done)
-        return fut
+        return out
 
     # ---- the step's schedule ----------------------------------------------------------------------------------
     def begin_step(self, step: int, expected: list[int]) -> None:

@@ -42,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .bnb_compat import streamable_4bit
 from .blocks import Block, flat_layout, model_blocks, view_as
+from .memory import release_free_memory
 from .nvme import NvmeStore, aligned_empty
 
 
@@ -106,6 +107,7 @@ class BlockStreamer:
         self._store: NvmeStore | None = None
         self._homes: list[torch.Tensor] = []
         self._build_homes(nvme_dir, threads)
+        release_free_memory()  # the weights that moved home were freed: let RSS show it
         self._slots = [self._new_slot() for _ in range(self.n_slots)]
         self._staging = ([aligned_empty(self.slot_bytes, pin=True) for _ in range(self.n_slots)]
                          if self.cuda and home == "nvme" else None)

@@ -130,3 +130,59 @@ def test_bad_nvme_dir_and_too_small_budget_fail_before_training(tmp_path, capsys
     err = capsys.readouterr().err
     assert "offload.cpu_memory" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained, nothing half-written
+
+
+PEAK_PROBE = r"""
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+sys.path.insert(0, sys.argv[1])
+from test_train import tiny
+from pathlib import Path
+from slimtune.finetune.build import prepare
+from slimtune.finetune.offloading import _NOT_MEASURED
+from slimtune.finetune.recipe import recipe_from_dict
+from slimtune.finetune.trainer import Trainer
+from slimtune.offload.plan import make_plan
+from slimtune.offload.sizes import block_sizes
+
+from slimtune.offload import current_rss_bytes
+
+recipe = recipe_from_dict(tiny(Path(sys.argv[2]), *json.loads(sys.argv[3])))
+prepared = prepare(recipe)
+model = prepared.model
+config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+trainer = Trainer(recipe, prepared, progress=False)
+trainer.evaluate(None)  # warm: the first forward's kernel workspaces belong to the runtime, not to the plan
+# runtime = RSS minus what the engine says it holds (device tier, cpu tier): libraries, data, workspaces
+held = trainer.offload.tier_bytes() if trainer.offload is not None else {
+    "gpu_tier_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "cpu_tier_bytes": 0}
+runtime = current_rss_bytes() - held["gpu_tier_bytes"] - held["cpu_tier_bytes"]
+plan = make_plan(recipe, sizes=block_sizes(recipe, config=config), bandwidths=_NOT_MEASURED, runtime_bytes=runtime)
+with open("/proc/self/clear_refs", "w") as f:  # peak RSS from here on: the run, not setup's transient copies
+    f.write("5")
+trainer.train()
+peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+print(json.dumps({"predicted": plan.host_bytes, "measured": peak}))
+"""
+
+WIDE = ("model.architecture.hidden_size=768", "model.architecture.intermediate_size=2048",
+        "model.architecture.num_hidden_layers=4", "training.max_steps=3", "data.metric=none")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+@pytest.mark.parametrize("extra", [("adapter.type=none",), ("offload.params=nvme",),
+                                   ("adapter.type=none", "training.max_grad_norm=0", "offload.params=nvme",
+                                    "offload.optimizer_state=nvme")])
+def test_plan_predicts_the_measured_peak_within_10_percent(tmp_path, extra):
+    """The plan's host-memory peak (this is a CPU device: device tier + cpu tier + runtime) vs the measured peak RSS
+    of the same run in a fresh process (setup's transient copies excluded: the peak is reset when training starts)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    overrides = [*WIDE, *extra, f"offload.nvme_dir={tmp_path}"]
+    out = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(Path(__file__).parent), str(tmp_path),
+                          json.dumps(overrides)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert abs(result["measured"] / result["predicted"] - 1) <= 0.10, result
