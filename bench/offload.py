@@ -210,18 +210,64 @@ def run_deepspeed(a, config, batches, meter) -> dict:
     return ds.run(a, config, batches, meter)
 
 
-def run_slimtune(a, config, batches, meter) -> dict:
-    """LEAD: the slimtune offload engine's contender (not wired yet).
+def _engine(model, a, nvme: str, optimizer_state: bool):
+    """slimtune's offload engine on ``model`` (what `slimtune train` builds from offload.params/optimizer_state:
+    nvme): decoder layers streamed from NVMe, fp32 masters + AdamW state on NVMe updated on the CPU."""
+    from slimtune.finetune.offloading import Offload
+    from slimtune.offload.blocks import model_blocks
+    from slimtune.offload.streamer import BlockStreamer
+    from slimtune.optimizers import build_optimizer
 
-    To do: build a slimtune run of ``config`` (bf16, AdamW lr ``a.lr``, no weight decay, no clipping, activation
-    checkpointing as ``a.grad_ckpt``) with ``offload.params: nvme``, ``offload.optimizer_state: nvme``,
-    ``offload.nvme_dir`` a temp dir under ``a.nvme_dir`` and ``offload.cpu_memory = a.cpu_budget`` (a third of params
-    + state); train on ``batches`` calling ``meter.start()`` before the first step and ``meter.step_done()`` after
-    each; return ``{"losses": [...], "timeline": [(lane, start_s, end_s, label), ...]}`` (the last step's events,
-    lanes e.g. compute / nvme read / nvme write / update) plus any engine counters (NVMe bytes read/written per step:
-    pass them to ``--io-read-bytes``/``--io-write-bytes`` for the ``io`` row).
-    """
-    raise NotImplementedError("run_slimtune in bench/offload.py: the offload engine is not wired in yet")
+    off = Offload(model=model)
+    if optimizer_state:
+        from slimtune.offload.offloaded_updates import OffloadedUpdates
+
+        groups = [[n for n, p in b.params if p.requires_grad] for b in model_blocks(model)]
+        off.update_blocks = [i for i, g in enumerate(groups) if g]
+        named = [(n, p) for b in model_blocks(model) for n, p in b.params if p.requires_grad]
+        off.updates = OffloadedUpdates(
+            named, [g for g in groups if g],
+            lambda nm: build_optimizer("adamw", nm, lr=a.lr, weight_decay=0.0, per_layer=True),
+            state_tier="nvme", nvme_dir=nvme, overlap=True)
+    off.streamer = BlockStreamer(model, "nvme", "cpu", prefetch=1, nvme_dir=nvme, stream_trainable=True,
+                                 writeback=not optimizer_state)
+    if off.updates is not None:
+        off.updates.on_updated = off.on_updated
+    return off
+
+
+def _last_step_timeline(off, t_step: float) -> list:
+    """The last step's events on one clock: compute and fetch lanes from the streamer, update/NVMe lanes from the
+    offloaded optimizer."""
+    s = off.streamer
+    events = [(lane, a + s._t0 - t_step, b + s._t0 - t_step, label) for lane, a, b, label in s.timeline
+              if a + s._t0 >= t_step]
+    if off.updates is not None:
+        events += list(off.updates.last_step.get("timeline", []))  # relative to its step start (= t_step)
+    return sorted(events, key=lambda e: e[1])
+
+
+def run_slimtune(a, config, batches, meter) -> dict:
+    """Full-parameter AdamW, params + fp32 masters + state on NVMe, updates on the CPU overlapped with backward."""
+    nvme = tempfile.mkdtemp(prefix="slimtune-", dir=a.nvme_dir)
+    model = build_model(config, a).train()
+    off = _engine(model, a, nvme, optimizer_state=True)
+    losses, t_step = [], 0.0
+    meter.start()
+    for x in batches:
+        t_step = time.perf_counter()
+        off.updates.final = True
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        off.step(0.0)  # waits for the block updates still running, drops stale prefetches
+        losses.append(float(loss))
+        meter.step_done()
+    counters = off.counters()
+    timeline = _last_step_timeline(off, t_step)
+    off.close()
+    n = len(batches)
+    return {"losses": losses, "timeline": timeline, "nvme_read_per_step": counters.get("nvme_read_bytes", 0) / n,
+            "nvme_write_per_step": counters.get("nvme_write_bytes", 0) / n}
 
 
 def run_mezo_resident(a, config, batches, meter) -> dict:
@@ -239,10 +285,26 @@ def run_mezo_resident(a, config, batches, meter) -> dict:
 
 
 def run_mezo_stream(a, config, batches, meter) -> dict:
-    """LEAD: zeroth-order streaming (params on NVMe, each block loaded once per step, both perturbed forwards on it,
-    noise regenerated from the seed, update applied when next resident), same model, ``batches``, lr ``a.mezo_lr``,
-    eps 1e-3 and ``meter`` protocol as :func:`run_mezo_resident`; ``offload.cpu_memory = a.cpu_budget``."""
-    raise NotImplementedError("run_mezo_stream in bench/offload.py: ZO streaming is not wired in yet")
+    """Zeroth-order streaming: every layer streamed from NVMe, loaded once per step, both perturbed forwards on it,
+    its update applied when it is next resident (offload/zo_stream.py). Same model, data, lr and eps as in memory."""
+    from slimtune.offload.zo_stream import ZOStream
+    from slimtune.optimizers import MeZO
+    from slimtune.optimizers.zeroth_order import mezo_param_groups
+
+    nvme = tempfile.mkdtemp(prefix="slimtune-zo-", dir=a.nvme_dir)
+    model = build_model(config, a).eval()
+    opt = MeZO(mezo_param_groups(model.named_parameters(), 0.0), lr=a.mezo_lr, eps=1e-3, noise="per_tensor")
+    off = _engine(model, a, nvme, optimizer_state=False)
+    zo = ZOStream(model, opt, off.streamer)
+    losses = []
+    meter.start()
+    for x in batches:
+        losses.append(float(zo.step({"input_ids": x, "labels": x})))
+        meter.step_done()
+    zo.flush()
+    zo.detach()
+    off.close()
+    return {"losses": losses}
 
 
 CONTENDERS = {"resident": run_resident, "io": run_io, "deepspeed": run_deepspeed, "slimtune": run_slimtune,

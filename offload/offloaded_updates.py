@@ -97,7 +97,7 @@ class OffloadedUpdates:
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], blocks: list[list[str]],
                  build_optimizer: Callable[[list[tuple[str, torch.Tensor]]], PerTensorOptimizer],
                  state_tier: str = "cpu", nvme_dir: str | None = None, master_dtype: torch.dtype = torch.float32,
-                 overlap: bool = True, threads: int = 1):
+                 overlap: bool = True, threads: int = 1, max_pending: int = 2):
         if state_tier not in TIERS:
             raise ValueError(f"state_tier must be one of {TIERS}, got {state_tier!r}")
         if (state_tier == "nvme") != (nvme_dir is not None):
@@ -109,7 +109,11 @@ class OffloadedUpdates:
             raise ValueError(f"overlap must be True or False, got {overlap!r}")
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads (update worker threads) must be an int >= 1, got {threads!r}")
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 0:
+            raise ValueError(f"max_pending (updates in flight before backward waits; 0 = unbounded) must be an int "
+                             f">= 0, got {max_pending!r}")
         self.tier, self.overlap, self.threads, self.master_dtype = state_tier, overlap, threads, master_dtype
+        self.max_pending = max_pending
         self.final, self.on_updated = True, None
         named_params = list(named_params)
         pin = torch.cuda.is_available() and any(p.is_cuda for _, p in named_params)
@@ -170,6 +174,8 @@ class OffloadedUpdates:
             raise RuntimeError(f"a gradient for {blk.names[i]!r} arrived after its block's update started; set "
                                "final=True only for the last backward of an optimizer step")
         if blk.grad_flat is None:
+            if self.overlap and self.final:
+                self._backpressure()
             with self._lock:
                 self._grad_pool.take(blk)
         blk.grads[i].add_(grad.to(device="cpu", dtype=self.master_dtype))
@@ -182,6 +188,12 @@ class OffloadedUpdates:
             blk.final.add(i)
             if self.overlap and len(blk.final) == len(blk.params) and not blk.submitted:
                 self._submit(b)
+
+    def _backpressure(self) -> None:
+        """Bound the gradient pool: a block about to take a buffer waits while ``max_pending`` updates are still
+        queued or running (backward pauses for the CPU instead of RAM growing with how far updates trail)."""
+        while self.max_pending and len(pending := [f for f in self._futures if not f.done()]) >= self.max_pending:
+            pending[0].result()
 
     def _submit(self, b: int) -> None:
         self.blocks[b].submitted = True

@@ -13,8 +13,8 @@ Semantics the engine follows (``offload/streamer.py``, ``offload/state_swapper.p
 * **LoRA / QLoRA**: adapter weights, gradients and optimizer state stay on the device under ``auto`` (they are
   tiny, lesson 11); explicit placements are honoured.
 * **Offloaded update** (``optimizer_state`` cpu/nvme, update on the CPU): gradients leave the device block by block
-  (``gradients`` cpu: into an fp32 CPU buffer, the whole model's when accumulation or global clipping needs every
-  gradient, else two blocks' worth; ``gradients`` gpu: accumulated on the device and sent down once per step),
+  (``gradients`` cpu: into fp32 CPU buffers, the whole model's when accumulation or global clipping needs every
+  gradient, else three blocks' worth: the engine makes backward wait while two updates are in flight; ``gradients`` gpu: accumulated on the device and sent down once per step),
   fp32 masters + state live in ``optimizer_state``'s tier as one region per block (``align64(masters) + state``,
   :func:`.state_layout.planned_block_bytes`; on NVMe each region 4 KiB aligned plus one largest region of head room,
   staged through 3 CPU buffers: read ahead, update, write behind), and updated params go back to their home.
@@ -267,8 +267,11 @@ def _evaluate(recipe, sizes, placement, device, budgets, runtime, tokens) -> Pla
             bd["gpu"]["grads"] += 2 * max(grads)  # one block's being produced, one being copied out
         if update_on == "cpu":
             fp32 = [4 * b.trainable_count for b in trainable]
-            whole = g_tier == "cpu" and (ga > 1 or t.max_grad_norm > 0)  # accumulation / a global norm
-            bd["cpu"]["grads"] += sum(fp32) if whole else 2 * max(fp32)
+            # Accumulation / a global norm keep every block's gradients; otherwise a block holds its buffer until
+            # its CPU update has run, and the engine bounds that: backward waits while max_pending (2) updates are
+            # in flight, so the one being produced + 2 pending blocks.
+            whole = g_tier == "cpu" and (ga > 1 or t.max_grad_norm > 0)
+            bd["cpu"]["grads"] += sum(fp32) if whole else 3 * max(fp32)
             links["gpu->cpu"] += sum(grads) * (ga if g_tier == "cpu" else 1)
             # updated params that live on the device go back up: adapters, and resident base weights
             links["cpu->gpu"] += sum(b.trainable_bytes for b, bp in zip(sizes, blocks)
@@ -279,9 +282,12 @@ def _evaluate(recipe, sizes, placement, device, budgets, runtime, tokens) -> Pla
         bd["gpu"]["buffers"] += (off.prefetch + 2) * slot
         if p_tier == "nvme" and device == "cuda":
             bd["cpu"]["buffers"] += (off.prefetch + 2) * slot  # pinned staging between NVMe and the card
+        if p_tier == "nvme" and full and s_tier in ("cpu", "nvme"):
+            bd["cpu"]["buffers"] += 2 * slot  # updated weights staged for their NVMe home, one per update in flight
     if regions and s_tier == "nvme":
         bd["cpu"]["buffers"] += STATE_STAGING * max(regions)
-        bd["nvme"]["buffers"] += max(regions)  # head room for state that outgrows its prediction
+        # a block's first update allocates its state in RAM before it is packed into the region (one worker)
+        bd["cpu"]["buffers"] += max(b.state_bytes_fp32 for b in sizes)
         links["nvme->cpu"] += sum(regions)
         links["cpu->nvme"] += sum(regions)
     if zo:
