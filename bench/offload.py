@@ -23,9 +23,9 @@ every other round in reverse order (ABBA), and takes the median of the runs' med
   lead passes the engine's own counts instead.
 * ``deepspeed``: the same training under DeepSpeed ZeRO-3, params and optimizer state on NVMe
   (``bench/offload_deepspeed.py``: bench-only install, settings and why).
-* ``slimtune``: the offload engine; :func:`run_slimtune` is the lead's to fill in.
+* ``slimtune``: the offload engine (:func:`run_slimtune`).
 * ``mezo-resident``: in-memory MeZO (``slimtune.optimizers.MeZO``, eps 1e-3, lr 1e-6), two forwards, no backward;
-  ``mezo-stream``: slimtune's zeroth-order streaming, :func:`run_mezo_stream`, the lead's to fill in.
+  ``mezo-stream``: slimtune's zeroth-order streaming (:func:`run_mezo_stream`).
 
 Measured in each child: per-step wall time (steps after ``--warmup`` only; median, min-max), peak RSS of the whole
 process (VmHWM = ru_maxrss) and from the first step on (peak mark reset via /proc/self/clear_refs), bytes the
@@ -62,7 +62,10 @@ from trainer import machine
 
 LABELS = {"resident": "resident (compute only)", "io": "io (NVMe bytes only)", "deepspeed": "DeepSpeed ZeRO-3 NVMe",
           "slimtune": "slimtune offload", "mezo-resident": "MeZO in memory", "mezo-stream": "MeZO streamed"}
-MODELS = {  # Llama configs; ~3-5 s per resident bf16 step here at the default
+# Llama configs. bf16 on this CPU (no AVX512-BF16/AMX) costs per weight more than per token: the default's resident
+# step took 17-31 s at seq 32, 64 and 128 alike on the shared 2 cores (load 4-8), so seq is cheap and a smaller
+# step needs a smaller model, not fewer tokens.
+MODELS = {
     "default": {"hidden_size": 1024, "num_hidden_layers": 16, "intermediate_size": 2816, "vocab_size": 8192,
                 "num_attention_heads": 16, "seq": 128},
     "quick": {"hidden_size": 512, "num_hidden_layers": 4, "intermediate_size": 1408, "vocab_size": 2048,

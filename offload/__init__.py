@@ -1,8 +1,9 @@
 """slimtune.offload: where tensors live and when they move (GPU, CPU, NVMe).
 
 Memory probes per tier (used by the trainer's reporting), the NVMe store, and the planner (``make_plan``: where
-each block's params, grads and optimizer state live, predicted peaks per tier, a step-time bound). Stores,
-scheduler and hooks of the engine land here too (see DESIGN.md). To export a name, add it to ``_EXPORTS``.
+each block's params, grads and optimizer state live, predicted peaks per tier, a step-time bound). The engine: ``BlockStreamer`` (layers streamed
+from CPU/NVMe homes), ``OffloadedUpdates`` (gradients out, CPU/NVMe optimizer state), ``ZOStream`` (MeZO, one
+fetch per block per step). To export a name, add it to ``_EXPORTS``.
 """
 
 import importlib
@@ -23,6 +24,11 @@ _EXPORTS = {
     "Plan": "plan",
     "PlanError": "plan",
     "make_plan": "plan",
+    "release_free_memory": "memory",
+    "BlockStreamer": "streamer",
+    "OffloadedUpdates": "offloaded_updates",
+    "ZOStream": "zo_stream",
+    "model_blocks": "blocks",
 }
 
 

@@ -43,7 +43,8 @@ def assert_same_run(a, b, atol: float = 0.0):
 
 
 @pytest.mark.parametrize("extra", [("offload.params=cpu",), ("offload.params=nvme", "offload.prefetch=2"),
-                                   ("model.load_in_4bit=true", "adapter.type=qlora", "offload.params=nvme")])
+                                   ("model.load_in_4bit=true", "adapter.type=qlora", "offload.params=nvme"),
+                                   ("adapter.type=mixlora", "adapter.num_experts=4", "offload.params=nvme")])
 def test_streamed_lora_and_qlora_equal_in_memory(tmp_path, extra):
     quant = tuple(x for x in extra if not x.startswith("offload."))
     expected = train(tmp_path, "memory", *quant)

@@ -126,3 +126,19 @@ def test_bad_arguments_are_refused(base_dir):
         BlockStreamer(model, "cpu", "cpu", prefetch=0)
     with pytest.raises(ValueError, match="home"):
         BlockStreamer(model, "disk", "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA path: copy stream, events, pinned homes (GPU only)")
+@pytest.mark.parametrize("home", ["cpu", "nvme"])
+def test_cuda_streams_equal_in_memory(base_dir, tiny_batch, tmp_path, home):
+    """On a GPU the fetches run on a copy stream into device slots from pinned homes; results must not change."""
+    def on_cuda(model):
+        return model.to("cuda")
+
+    batch = {k: v.cuda() for k, v in tiny_batch.items()}
+    expected = train(on_cuda(lora_model(base_dir)), batch)
+    model = on_cuda(lora_model(base_dir))
+    streamer = BlockStreamer(model, home, "cuda", prefetch=1, nvme_dir=str(tmp_path))
+    got = train(model, batch)
+    assert got[:3] == expected[:3] and streamer.peak_bound == 2
+    streamer.close()
