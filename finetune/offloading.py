@@ -74,9 +74,7 @@ class Offload:
     # ------------------------------------------------------------------ weights through the engine
     def trainable_state_dict(self, fallback: Callable[[Any], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Trainable weights by name: streamed ones read from their home, the rest as the adapter code returns."""
-        self.sync()
-        if self.updates is not None:
-            return self.updates.trainable_state_dict()
+        self.sync()  # (with OffloadedUpdates the trainer saves the engine's masters instead, see Trainer.save)
         if self.streamer is None or not any(p.requires_grad for layer in self.streamer.layers for p in layer.params):
             return fallback(self.model)
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -88,9 +86,6 @@ class Offload:
         return out
 
     def load_trainable_state_dict(self, sd: dict[str, torch.Tensor], fallback: Callable[[Any, dict], None]) -> None:
-        if self.updates is not None:
-            self.updates.load_trainable_state_dict(sd)
-            return
         if self.streamer is None:
             return fallback(self.model, sd)
         names = {id(p): n for n, p in self.model.named_parameters()}
