@@ -40,9 +40,15 @@ def ratios(rows: dict) -> dict:
     """Step time offloaded / max(resident, io) per offloaded row, deepspeed / slimtune, mezo-stream / -resident."""
     ok = {n: r for n, r in rows.items() if r["status"] == "ok"}
     out = {}
-    if "resident" in ok and "io" in ok:
-        bound = max(ok["resident"]["median_step_s"], ok["io"]["median_step_s"])
+    # the bound: the compute-only step of the same math (fp32 masters) when measured, else the bf16-only one
+    base = next((n for n in ("resident-master", "resident") if n in ok), None)
+    if base and "io" in ok:
+        bound = max(ok[base]["median_step_s"], ok["io"]["median_step_s"])
         out.update({f"{n}_over_bound": ok[n]["median_step_s"] / bound for n in OFFLOADED if n in ok})
+        out["bound_row"] = base
+    if base == "resident-master" and "resident" in ok and "io" in ok:
+        bf16 = max(ok["resident"]["median_step_s"], ok["io"]["median_step_s"])
+        out.update({f"{n}_over_bf16_bound": ok[n]["median_step_s"] / bf16 for n in OFFLOADED if n in ok})
     if "deepspeed" in ok and "slimtune" in ok:
         out["deepspeed_over_slimtune_step"] = ok["deepspeed"]["median_step_s"] / ok["slimtune"]["median_step_s"]
         out["deepspeed_over_slimtune_rss"] = ok["deepspeed"]["peak_rss_bytes"] / ok["slimtune"]["peak_rss_bytes"]
@@ -76,11 +82,15 @@ def table(rows: dict, rat: dict, header: str, labels: dict) -> str:
             f"{mib(r['steps_peak_rss_bytes'])} | {r['rss_over_budget']:.2f} | {gb(r['disk_read_per_step'])} | "
             f"{gb(r['disk_write_per_step'])} | " + (f"{losses[0]:.3f} → {losses[-1]:.3f}" if losses else "—")
             + f" | {loads} | {r['measured_at']} |")
-    x = {k: _fmt(v, ".2f") + "x" for k, v in rat.items()}
+    x = {k: _fmt(v, ".2f") + "x" for k, v in rat.items() if k != "bound_row"}
     notes = [(f"deepspeed / slimtune: step {x['deepspeed_over_slimtune_step']}, peak RSS "
               f"{x['deepspeed_over_slimtune_rss']}") if x.get("deepspeed_over_slimtune_step") else
              "deepspeed / slimtune: needs both rows ok",
              f"mezo-stream / mezo-resident step: {x.get('mezo_stream_over_resident', 'needs both rows ok')}"]
+    if rat.get("bound_row"):
+        notes.append(f"step / max(resident, io) uses the {labels[rat['bound_row']]} row"
+                     + "".join(f"; {n} over max(bf16-only resident, io): {x[f'{n}_over_bf16_bound']}"
+                               for n in OFFLOADED if f"{n}_over_bf16_bound" in x))
     d = rows.get("deepspeed", {})
     if d.get("status") == "ok":
         files = ", ".join(f"{k} {v['files']} files {v['bytes'] / GB:.2f} GB" for k, v in d["swap_files"].items())

@@ -15,6 +15,7 @@ no engine at all and the loop is exactly the in-memory one.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -34,22 +35,49 @@ class Offload:
     zo: Any = None
     device: torch.device = torch.device("cpu")
     model: Any = None
-    update_blocks: list[int] = field(default_factory=list)
+    update_blocks: list[int] = field(default_factory=list)  # the engine's update unit -> model block index
     _last: dict[str, float] = field(default_factory=dict)
+    _home_pending: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
+    _home_lock: Any = field(default_factory=threading.Lock)
+    _named: dict | None = None
 
     def on_updated(self, b: int, named: list[tuple[str, torch.Tensor]]) -> None:
-        """OffloadedUpdates -> new weights: streamed layers get them in their home, resident blocks in place."""
+        """OffloadedUpdates -> new weights: streamed layers get them in their home, resident blocks in place.
+
+        The engine updates a layer in several units (``staging_groups``); an NVMe home is written once per layer,
+        when its last unit lands (the values wait here in the params' dtype), not read and rewritten per unit."""
         block = self.update_blocks[b]
         layer = block - 1
+        params = self._params()
         if self.streamer is not None and 0 <= layer < len(self.streamer.layers):
             position = {id(p): k for k, p in enumerate(self.streamer.layers[layer].params)}
-            params = dict(self.model.named_parameters())
-            self.streamer.write_home(layer, {position[id(params[n])]: v for n, v in named})
+            if self.streamer.home == "cpu":
+                self.streamer.write_home(layer, {position[id(params[n])]: v for n, v in named})
+                return
+            with self._home_lock:
+                pending = self._home_pending.setdefault(layer, {})
+                pending.update({position[id(params[n])]: v.to(params[n].dtype, copy=True) for n, v in named})
+                done = len(pending) == sum(p.requires_grad for p in self.streamer.layers[layer].params)
+                if done:
+                    del self._home_pending[layer]
+            if done:
+                self.streamer.write_home(layer, pending)
             return
-        params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in named:
                 params[name].data.copy_(value)
+
+    def flush_homes(self) -> None:
+        """Write the layers some of whose units were not updated this step (no gradient reached them)."""
+        with self._home_lock:
+            pending, self._home_pending = self._home_pending, {}
+        for layer, values in pending.items():
+            self.streamer.write_home(layer, values)
+
+    def _params(self) -> dict[str, torch.nn.Parameter]:
+        if self._named is None:
+            self._named = dict(self.model.named_parameters())
+        return self._named
 
     # ------------------------------------------------------------------ loop hooks
     def step(self, max_grad_norm: float) -> float | None:
@@ -57,6 +85,7 @@ class Offload:
         every bound/prefetched layer so the next forward fetches the updated homes. Returns the pre-clip norm."""
         norm = self.updates.step(max_grad_norm)
         if self.streamer is not None:
+            self.flush_homes()
             self.streamer.release_all()
         return norm
 
@@ -159,6 +188,24 @@ def runtime_rss_bytes(model: torch.nn.Module) -> int:
     return max(0, current_rss_bytes() - sum(tensors.values()))
 
 
+def offloaded_updates(model: torch.nn.Module, build_optimizer: Callable, state_tier: str, nvme_dir: str | None,
+                      overlap: bool):
+    """The offloaded optimizer over ``model``'s trainable parameters, in units of at most its largest tensor
+    (``staging_groups``): returns the engine and, per unit, the index of the model block it belongs to."""
+    from slimtune.offload.blocks import model_blocks
+    from slimtune.offload.offloaded_blocks import staging_groups
+    from slimtune.offload.offloaded_updates import OffloadedUpdates
+
+    blocks = model_blocks(model)
+    trainable = [[(n, p) for n, p in b.params if p.requires_grad] for b in blocks]
+    units = staging_groups([[(n, p.numel()) for n, p in block] for block in trainable])
+    per_block = max(sum(b == i for b, _ in units) for i in range(len(blocks)))
+    engine = OffloadedUpdates([np for block in trainable for np in block], [names for _, names in units],
+                              build_optimizer, state_tier=state_tier, nvme_dir=nvme_dir, overlap=overlap,
+                              max_pending=2 * per_block)  # backward waits once two blocks' updates trail it
+    return engine, [b for b, _ in units]
+
+
 def _config(model: torch.nn.Module):
     return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
 
@@ -178,7 +225,6 @@ def build_offload(recipe: Recipe, model: torch.nn.Module, device: torch.device,
                   build_optimizer: Callable[[list], torch.optim.Optimizer]) -> Offload | None:
     """The engine the recipe's plan asks for, attached to ``model``; None when everything stays on the device.
     Raises PlanError (a SlimtuneError naming the budget and a fix) when nothing fits."""
-    from slimtune.offload.blocks import model_blocks
     from slimtune.offload.plan import make_plan
     from slimtune.offload.sizes import block_sizes
     from slimtune.offload.streamer import BlockStreamer
@@ -192,17 +238,10 @@ def build_offload(recipe: Recipe, model: torch.nn.Module, device: torch.device,
     params_tier, state_tier = layers[0].params_tier, layers[0].state_tier
     full, zeroth_order = recipe.adapter.type == "none", recipe.optimizer.name == "mezo"
     off = Offload(plan=plan, device=device, model=model)
-    blocks = model_blocks(model)
     if full and not zeroth_order and state_tier in ("cpu", "nvme"):
-        from slimtune.offload.offloaded_updates import OffloadedUpdates
-
-        named = [(n, p) for b in blocks for n, p in b.params if p.requires_grad]
-        groups = [[n for n, p in b.params if p.requires_grad] for b in blocks]
-        off.update_blocks = [i for i, g in enumerate(groups) if g]  # updates' block index -> model block index
         per_tensor = lambda named_masters: build_optimizer(named_masters, per_layer=True)  # noqa: E731
-        off.updates = OffloadedUpdates(named, [g for g in groups if g], per_tensor, state_tier=state_tier,
-                                       nvme_dir=o.nvme_dir if state_tier == "nvme" else None,
-                                       overlap=t.max_grad_norm == 0)
+        off.updates, off.update_blocks = offloaded_updates(
+            model, per_tensor, state_tier, o.nvme_dir if state_tier == "nvme" else None, overlap=t.max_grad_norm == 0)
     if params_tier in ("cpu", "nvme"):
         off.streamer = BlockStreamer(model, params_tier, device, prefetch=o.prefetch, nvme_dir=o.nvme_dir,
                                      stream_trainable=full, writeback=full and zeroth_order)

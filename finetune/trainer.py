@@ -324,8 +324,10 @@ class Trainer:
             after = self.evaluate(log)
             self.save()
             adapter_dir = run_dir / "adapter"
-            if self.offload is not None:  # every weight back on the device for the save (full-model runs)
-                self.offload.close(materialize=True)
+            if self.offload is not None:  # full-model runs save every weight: back on the device first. An adapter
+                # run saves only the adapter, which never left: the base stays home (materializing a 70B base
+                # streamed from NVMe at the end would need the RAM the offload avoided)
+                self.offload.close(materialize=self.recipe.adapter.type == "none")
             save_adapter(self.model, adapter_dir, self.p.tokenizer)  # atomic: temp dir renamed into place
             if o.plots:
                 write_plots(log.records, run_dir)

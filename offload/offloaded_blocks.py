@@ -34,6 +34,7 @@ class OffloadBlock:
     grad_flat: torch.Tensor | None = None  # from the GradPool while the block has gradients this step
     grads: list[torch.Tensor] = field(default_factory=list)  # views of grad_flat
     master_bytes: int = 0
+    param_dtype: torch.dtype | None = None  # the params' dtype when they all share one
     got: list[bool] = field(default_factory=list)  # a gradient arrived this step
     final: set[int] = field(default_factory=set)  # indices whose final-micro-batch gradient arrived
     submitted: bool = False
@@ -44,32 +45,34 @@ def _empty(numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
 
 
 class GradPool:
-    """Zeroed flat gradient buffers, reused by size (decoder layers are all the same size).
+    """Zeroed flat gradient buffers, reused by size and dtype (decoder layers are all the same size).
 
     A block holds one from its first gradient of a step until its update has run. With gradient accumulation, or
     with every update deferred to ``step()`` (clipping), that is every block at once; with ``overlap`` and one
     micro-batch it is only the blocks whose gradients are complete but not yet applied, so gradient RAM follows
-    how far the updates trail backward instead of the model size. Buffers stay in the pool (pinned buffers are
-    slow to allocate on CUDA), so the pool's size is the peak.
+    how far the updates trail backward instead of the model size. A buffer that receives exactly one gradient per
+    value (one micro-batch) can hold it in the parameters' own dtype (bf16: half of fp32, and exact, since the
+    update widens it to the master's dtype); sums of micro-batches take the master dtype. Buffers stay in the pool
+    (pinned buffers are slow to allocate on CUDA), so the pool's size is the peak.
     """
 
-    def __init__(self, dtype: torch.dtype, pin: bool):
-        self.dtype, self.pin = dtype, pin
-        self._free: dict[int, list[torch.Tensor]] = {}
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self._free: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
         self.nbytes = 0  # held: in use + free
 
-    def take(self, blk: OffloadBlock) -> None:  # caller holds the engine's lock
-        free = self._free.get(blk.numel)
+    def take(self, blk: OffloadBlock, dtype: torch.dtype) -> None:  # caller holds the engine's lock
+        free = self._free.get((blk.numel, dtype))
         if free:
             flat = free.pop()
         else:
-            flat = _empty(blk.numel, self.dtype, self.pin)
+            flat = _empty(blk.numel, dtype, self.pin)
             self.nbytes += flat.nbytes
         blk.grad_flat = flat
         blk.grads = [flat[o: o + math.prod(s)].view(s) for o, s in zip(blk.offsets, blk.shapes)]
 
     def give(self, blk: OffloadBlock) -> None:  # caller holds the engine's lock; the buffer is zero again
-        self._free.setdefault(blk.numel, []).append(blk.grad_flat)
+        self._free.setdefault((blk.numel, blk.grad_flat.dtype), []).append(blk.grad_flat)
         blk.grad_flat, blk.grads = None, []
 
 
@@ -125,8 +128,34 @@ def build_blocks(named_params: list[tuple[str, nn.Parameter]], blocks: list[list
                 m = torch.empty(0, dtype=dtype).requires_grad_(True)
                 m.data = s
                 masters.append(m)
+        dtypes = {p.dtype for p in ps}
         out.append(OffloadBlock(list(block), ps, shapes, offsets, masters, views, master_flat, numel, parked,
-                                master_bytes=numel * park.element_size(), got=[False] * len(ps)))
+                                master_bytes=numel * park.element_size(), got=[False] * len(ps),
+                                param_dtype=dtypes.pop() if len(dtypes) == 1 else None))
+    return out
+
+
+def staging_groups(blocks: list[list[tuple[str, int]]]) -> list[tuple[int, list[str]]]:
+    """Split each block's trainable tensors ``(name, numel)``, in order, into runs of at most as many values as the
+    model's largest tensor: ``[(block index, names)]``, the units :class:`OffloadedUpdates` updates and stages.
+
+    The NVMe tier stages a unit's masters + state in each of its ``threads + 2`` buffers, so RAM follows the largest
+    unit. A whole decoder layer (the streaming unit) would need three layers' masters + state (AdamW: 3 x 12 bytes x
+    the layer's values); a tensor cannot be split (GaLore projects, SPAM and FRUGAL draw masks over whole tensors),
+    so the largest tensor is the floor, and the runs go up to it so small tensors (norms, biases) share one I/O.
+    """
+    cap = max((n for block in blocks for _, n in block), default=0)
+    out: list[tuple[int, list[str]]] = []
+    for b, block in enumerate(blocks):
+        run, size = [], 0
+        for name, n in block:
+            if run and size + n > cap:
+                out.append((b, run))
+                run, size = [], 0
+            run.append(name)
+            size += n
+        if run:
+            out.append((b, run))
     return out
 
 

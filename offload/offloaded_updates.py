@@ -17,7 +17,7 @@ State tiers:
   (:mod:`.state_layout`, :mod:`.state_swapper`), read into a ring of ``threads + 2`` staging buffers, prefetched in
   the expected order and written back behind the update. Between updates no state tensor stays in RAM: a small
   :class:`~.state_layout.BlockLayout` (keys, shapes, dtypes, offsets, non-tensor values) is all that is kept.
-  RAM: fp32 grads + the staging ring + the state a block's first update allocates before it is packed -- not
+  RAM: gradient buffers + the staging ring + the state a block's first update allocates before it is packed -- not
   masters + state of the whole model. Gradient buffers are held from a block's first gradient of the step to its
   update: every block with gradient accumulation or clipping, only the blocks in flight with ``overlap`` and one
   micro-batch (:class:`~.offloaded_blocks.GradPool`).
@@ -62,6 +62,7 @@ from torch import nn
 from slimtune.optimizers import PerTensorOptimizer, allocated_state_bytes
 
 from .offloaded_blocks import GradPool, build_blocks, checked_optimizer
+from .memory import return_large_frees_to_os
 from .offloaded_checkpoint import load_engine, save_engine
 from .paged_state import PagedState
 from .state_layout import aliases, master_views, pack_state, plan_layout, planned_block_bytes, signature_of, state_views
@@ -77,7 +78,9 @@ class OffloadedUpdates:
     Args:
         named_params: the model's trainable parameters (on the compute device, any float dtype), each once.
         blocks: parameter names per block, in model order (embedding, layers, head); every name exactly once.
-            A block is the unit of gradient hand-off, update and NVMe I/O.
+            A block is the unit of gradient hand-off, update and NVMe I/O, and the NVMe tier stages ``threads + 2``
+            of the largest one in RAM: the trainer passes runs of at most the largest tensor
+            (:func:`~.offloaded_blocks.staging_groups`, via ``finetune.offloading.offloaded_updates``), not layers.
         build_optimizer: called once with ``[(name, master)]``; must return a first-order
             :class:`PerTensorOptimizer` over exactly those masters (e.g. ``build_optimizer("galore", named, ...,
             per_layer=True)``). Its param groups, LR and ``finish_step`` counters are the run's.
@@ -87,7 +90,10 @@ class OffloadedUpdates:
             float16 accepted).
         overlap: update blocks during backward as their gradients complete; False defers every update to
             :meth:`step` (required for global-norm clipping).
-        threads: worker threads running block updates (the NVMe ring holds ``threads + 2`` staging buffers).
+        threads: worker threads running block updates (the NVMe ring holds ``threads + 2`` staging buffers). A
+            worker also on a CPU device, where it shares backward's cores: running updates inline in backward's
+            thread measured slower on the issue-4 bench (9.3 s vs 7.0 s per step), as backward then also waits
+            on each unit's NVMe read and on the write of each layer's new weights.
 
     ``on_updated(block_index, [(name, master)])``, when set, is called instead of copying updated masters into the
     device params (for params streamed from a home buffer); the masters may be views into a staging buffer, so it
@@ -116,6 +122,7 @@ class OffloadedUpdates:
         self.max_pending = max_pending
         self.final, self.on_updated = True, None
         named_params = list(named_params)
+        return_large_frees_to_os()
         pin = torch.cuda.is_available() and any(p.is_cuda for _, p in named_params)
         self.blocks = build_blocks(named_params, blocks, master_dtype, keep_masters=state_tier == "cpu", pin=pin)
         self.optimizer = checked_optimizer(build_optimizer([(n, m) for blk in self.blocks
@@ -125,7 +132,7 @@ class OffloadedUpdates:
         self._master_at = {id(m): (b, i) for b, blk in enumerate(self.blocks) for i, m in enumerate(blk.masters)}
         self._events: list[tuple[str, float, float, str]] = []
         self._lock = threading.Lock()
-        self._grad_pool = GradPool(master_dtype, pin)
+        self._grad_pool = GradPool(pin)
         self._counts = {"grad_bytes_to_cpu": 0, "param_bytes_to_device": 0, "update_seconds": 0.0}
         self._state_held = [0] * len(self.blocks)  # cpu tier: allocated state bytes per block
         self.steps = 0
@@ -174,11 +181,12 @@ class OffloadedUpdates:
             raise RuntimeError(f"a gradient for {blk.names[i]!r} arrived after its block's update started; set "
                                "final=True only for the last backward of an optimizer step")
         if blk.grad_flat is None:
-            if self.overlap and self.final:
+            single = self.overlap and self.final  # this step's only gradient for the block: no sum to widen
+            if single:
                 self._backpressure()
             with self._lock:
-                self._grad_pool.take(blk)
-        blk.grads[i].add_(grad.to(device="cpu", dtype=self.master_dtype))
+                self._grad_pool.take(blk, blk.param_dtype if single and blk.param_dtype else self.master_dtype)
+        blk.grads[i].add_(grad.to(device="cpu", dtype=blk.grad_flat.dtype))
         p.grad = None  # the device gradient is gone now: the next block's never meets it
         blk.got[i] = True
         with self._lock:
@@ -215,7 +223,7 @@ class OffloadedUpdates:
         todo = [i for i, got in enumerate(blk.got) if got]
         for i in todo:
             m = blk.masters[i]
-            m.grad = blk.grads[i]
+            m.grad = blk.grads[i].to(m.dtype)  # widened per tensor when the buffer holds the params' dtype
             opt.update_param(m, self._group[id(m)])
             m.grad = None
         if slot is None:

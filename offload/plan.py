@@ -13,11 +13,13 @@ Semantics the engine follows (``offload/streamer.py``, ``offload/state_swapper.p
 * **LoRA / QLoRA**: adapter weights, gradients and optimizer state stay on the device under ``auto`` (they are
   tiny, lesson 11); explicit placements are honoured.
 * **Offloaded update** (``optimizer_state`` cpu/nvme, update on the CPU): gradients leave the device block by block
-  (``gradients`` cpu: into fp32 CPU buffers, the whole model's when accumulation or global clipping needs every
-  gradient, else three blocks' worth: the engine makes backward wait while two updates are in flight; ``gradients`` gpu: accumulated on the device and sent down once per step),
-  fp32 masters + state live in ``optimizer_state``'s tier as one region per block (``align64(masters) + state``,
-  :func:`.state_layout.planned_block_bytes`; on NVMe each region 4 KiB aligned plus one largest region of head room,
-  staged through 3 CPU buffers: read ahead, update, write behind), and updated params go back to their home.
+  (``gradients`` cpu: into CPU buffers: the whole model's in fp32 when accumulation or global clipping needs every
+  gradient, else three blocks' worth in the params' dtype: the engine makes backward wait while two blocks' updates
+  are in flight; ``gradients`` gpu: accumulated on the device and sent down once per step). fp32 masters + state
+  live in ``optimizer_state``'s tier as one region per update unit (a run of a block's tensors of at most the
+  largest tensor's size, ``offloaded_blocks.staging_groups``; ``align64(masters) + state``,
+  :func:`.state_layout.planned_block_bytes`; on NVMe each region 4 KiB aligned, staged through 3 CPU buffers of the
+  largest region: read ahead, update, write behind), and updated params go back to their home.
 * **MeZO**: no gradients, no state; streamed full-parameter weights are written back once per step.
 * **auto** tries, in order, and keeps the first plan that fits: everything on the device; optimizer state (+masters)
   to CPU; gradients to CPU; params streamed from CPU; state to NVMe; params from NVMe (full fine-tuning). With a
@@ -248,12 +250,13 @@ def _evaluate(recipe, sizes, placement, device, budgets, runtime, tokens) -> Pla
         bd["gpu"]["adapter"] += b.adapter_bytes
         if s_tier == "gpu":
             bd["gpu"]["state"] += state
-        elif trains:
-            region = planned_block_bytes(master, [state])
-            region = align_up(region, NVME_ALIGN) if s_tier == "nvme" else region
-            regions.append(region)
-            bd[s_tier]["master"] += align_up(master, 64)
-            bd[s_tier]["state"] += region - align_up(master, 64)
+        elif trains:  # per staging unit (offloaded_blocks.staging_groups): a region each, staged one at a time
+            for count, unit_state in b.units or ((b.trainable_count, b.state_bytes_fp32),):
+                region = planned_block_bytes(4 * count, [unit_state])
+                region = align_up(region, NVME_ALIGN) if s_tier == "nvme" else region
+                regions.append(region)
+                bd[s_tier]["master"] += align_up(4 * count, 64)
+                bd[s_tier]["state"] += region - align_up(4 * count, 64)
     layers = sizes[1:-1]
     stream_total = sum(b.stream_bytes for b in layers)
     trainable = [b for b in sizes if b.trainable_count]
@@ -267,11 +270,13 @@ def _evaluate(recipe, sizes, placement, device, budgets, runtime, tokens) -> Pla
             bd["gpu"]["grads"] += 2 * max(grads)  # one block's being produced, one being copied out
         if update_on == "cpu":
             fp32 = [4 * b.trainable_count for b in trainable]
-            # Accumulation / a global norm keep every block's gradients; otherwise a block holds its buffer until
-            # its CPU update has run, and the engine bounds that: backward waits while max_pending (2) updates are
-            # in flight, so the one being produced + 2 pending blocks.
+            # Accumulation / a global norm keep every block's gradients (fp32 sums); otherwise a unit holds its
+            # buffer (in the params' dtype: one gradient, nothing to sum) until its CPU update has run, and the
+            # engine bounds that: backward waits while two blocks' updates are in flight, so the block being
+            # produced + 2 pending blocks.
             whole = g_tier == "cpu" and (ga > 1 or t.max_grad_norm > 0)
-            bd["cpu"]["grads"] += sum(fp32) if whole else 3 * max(fp32)
+            narrow = ga == 1 and t.max_grad_norm == 0
+            bd["cpu"]["grads"] += sum(fp32) if whole else 3 * max(grads if narrow else fp32)
             links["gpu->cpu"] += sum(grads) * (ga if g_tier == "cpu" else 1)
             # updated params that live on the device go back up: adapters, and resident base weights
             links["cpu->gpu"] += sum(b.trainable_bytes for b, bp in zip(sizes, blocks)
@@ -286,8 +291,8 @@ def _evaluate(recipe, sizes, placement, device, budgets, runtime, tokens) -> Pla
             bd["cpu"]["buffers"] += 2 * slot  # updated weights staged for their NVMe home, one per update in flight
     if regions and s_tier == "nvme":
         bd["cpu"]["buffers"] += STATE_STAGING * max(regions)
-        # a block's first update allocates its state in RAM before it is packed into the region (one worker)
-        bd["cpu"]["buffers"] += max(b.state_bytes_fp32 for b in sizes)
+        # a unit's first update allocates its state in RAM before it is packed into the region (one worker)
+        bd["cpu"]["buffers"] += max(st for b in sizes for _, st in b.units or ((0, b.state_bytes_fp32),))
         links["nvme->cpu"] += sum(regions)
         links["cpu->nvme"] += sum(regions)
     if zo:

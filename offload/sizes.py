@@ -85,6 +85,7 @@ class BlockSize:
     act_input_bytes: int      # what a checkpointed block keeps: its inputs (tensors shared with earlier blocks: 0)
     act_largest_bytes: int    # largest single saved storage in the block
     tokens: int               # tokens in the micro-batch the activation numbers are for
+    units: tuple[tuple[int, int], ...] = ()  # (values, fp32-master state bytes) per offloaded-update staging unit
 
     @property
     def grad_bytes(self) -> int:
@@ -187,6 +188,7 @@ def block_sizes(recipe: Recipe, config=None) -> ModelSizes:
     import torch
 
     from .blocks import decoder_layers, flat_layout, model_blocks
+    from .offloaded_blocks import staging_groups
 
     notes: list[str] = []
     if config is None:
@@ -207,6 +209,9 @@ def block_sizes(recipe: Recipe, config=None) -> ModelSizes:
             trainable += [(j, name.replace(f"{prefix}.1.", f"{prefix}.{j - 1}.", 1) if j > 2 else name, p.shape,
                            p.dtype) for name, p in block.params if p.requires_grad]
     state, state32 = _optimizer_state(recipe, [(n, shape, dtype) for _, n, shape, dtype in trainable])
+    units = staging_groups([[(n, shape.numel()) for j, n, shape, _ in trainable if j == i]
+                            for i in range(n_layers + 2)])
+    numel = {n: shape.numel() for _, n, shape, _ in trainable}
     small_acts = _activations(recipe, model, small or config, notes)
     acts = {j: a for a, targets in zip(small_acts, stands) for j in targets}
     tokens = t.per_device_train_batch_size * recipe.data.max_length
@@ -234,7 +239,8 @@ def block_sizes(recipe: Recipe, config=None) -> ModelSizes:
             block.name, count, nbytes, flat_layout(streamed)[1] if streamed else 0, qstate,
             t_bytes if recipe.adapter.type != "none" else 0, t_count, t_bytes,
             sum(state[n] for n, _ in mine), sum(state32[n] for n, _ in mine), max((s for _, s in mine), default=0),
-            matmul[i], *acts[i], tokens))
+            matmul[i], *acts[i], tokens,
+            tuple((sum(numel[n] for n in names), sum(state32[n] for n in names)) for b, names in units if b == i)))
     total = sum(b.param_bytes + b.adapter_bytes for b in out)
     return ModelSizes(out, notes, source=f"{type(base).__name__}, {n_layers} layers, "
                                          f"{format_size(total)} of parameters")

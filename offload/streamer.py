@@ -42,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .bnb_compat import streamable_4bit
 from .blocks import Block, flat_layout, model_blocks, view_as
-from .memory import release_free_memory
+from .memory import release_free_memory, return_large_frees_to_os
 from .nvme import NvmeStore, aligned_empty
 
 
@@ -106,6 +106,7 @@ class BlockStreamer:
         self._t0 = time.perf_counter()
         self._store: NvmeStore | None = None
         self._homes: list[torch.Tensor] = []
+        return_large_frees_to_os()
         self._build_homes(nvme_dir, threads)
         release_free_memory()  # the weights that moved home were freed: let RSS show it
         self._slots = [self._new_slot() for _ in range(self.n_slots)]

@@ -327,3 +327,65 @@ def test_disk_too_small_fails_before_training(tmp_path, monkeypatch):
     with pytest.raises(NvmeStoreError, match="offload.nvme_dir"):
         new_engine(tiny_llama(), "adamw", "nvme", tmp_path)
     assert swap_files(tmp_path) == []
+
+
+def test_staging_groups_split_blocks_into_runs_no_larger_than_the_largest_tensor():
+    from slimtune.offload.offloaded_blocks import staging_groups
+
+    blocks = [[("embed", 100)], [("q", 30), ("k", 30), ("v", 30), ("o", 30), ("mlp", 80), ("norm", 1)],
+              [("head_norm", 1), ("head", 100)]]
+    units = staging_groups(blocks)
+    assert units == [(0, ["embed"]), (1, ["q", "k", "v"]), (1, ["o"]), (1, ["mlp", "norm"]),
+                     (2, ["head_norm"]), (2, ["head"])]
+    # every tensor exactly once, in order, never across blocks, and no unit above the largest tensor
+    assert [n for _, names in units for n in names] == [n for block in blocks for n, _ in block]
+    size = {n: k for block in blocks for n, k in block}
+    assert all(sum(size[n] for n in names) <= 100 for _, names in units)
+
+
+def test_bf16_model_one_micro_batch_equals_fp32_master_adamw_with_bf16_gradient_buffers(tmp_path):
+    """The trainer's full fine-tuning of a bf16 model with state on NVMe (offloading.offloaded_updates: units of at
+    most the largest tensor, one micro-batch, overlap): the CPU gradient buffers hold bf16 (half of fp32) and the run
+    equals, bit for bit, mixed-precision AdamW in memory (fp32 masters, bf16 gradients widened, weights = masters
+    cast to bf16); the staging ring is sized by the largest unit, not by a decoder layer."""
+    from slimtune.finetune.offloading import offloaded_updates
+    from slimtune.offload.state_layout import align_up, planned_block_bytes
+
+    data = micro_batches(4, accumulation=1)
+    builder = make_builder("adamw")
+    reference = tiny_llama(4).to(torch.bfloat16)
+    masters = [(n, p.detach().float().requires_grad_(True)) for n, p in reference.named_parameters()]
+    ref_opt = builder(masters)
+    ref_losses = []
+    for (ids,) in data:
+        loss = reference(input_ids=ids, labels=ids).loss
+        loss.backward()
+        ref_losses.append(loss.item())
+        with torch.no_grad():
+            for (_, m), p in zip(masters, reference.parameters()):
+                m.grad = p.grad.float()
+            ref_opt.step()
+            for (_, m), p in zip(masters, reference.parameters()):
+                p.copy_(m)
+                p.grad = None
+
+    model = tiny_llama(4).to(torch.bfloat16)
+    engine, owners = offloaded_updates(model, builder, "nvme", str(tmp_path), overlap=True)
+    dtypes = set()
+    take = engine._grad_pool.take
+    engine._grad_pool.take = lambda blk, dtype: (dtypes.add(dtype), take(blk, dtype))[1]
+    with engine:
+        losses = []
+        for (ids,) in data:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.item())
+            engine.step()
+        assert dtypes == {torch.bfloat16}
+        assert len(owners) > len(set(owners))  # some block is updated in more than one unit
+        regions = [align_up(planned_block_bytes(blk.master_bytes, engine._planned_state(u)), 4096)
+                   for u, blk in enumerate(engine.blocks)]
+        per_block = [sum(r for r, o in zip(regions, owners) if o == b) for b in set(owners)]
+        assert engine.swapper.staging_bytes == 3 * max(regions) < 3 * max(per_block)
+    assert losses == ref_losses
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
