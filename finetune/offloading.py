@@ -15,7 +15,6 @@ no engine at all and the loop is exactly the in-memory one.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -37,47 +36,22 @@ class Offload:
     model: Any = None
     update_blocks: list[int] = field(default_factory=list)  # the engine's update unit -> model block index
     _last: dict[str, float] = field(default_factory=dict)
-    _home_pending: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
-    _home_lock: Any = field(default_factory=threading.Lock)
-    _named: dict | None = None
+    _named: dict | None = None  # the model's parameters by name (on_updated runs once per update unit)
 
     def on_updated(self, b: int, named: list[tuple[str, torch.Tensor]]) -> None:
-        """OffloadedUpdates -> new weights: streamed layers get them in their home, resident blocks in place.
-
-        The engine updates a layer in several units (``staging_groups``); an NVMe home is written once per layer,
-        when its last unit lands (the values wait here in the params' dtype), not read and rewritten per unit."""
+        """OffloadedUpdates -> new weights: streamed layers get them in their home, resident blocks in place."""
         block = self.update_blocks[b]
         layer = block - 1
-        params = self._params()
+        if self._named is None:
+            self._named = dict(self.model.named_parameters())
+        params = self._named
         if self.streamer is not None and 0 <= layer < len(self.streamer.layers):
             position = {id(p): k for k, p in enumerate(self.streamer.layers[layer].params)}
-            if self.streamer.home == "cpu":
-                self.streamer.write_home(layer, {position[id(params[n])]: v for n, v in named})
-                return
-            with self._home_lock:
-                pending = self._home_pending.setdefault(layer, {})
-                pending.update({position[id(params[n])]: v.to(params[n].dtype, copy=True) for n, v in named})
-                done = len(pending) == sum(p.requires_grad for p in self.streamer.layers[layer].params)
-                if done:
-                    del self._home_pending[layer]
-            if done:
-                self.streamer.write_home(layer, pending)
+            self.streamer.write_home(layer, {position[id(params[n])]: v for n, v in named})
             return
         with torch.no_grad():
             for name, value in named:
                 params[name].data.copy_(value)
-
-    def flush_homes(self) -> None:
-        """Write the layers some of whose units were not updated this step (no gradient reached them)."""
-        with self._home_lock:
-            pending, self._home_pending = self._home_pending, {}
-        for layer, values in pending.items():
-            self.streamer.write_home(layer, values)
-
-    def _params(self) -> dict[str, torch.nn.Parameter]:
-        if self._named is None:
-            self._named = dict(self.model.named_parameters())
-        return self._named
 
     # ------------------------------------------------------------------ loop hooks
     def step(self, max_grad_norm: float) -> float | None:
@@ -85,7 +59,6 @@ class Offload:
         every bound/prefetched layer so the next forward fetches the updated homes. Returns the pre-clip norm."""
         norm = self.updates.step(max_grad_norm)
         if self.streamer is not None:
-            self.flush_homes()
             self.streamer.release_all()
         return norm
 

@@ -97,6 +97,7 @@ class BlockStreamer:
         self.slot_bytes = max((layer.nbytes for layer in self.layers), default=0)
         self.n_slots = prefetch + 2
         self._lock = threading.RLock()
+        self._home_pending: dict[int, tuple[torch.Tensor, set[int]]] = {}  # write_home: NVMe layers in progress
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="slimtune-stream")
         self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
@@ -296,12 +297,14 @@ class BlockStreamer:
             self._release(self.layers[i])
 
     def release_all(self) -> None:
-        """Unbind every layer and wait for write-backs (after backward, before eval/saving)."""
+        """Unbind every layer, wait for write-backs and write partly rewritten homes (after backward, before
+        eval/saving)."""
         with self._lock:
             for layer in self.layers:
                 self._release(layer)
             for f in self._slot_free:
                 f.result()
+            self._flush_homes()
 
     @contextlib.contextmanager
     def bound(self, i: int):
@@ -396,28 +399,48 @@ class BlockStreamer:
         self.stats["bytes_to_home"] += layer.nbytes
 
     def write_home(self, i: int, values: dict[int, torch.Tensor]) -> None:
-        """Rewrite some of layer ``i``'s tensors (position in ``layers[i].params`` -> new value) in its home, from
-        any thread, while the layer may still be bound (an optimizer update running during backward). The bound copy
-        is left alone (backward may still read it); the caller must :meth:`release_all` once every update of the
-        step has landed, so the next forward fetches the new values."""
+        """Rewrite some of layer ``i``'s tensors (position in ``layers[i].params`` -> new value, cast to the param's
+        dtype here) in its home, from any thread, while the layer may still be bound (an optimizer update running
+        during backward). The bound copy is left alone (backward may still read it); the caller must
+        :meth:`release_all` once every update of the step has landed, so the next forward fetches the new values.
+
+        A CPU home is written in place. An NVMe home is written once per layer, not once per call: the values are
+        cast straight into an aligned buffer of the layer, which goes to disk when every trainable tensor of the
+        layer has arrived (the offloaded optimizer updates a layer in several units), or at :meth:`release_all`
+        merged with the home's other tensors."""
         layer = self.layers[i]
         with self._lock:
             layer.home_ready.result()
-        if self.home == "cpu":
-            buf = self._homes[i]
-        elif len(values) == len(layer.params):
-            buf = aligned_empty(layer.nbytes).zero_()
-        else:
-            buf = aligned_empty(layer.nbytes)
-            self._store.read(i, buf).result()
+            if self.home == "cpu":
+                buf = self._homes[i]
+            else:
+                buf, got = self._home_pending.setdefault(i, (aligned_empty(layer.nbytes).zero_(), set()))
         for k, value in values.items():
             shape, dtype = layer.shapes[k]
             off = layer.offsets[k]
             buf[off:off + shape.numel() * dtype.itemsize].view(dtype).view(shape).copy_(value)
-        if self.home == "nvme":
-            self._store.write(i, buf).result()
         with self._lock:
             self.stats["bytes_to_home"] += sum(v.numel() * layer.shapes[k][1].itemsize for k, v in values.items())
+            if self.home == "cpu":
+                return
+            got.update(values)
+            complete = all(k in got for k, p in enumerate(layer.params) if p.requires_grad)
+            if complete:
+                del self._home_pending[i]
+        if complete:
+            self._store.write(i, buf).result()
+
+    def _flush_homes(self) -> None:  # caller holds self._lock
+        """Write the NVMe homes some of whose tensors were rewritten (the others read back from the home first)."""
+        pending, self._home_pending = self._home_pending, {}
+        for i, (buf, got) in pending.items():
+            layer = self.layers[i]
+            home = self._read_home(layer)
+            for k, (shape, dtype) in enumerate(layer.shapes):
+                if k not in got:
+                    off, n = layer.offsets[k], shape.numel() * dtype.itemsize
+                    buf[off:off + n].copy_(home[off:off + n])
+            self._store.write(i, buf).result()
 
     def counters(self) -> dict[str, float]:
         """Cumulative bytes per link and NVMe counters, for metrics.jsonl."""

@@ -142,3 +142,30 @@ def test_cuda_streams_equal_in_memory(base_dir, tiny_batch, tmp_path, home):
     got = train(model, batch)
     assert got[:3] == expected[:3] and streamer.peak_bound == 2
     streamer.close()
+
+
+def test_write_home_writes_an_nvme_layer_once_complete_and_merges_partial_ones_at_release(base_dir, tmp_path):
+    """What the offloaded optimizer does with a layer it updates in several units: values (fp32 masters) are cast
+    into the home, a layer goes to disk once all its trainable tensors arrived, and a layer only partly updated
+    (some unit got no gradient) is merged with its home's other tensors at release_all."""
+    torch.manual_seed(0)
+    model = load_model(ModelConfig(name_or_path=str(base_dir)), base_dir, torch.device("cpu"), False, False)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    streamer = BlockStreamer(model, "nvme", "cpu", nvme_dir=str(tmp_path), stream_trainable=True)
+    try:
+        before = [[v for _, v in streamer.layer_tensors(i)] for i in (0, 1)]
+        new = [[torch.randn(v.shape, dtype=torch.float32) for v in layer] for layer in before]
+        n = len(new[0])
+        streamer.write_home(0, {k: new[0][k] for k in range(n) if k % 2 == 0})  # half of layer 0's tensors
+        streamer.write_home(1, {k: new[1][k] for k in range(n) if k % 2 == 0})  # all of layer 1's, in two calls
+        streamer.write_home(1, {k: new[1][k] for k in range(n) if k % 2 == 1})
+        now = [[v for _, v in streamer.layer_tensors(i)] for i in (0, 1)]
+        assert all(torch.equal(a, b) for a, b in zip(now[0], before[0]))  # incomplete: not on disk yet
+        assert all(torch.equal(a, b.to(a.dtype)) for a, b in zip(now[1], new[1]))  # complete: written, cast
+        streamer.release_all()
+        merged = [v for _, v in streamer.layer_tensors(0)]
+        assert all(torch.equal(merged[k], (new[0][k].to(merged[k].dtype) if k % 2 == 0 else before[0][k]))
+                   for k in range(n))
+    finally:
+        streamer.close()
