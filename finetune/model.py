@@ -13,6 +13,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from slimtune.offload.blocks import keep_torch_forwards
+from slimtune.offload.bnb_compat import keep_training_layout
+
 from .errors import SlimtuneError
 from .recipe import ModelConfig
 
@@ -99,6 +102,9 @@ def load_model(cfg: ModelConfig, source: Path | str, device: str | torch.device,
     except (OSError, ValueError, ImportError) as exc:
         raise SlimtuneError(f"{_source_key(cfg)}: cannot load a causal LM from {str(source)!r}: {_first_line(exc)}"
                             ) from None
+    keep_torch_forwards(model)  # no hub kernels swapped in on train()/eval() (see there)
+    if quantized:
+        keep_training_layout(model)  # bnb's CPU eval repack would break training after an eval (see there)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # the KV cache is useless in training and conflicts with recomputation

@@ -33,6 +33,23 @@ class Block:
                    if trainable is None or p.requires_grad == trainable)
 
 
+def keep_torch_forwards(model: nn.Module) -> int:
+    """Switch transformers' hub kernels off on ``model`` (and models inside it); returns how many were on.
+
+    transformers 5 kernelizes every model ``from_pretrained`` loads when the ``kernels`` package (one of its own
+    dependencies) is installed, and kernelizes again on each ``train()`` / ``eval()``: the ``forward`` of decorated
+    modules (RMSNorm, rotary embedding, attention helpers) is replaced then. That drops wrappers installed on those
+    modules: zeroth-order streaming wraps the final norm, and after a ``train()`` its perturbed forwards silently ran
+    unperturbed (measured: MeZO streamed drifted from MeZO in memory from step 1). On a machine that reaches the Hub
+    it would also download and run kernel code no recipe asked for. slimtune runs the model's own torch code.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "_use_kernels", False) and isinstance(getattr(type(module), "use_kernels", None), property):
+            module.use_kernels = False  # transformers' setter: reset_kernels(), torch forwards back, no re-kernelize
+            changed += 1
+    return changed
+
 def _config(model: nn.Module):
     config = getattr(model, "config", None)
     if config is None and hasattr(model, "get_base_model"):

@@ -7,6 +7,9 @@ layer's weights were streamed into a ring slot that has since been reused for an
 multiplies by the wrong weights (measured: QLoRA losses diverge from the in-memory run at step 2). The subclass below
 saves ``B`` with ``save_for_backward``, so the recompute binds the freshly fetched weight; the math is bnb's own.
 It is installed only around a streamed layer's compute (:func:`streamable_4bit`).
+
+:func:`keep_training_layout` switches off bnb's CPU inference repacking (see there): a model that is trained, evaluated
+and trained again keeps one weight layout and one kernel.
 """
 
 from __future__ import annotations
@@ -51,3 +54,23 @@ def streamable_4bit():
         yield
     finally:
         _bnb.MatMul4Bit = _MatMul4Bit
+
+
+def keep_training_layout(model) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for its AVX512-BF16 CPU inference kernel; returns layers changed.
+
+    On a CPU with AVX512-BF16, bnb 0.50's ``Linear4bit.forward`` in eval mode with an input that needs no gradient
+    replaces ``weight.data`` by a repacked layout and marks the shared ``quant_state`` (``packing_format_for_cpu``)
+    for good. After that, every forward, training ones included, runs ``gemv_4bit``, which has no autograd kernel:
+    gradients stop flowing through the frozen base layer (the input gradient is lost; LoRA weights of the layers
+    below get wrong gradients, silently), and eval numerics differ from training's dequantize + matmul. An eval
+    during training is enough to trigger it. For a streamed layer it is worse: the repacked tensor is not the ring
+    slot, and the next bind pairs the slot's unpacked bytes with the packed flag. Training needs the one layout;
+    evaluation then runs the same kernel as training (slower on CPU than bnb's inference kernel, and exact).
+    """
+    changed = 0
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit" and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed

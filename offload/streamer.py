@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections import deque
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
@@ -40,10 +41,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .bnb_compat import streamable_4bit
-from .blocks import Block, flat_layout, model_blocks, view_as
+from .bnb_compat import keep_training_layout, streamable_4bit
+from .blocks import Block, flat_layout, keep_torch_forwards, model_blocks, view_as
 from .memory import release_free_memory, return_large_frees_to_os
 from .nvme import NvmeStore, aligned_empty
+
+
+TIMELINE_EVENTS = 8192  # the timeline keeps the most recent events (a few steps of a large model), not a whole run
 
 
 def in_backward() -> bool:
@@ -103,8 +107,9 @@ class BlockStreamer:
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
         self.stats = {"bytes_to_device": 0, "bytes_to_home": 0, "fetches": 0, "misses": 0, "wait_s": 0.0}
         self.bound_now = self.peak_bound = 0
-        self.timeline: list[tuple[str, float, float, str]] = []
+        self.timeline: deque[tuple[str, float, float, str]] = deque(maxlen=TIMELINE_EVENTS)
         self._t0 = time.perf_counter()
+        self._backward_from: dict[int, float] = {}  # layer -> start of its recompute in the running backward
         self._store: NvmeStore | None = None
         self._homes: list[torch.Tensor] = []
         return_large_frees_to_os()
@@ -166,6 +171,14 @@ class BlockStreamer:
     # ------------------------------------------------------------------ moving one layer
     def _event(self, lane: str, start: float, label: str) -> None:
         self.timeline.append((lane, start - self._t0, time.perf_counter() - self._t0, label))
+
+    def _backward_done(self, i: int | None = None) -> None:
+        """Close the compute event of layer ``i``'s recompute + backward (``None``: every open one, e.g. a layer
+        whose input needs no gradient, closed by the next layer's recompute or :meth:`release_all`)."""
+        for j in [i] if i is not None else list(self._backward_from):
+            start = self._backward_from.pop(j, None)
+            if start is not None:
+                self._event("compute", start, f"layer {j} (recompute + backward)")
 
     def _start_fetch(self, layer: _Layer) -> None:
         slot = self._free.pop(0)
@@ -273,6 +286,7 @@ class BlockStreamer:
         """Bind layer ``i`` (waiting for its prefetch, or fetching it now) and prefetch the window after it."""
         with self._lock:
             backward = in_backward()
+            self._backward_done()  # a layer whose input needed no gradient: its backward ended before this
             window = self._window(i, backward, recompute)
             keep = {i, *window}
             for layer in self.layers:
@@ -300,6 +314,7 @@ class BlockStreamer:
         """Unbind every layer, wait for write-backs and write partly rewritten homes (after backward, before
         eval/saving)."""
         with self._lock:
+            self._backward_done()
             for layer in self.layers:
                 self._release(layer)
             for f in self._slot_free:
@@ -317,6 +332,8 @@ class BlockStreamer:
 
     # ------------------------------------------------------------------ hooks
     def attach(self) -> None:
+        keep_training_layout(self.model)  # bnb's CPU eval repack would replace a bound layer's slot view
+        keep_torch_forwards(self.model)  # transformers' kernelize on train()/eval() would replace forwards
         for layer in self.layers:
             module = layer.block.module
             if module in self._originals:
@@ -331,23 +348,30 @@ class BlockStreamer:
         def run(*args, **kwargs):
             recompute = torch.is_grad_enabled()
             self.acquire(i, recompute)
+            t = time.perf_counter()
             try:
-                t = time.perf_counter()
                 with streamable_4bit():
-                    out = forward(*args, **kwargs)
-                self._event("compute", t, f"layer {i}{' (recompute)' if in_backward() else ''}")
-                return out
-            finally:
+                    return forward(*args, **kwargs)
+            finally:  # also when checkpoint's early stop ends a recompute with an exception
+                if in_backward():  # the lane shows recompute + backward: closed by _backward_done
+                    self._backward_from[i] = t
+                else:
+                    self._event("compute", t, f"layer {i}")
                 self.after(i, recompute)
 
         def streamed_forward(*args, **kwargs):
             if not torch.is_grad_enabled():
                 return run(*args, **kwargs)
-            for key in ("past_key_values", "layer_past"):  # as HF's checkpointing: a cache would update twice
+            # as HF's checkpointing: a cache would be updated twice (forward, recompute); transformers 5 calls it
+            # `cache`, 4.x `past_key_values`, GPT-2-style layers `layer_past`
+            for key in ("cache", "past_key_values", "layer_past"):
                 if kwargs.get(key) is not None:
                     kwargs[key] = None
             if "use_cache" in kwargs:
                 kwargs["use_cache"] = False
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(hidden, torch.Tensor) and hidden.requires_grad:  # its gradient ends the layer's backward
+                hidden.register_hook(lambda grad: self._backward_done(i))
             return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
         return streamed_forward

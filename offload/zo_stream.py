@@ -45,7 +45,7 @@ from torch import nn
 
 from slimtune.optimizers.zeroth_order import MeZO, noise_like, noise_source, perturb_, projected_gradient, zo_update_
 
-from .blocks import decoder_layers
+from .blocks import decoder_layers, keep_torch_forwards
 from .streamer import BlockStreamer
 
 
@@ -113,6 +113,7 @@ class ZOStream:
         self._lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._params = [(p, gi) for gi, g in enumerate(optimizer.param_groups) for p in g["params"]]
         self._group_of = [gi for _, gi in self._params]
+        keep_torch_forwards(model)  # else train()/eval() re-kernelizes and drops the wrappers of _attach
         self.units = self._find_units()
         self._pending: tuple | None = None  # (seeds, projected grads, [(lr, wd) per group]) of the last step
         self._stale: set[int] = set()  # protocol indices whose pending update is not applied yet

@@ -143,6 +143,33 @@ def test_qlora_base_is_nf4_double_quant_bf16_and_trains(tiny_dir_config, tiny_mo
     assert all(torch.equal(after[n], v) for n, v in frozen.items())
 
 
+
+def test_qlora_evaluation_between_steps_changes_neither_training_nor_eval_numerics(tiny_dir_config, tiny_model_dir,
+                                                                                  tiny_batch):
+    """bitsandbytes repacks 4-bit weights for its CPU inference kernel in eval on AVX512-BF16 CPUs, after which no
+    gradient flows through the base layer (offload/bnb_compat.keep_training_layout). With the weights unchanged, the
+    gradients after an eval must equal those before it, and the eval loss the training-mode loss (no dropout)."""
+    model = _adapted(tiny_dir_config, tiny_model_dir, quantized=True, dropout=0.0)
+    _randomize_lora(model)  # B != 0: the first layers' LoRA gradients go through the base layers above
+
+    def gradients():
+        model.train()
+        loss = model(**tiny_batch).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return loss.item(), grads
+
+    train_loss, before = gradients()
+    model.eval()
+    with torch.no_grad():
+        eval_loss = model(**tiny_batch).loss.item()
+    _, after = gradients()
+    assert any(".layers.0." in n for n in before) and all(g.abs().sum() > 0 for g in before.values())
+    for name, grad in before.items():
+        assert torch.equal(after[name], grad), name
+    assert eval_loss == train_loss  # eval runs training's kernel
+
 # --------------------------------------------------------------------------------------------------- full FT
 def test_full_fine_tuning_trains_every_parameter(tiny_dir_config, tiny_model_dir, tiny_batch):
     model = apply_adapter(_base(tiny_dir_config, tiny_model_dir), AdapterConfig(type="none"), False)

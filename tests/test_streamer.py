@@ -169,3 +169,23 @@ def test_write_home_writes_an_nvme_layer_once_complete_and_merges_partial_ones_a
                    for k in range(n))
     finally:
         streamer.close()
+
+
+def test_timeline_shows_each_layers_forward_and_its_recompute_plus_backward(base_dir, tiny_batch, tmp_path):
+    """The compute lane of the timeline (bench PNGs, overlap checks) covers backward too, one event per layer, in
+    backward order and without overlap; the recompute's early stop (an exception inside checkpoint) loses none."""
+    model = lora_model(base_dir)
+    streamer = BlockStreamer(model, "nvme", "cpu", nvme_dir=str(tmp_path))
+    model.train()
+    for _ in range(2):
+        streamer.timeline.clear()
+        model(**tiny_batch).loss.backward()
+        streamer.release_all()
+    compute = [(a, b, label) for lane, a, b, label in streamer.timeline if lane == "compute"]
+    labels = [label for _, _, label in compute]
+    assert labels == ([f"layer {i}" for i in range(LAYERS)]
+                      + [f"layer {i} (recompute + backward)" for i in reversed(range(LAYERS))])
+    assert all(a < b <= c for (a, b, _), (c, _, _) in zip(compute, compute[1:]))  # ordered, never overlapping
+    fetches = [label for lane, _, _, label in streamer.timeline if lane == "fetch"]
+    assert len(fetches) >= 2 * LAYERS - 1  # forward and backward fetches are on the same clock
+    streamer.close()

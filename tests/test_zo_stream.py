@@ -154,6 +154,26 @@ def test_streamed_steps_equal_in_memory_mezo(case, tmp_path):
             assert torch.equal(p, frozen_before[name]), name  # the frozen base is never touched
 
 
+def test_a_loaded_model_switched_to_train_mode_still_runs_every_perturbed_forward(tmp_path):
+    """transformers 5 kernelizes models from ``from_pretrained`` when ``kernels`` is installed and re-kernelizes on
+    train()/eval(), replacing the forward of the final norm that ZOStream wraps (blocks.keep_torch_forwards). A
+    loaded model in train mode (as the trainer holds it) must still match in-memory MeZO bit for bit."""
+    batches = [make_batch(seed) for seed in range(1, STEPS + 1)]
+    ref_losses, _, ref_params, _ = in_memory(False, False, 0.0, 1, batches)
+    make_model(False, False).save_pretrained(tmp_path / "base")
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).train()
+    opt, sched = make_optimizer(model, 0.0, 1)
+    zo = ZOStream(model, opt, None)
+    assert not getattr(model, "use_kernels", False)
+    losses = []
+    for batch in batches:
+        losses.append(zo.step(batch))
+        sched.step()
+    zo.detach()
+    assert losses == ref_losses
+    for name, p in model.named_parameters():
+        assert torch.equal(p, ref_params[name]), name
+
 def test_checkpoint_of_flushed_weights_and_optimizer_resumes_exactly(tmp_path):
     """Save after 2 streamed steps (flush, weights read through the streamer's homes, optimizer state_dict),
     resume in a fresh model + streamer + optimizer, 2 more steps == 4 uninterrupted steps."""
