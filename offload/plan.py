@@ -295,8 +295,8 @@ def _evaluate(recipe, sizes, placement, device, budgets, runtime, tokens) -> Pla
         bd["cpu"]["buffers"] += max(st for b in sizes for _, st in b.units or ((0, b.state_bytes_fp32),))
         links["nvme->cpu"] += sum(regions)
         links["cpu->nvme"] += sum(regions)
-    if zo:
-        bd["gpu"]["buffers"] += max(b.largest_param_bytes for b in sizes)  # MeZO's z
+    if zo:  # MeZO's z: one tensor's in memory; a whole block's when streamed (zo_stream draws it once per block)
+        bd["gpu"]["buffers"] += max(b.trainable_bytes if streamed else b.largest_param_bytes for b in sizes)
     bd["gpu"]["activations"] = _activation_bytes(sizes, zo, ckpt, 2 * n_samples if zo and streamed else 0)
     # streaming traffic
     fetches = (1 if zo else 2) * ga  # MeZO streamed: every perturbed forward of a block runs while it is resident

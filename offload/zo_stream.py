@@ -17,7 +17,10 @@ bit (``tests/test_zo_stream.py``). How:
   it). Loss of chunk k: the model's own ``loss_function`` on that chunk of the logits (the forward gets no labels),
   i.e. the in-memory closure's ``out.loss``, taken as a Python float like the trainer's closure.
 * **Per-tensor noise.** z of tensor j is regenerated from ``tensor_seed(seed, j)`` alone (``noise="per_tensor"``,
-  optimizers/zeroth_order.py), so blocks can be perturbed and updated in any order.
+  optimizers/zeroth_order.py), so blocks can be perturbed and updated in any order. A block draws each sample's z
+  once and keeps it for its three perturbations (in-memory MeZO draws it three times, to hold no copy of the
+  model): the same values, one block-sized buffer, and half the Gaussian draws per step (2 instead of 4 per value;
+  on a CPU the draws are most of a MeZO step, since the generator is sequential).
 * **Deferred update (ZO2).** Step t's update (its seeds, projected gradients and each group's lr / weight decay *at
   step t*) is applied to a tensor the next time its block runs, before it is perturbed, or on :meth:`flush`. A
   streamed layer gets it on bind (the streamer's ``on_bind``), so a plain forward (eval, generate) through a layer
@@ -43,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from slimtune.optimizers.zeroth_order import MeZO, noise_like, noise_source, perturb_, projected_gradient, zo_update_
+from slimtune.optimizers.zeroth_order import MeZO, noise_like, noise_source, projected_gradient, zo_update_
 
 from .blocks import decoder_layers, keep_torch_forwards
 from .streamer import BlockStreamer
@@ -284,15 +287,17 @@ class ZOStream:
                                        "in dim 0, so its 2n perturbed forwards cannot be told apart")
                 return unit.inner(*args, **kwargs)  # frozen, batch-free: nothing to split
         t, outs = time.perf_counter(), []
-        for k in range(n_chunks):
-            source = noise_source("per_tensor", seeds[k // 2])
-            for j, p in unit.params:  # k even: +ε (θ + εz), k odd: −2ε (θ − εz)
-                perturb_(p, source(j, p), eps if k % 2 == 0 else -2.0 * eps)
-            if args is not None:
-                outs.append(unit.inner(*split_args[k], **split_kwargs[k]))
-            if k % 2 == 1:
-                for j, p in unit.params:  # restore (+ε), as MeZO.step, before the next sample
-                    perturb_(p, source(j, p), eps)
+        for sample in range(n_chunks // 2):
+            source = noise_source("per_tensor", seeds[sample])
+            zs = [noise_like(p, source(j, p)) for j, p in unit.params]  # MeZO.step's z, drawn once here
+            for k, scale in ((2 * sample, eps), (2 * sample + 1, -2.0 * eps)):  # θ + εz, then θ − εz
+                for (_, p), z in zip(unit.params, zs):
+                    p.add_(z * scale)  # = perturb_(p, ·, scale): z * scale rounded in p's dtype, then added
+                if args is not None:
+                    outs.append(unit.inner(*split_args[k], **split_kwargs[k]))
+            for (_, p), z in zip(unit.params, zs):  # restore (+ε), as MeZO.step, before the next sample
+                p.add_(z * eps)
+            del zs
         if unit.layer is not None and hasattr(self.streamer, "_event"):
             self.streamer._event("compute", t, f"layer {unit.layer} (zo x{n_chunks})")
         return _concat(outs) if outs else None
