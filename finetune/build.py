@@ -20,7 +20,7 @@ from .adapters import apply_adapter
 from .checkpoint import list_checkpoints
 from .data import eval_prompts, load_records, record_texts, tokenize_rows
 from .errors import SlimtuneError
-from .io import atomic_dir, atomic_write_text, remove_stale_temps
+from slimtune.offload.atomic_io import atomic_dir, atomic_write_text, remove_stale_temps
 from .model import build_base_model, count_parameters, load_model, resolve_device
 from .recipe import Recipe
 from .tokenizer import load_tokenizer

@@ -28,7 +28,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
-from .io import atomic_dir, remove_stale_temps
+from slimtune.offload.atomic_io import atomic_dir, remove_stale_temps
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 

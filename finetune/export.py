@@ -18,7 +18,7 @@ from .adapters import METADATA_FILE, read_metadata
 from .adapters.mixlora_io import load_mixlora
 from .data import prompt_ids
 from .errors import SlimtuneError
-from .io import atomic_dir
+from slimtune.offload.atomic_io import atomic_dir
 from .model import DTYPES, load_model, resolve_device
 from .recipe import ModelConfig, QuantizationConfig
 from .tokenizer import ensure_pad_token

@@ -18,7 +18,7 @@ from typing import Any
 from slimtune.offload import format_bytes
 
 from .errors import SlimtuneError
-from .io import atomic_write_text
+from slimtune.offload.atomic_io import atomic_write_text
 
 
 class Reporters:

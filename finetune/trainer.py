@@ -33,7 +33,7 @@ from .checkpoint import (TrainerState, find_resume_checkpoint, list_checkpoints,
 from .data import batches, num_batches
 from .errors import CheckpointError
 from .evaluate import autocast, eval_loss, exact_match_score, supervised_tokens
-from .io import atomic_write_text
+from slimtune.offload.atomic_io import atomic_write_text
 from .metrics import MetricsLog, write_plots
 from .offloading import build_offload, offload_requested
 from .recipe import Recipe

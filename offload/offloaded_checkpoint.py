@@ -10,17 +10,14 @@ other tier)::
     block-00000.safetensors    "master/<i>" and "state/<i>/<key>" of block 0's parameter i, ...
 
 RAM while saving or loading: one block (its staging buffer on NVMe). The directory is written to a temporary
-sibling and renamed into place, so a kill leaves the previous checkpoint intact; the same protocol as
-``finetune/io.py`` ``atomic_dir``, repeated here because ``offload`` must not import ``finetune`` (DESIGN.md,
-dependency direction).
+sibling and renamed into place (:func:`.atomic_io.atomic_dir`, the trainer's checkpoints use the same), so a kill
+leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 from collections.abc import Iterator
 from itertools import zip_longest
 from pathlib import Path
@@ -28,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic_io import atomic_dir
 from .state_layout import master_views, state_views
 
 FORMAT = 1
@@ -37,28 +35,6 @@ GROUPS = "groups.safetensors"
 
 def _block_file(b: int) -> str:
     return f"block-{b:05d}.safetensors"
-
-
-@contextlib.contextmanager
-def _atomic_dir(target: Path) -> Iterator[Path]:
-    """Fill a ``.tmp-`` sibling, fsync it, rename it over ``target`` (see ``finetune/io.py``)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        for file in tmp.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-        old = target.parent / f".tmp-old-{target.name}-{os.getpid()}"
-        if target.exists():
-            os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _plain(value, what: str):
@@ -91,7 +67,7 @@ def save_engine(engine, directory) -> None:
             "master_dtype": str(engine.master_dtype), "blocks": [],
             "param_groups": [{k: _plain(v, f"param group {g} key {k!r}") for k, v in group.items()
                               if k != "params" and not isinstance(v, torch.Tensor)} for g, group in enumerate(groups)]}
-    with _atomic_dir(Path(directory)) as tmp:
+    with atomic_dir(Path(directory)) as tmp:
         for b, blk in enumerate(engine.blocks):
             with block_state(engine, b) as (masters, states):
                 tensors = {f"master/{i}": m.contiguous() for i, m in enumerate(masters)}

@@ -157,9 +157,6 @@ class BlockStreamer:
                 self._store.write(layer.index, staging[:layer.nbytes]).result()
             for p in layer.params:
                 p.data = self._placeholder(p.dtype)
-            for module in layer.block.module.modules():  # bnb would repack a bound weight in place on CPU
-                if hasattr(module, "support_avx512bf16_for_cpu"):
-                    module.support_avx512bf16_for_cpu = False
 
     def home_bytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)

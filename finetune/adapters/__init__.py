@@ -18,7 +18,7 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
 from ..errors import CheckpointError, SlimtuneError
-from ..io import atomic_dir
+from slimtune.offload.atomic_io import atomic_dir
 from ..recipe import AdapterConfig
 from .lora import apply_lora
 from .mixlora import apply_mixlora, aux_loss, is_mixlora, router_load

@@ -1,5 +1,8 @@
 """Atomic writes: a reader (or a resumed run) sees the old file/directory or the new one, never half of one.
 
+Used by the trainer's checkpoints, exports and metrics (``finetune``) and by the offloaded optimizer's checkpoints;
+it lives in ``offload`` because ``finetune`` depends on ``offload``, not the reverse (DESIGN.md).
+
 Files: write ``name.tmp-<pid>``, fsync, ``os.replace``. Directories: fill ``.tmp-<name>-<pid>`` next to the
 target, fsync its files, then rename it into place (a same-filesystem rename is atomic on POSIX). A kill at any
 moment leaves at most a ``.tmp-*`` directory, which :func:`remove_stale_temps` clears on the next start.
