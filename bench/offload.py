@@ -324,15 +324,17 @@ def run_mezo_stream(a, config, batches, meter) -> dict:
     opt = MeZO(mezo_param_groups(model.named_parameters(), 0.0), lr=a.mezo_lr, eps=1e-3, noise="per_tensor")
     off = _engine(model, a, nvme, optimizer_state=False)
     zo = ZOStream(model, opt, off.streamer)
-    losses = []
+    losses, t_step = [], 0.0
     meter.start()
     for x in batches:
+        t_step = time.perf_counter()
         losses.append(float(zo.step({"input_ids": x, "labels": x})))
         meter.step_done()
+    timeline = _last_step_timeline(off, t_step)  # fetches, write-backs, each layer's 2n perturbed forwards
     zo.flush()
     zo.detach()
     off.close()
-    return {"losses": losses}
+    return {"losses": losses, "timeline": timeline}
 
 
 CONTENDERS = {"resident": run_resident, "resident-master": run_resident_master, "io": run_io, "deepspeed": run_deepspeed, "slimtune": run_slimtune,

@@ -218,9 +218,11 @@ class ZOStream:
             self._stale.discard(j)
 
     def _on_bind(self, i: int) -> None:
+        t = time.perf_counter()
         for unit in self.units:
-            if unit.layer == i:
+            if unit.layer == i and any(j in self._stale for j, _ in unit.params):
                 self._apply(unit)
+                self.streamer._event("update", t, f"layer {i} (deferred)")  # the streamer's timeline lane
         if self._previous_on_bind is not None:
             self._previous_on_bind(i)
 
