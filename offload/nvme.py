@@ -53,6 +53,11 @@ class NvmeStoreError(OSError):
     """A misconfigured or failing NVMe store; the message names the directory and what would be valid."""
 
 
+def _free_bytes(directory: str) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
 def aligned_empty(nbytes: int, alignment: int = 4096, pin: bool = False) -> torch.Tensor:
     """A flat uint8 CPU tensor of ``nbytes`` whose address is a multiple of ``alignment`` (zero-copy O_DIRECT)."""
     raw = torch.empty(nbytes + alignment, dtype=torch.uint8, pin_memory=pin)
@@ -93,8 +98,7 @@ class NvmeStore:
             raise NvmeStoreError(errno.EACCES, f"{_KEY}: directory {d} is not writable by this user; set {_KEY} "
                                  "to a directory you can write to")
         if capacity_bytes is not None:
-            st = os.statvfs(d)
-            free = st.f_bavail * st.f_frsize
+            free = _free_bytes(d)
             if capacity_bytes > free:
                 raise NvmeStoreError(errno.ENOSPC, f"{_KEY}: {d} has {free} bytes free but the store needs "
                                      f"capacity_bytes={capacity_bytes} ({capacity_bytes - free} more); free space or "
@@ -113,12 +117,32 @@ class NvmeStore:
         self._finalizer = weakref.finalize(self, _cleanup, self.fd, self.path, self._pool, keep)
         if capacity_bytes:
             try:
-                os.posix_fallocate(self.fd, 0, capacity_bytes)
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    self.close()
-                    raise NvmeStoreError(e.errno, f"{_KEY}: could not preallocate {capacity_bytes} bytes in {d}: "
-                                         f"{e.strerror}") from e  # EOPNOTSUPP etc.: the space is just not held
+                self._preallocate(0, capacity_bytes)
+            except NvmeStoreError:
+                self.close()
+                raise
+
+    def _preallocate(self, offset: int, nbytes: int) -> None:
+        """Hold ``nbytes`` of disk from ``offset`` (``posix_fallocate``), so a full disk fails now, not mid-write."""
+        try:
+            os.posix_fallocate(self.fd, offset, nbytes)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NvmeStoreError(e.errno, f"{_KEY}: could not preallocate {nbytes} bytes in {self.directory}: "
+                                     f"{e.strerror}") from e  # EOPNOTSUPP etc.: the space is just not held
+
+    def grow(self, extra_bytes: int, why: str) -> None:
+        """Raise ``capacity_bytes`` by ``extra_bytes``, preallocated like the first capacity (a region that outgrew
+        its prediction, say). ``why`` names what needs the space in the error when the disk has no room for it."""
+        if self.capacity_bytes is None or extra_bytes <= 0:
+            return
+        free = _free_bytes(self.directory)
+        if extra_bytes > free:
+            raise NvmeStoreError(errno.ENOSPC, f"{_KEY}: {why} needs {extra_bytes} more bytes in {self.directory}, "
+                                 f"which has {free} free; free space or point {_KEY} at a larger disk")
+        self._preallocate(self.capacity_bytes, extra_bytes)
+        with self._lock:
+            self.capacity_bytes += extra_bytes
 
     def _open(self, direct: bool | None) -> tuple[int, bool]:
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)

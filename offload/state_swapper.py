@@ -19,13 +19,11 @@ All I/O goes through :class:`.nvme.NvmeStore` (aligned ``O_DIRECT``, buffered fa
 
 from __future__ import annotations
 
-import errno
-import os
 import threading
 import time
 from concurrent.futures import Future
 
-from .nvme import NvmeStore, NvmeStoreError, aligned_empty
+from .nvme import NvmeStore, aligned_empty
 from .state_layout import align_up
 
 
@@ -184,23 +182,8 @@ class StateSwapper:
 
     def _grow_capacity(self, b: int, size: int) -> None:
         """Extend the store's preallocated capacity for a region past the prediction, if the disk has room now."""
-        store = self.store
-        extra = store.reserved_bytes + size - store.capacity_bytes
-        if extra <= 0:
-            return
-        st = os.statvfs(store.directory)
-        free = st.f_bavail * st.f_frsize
-        if extra > free:
-            raise NvmeStoreError(errno.ENOSPC, f"offload.nvme_dir: block {b}'s optimizer state outgrew its "
-                                 f"prediction and needs {extra} more bytes in {store.directory}, which has {free} "
-                                 "free; free space or point offload.nvme_dir at a larger disk")
-        try:
-            os.posix_fallocate(store.fd, store.capacity_bytes, extra)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise NvmeStoreError(e.errno, f"offload.nvme_dir: could not preallocate {extra} more bytes in "
-                                     f"{store.directory}: {e.strerror}") from e
-        store.capacity_bytes += extra  # NvmeStore.reserve checks against it
+        self.store.grow(self.store.reserved_bytes + size - self.store.capacity_bytes,
+                        f"block {b}'s optimizer state outgrew its prediction and")
 
     def ensure_buffer(self, slot: _Slot, nbytes: int, keep: int) -> None:
         """Grow ``slot``'s buffer to ``nbytes`` (keeping its first ``keep`` bytes) when a block's state outgrew it."""

@@ -236,6 +236,14 @@ def test_capacity_errors(tmp_path):
         store.write("b", torch.zeros(5000, dtype=torch.uint8)).result()
         with pytest.raises(NvmeStoreError, match="capacity_bytes=12288 exceeded"):
             store.reserve("c", 1)
+        # grow: more room, preallocated; a request the disk cannot hold names what needed it and the directory
+        store.grow(4096, "block 7's state")
+        assert store.capacity_bytes == 4 * 4096 and os.path.getsize(store.path) >= 4 * 4096
+        store.write("c", torch.ones(4096, dtype=torch.uint8)).result()
+        with pytest.raises(NvmeStoreError, match=rf"offload\.nvme_dir: block 7's state needs \d+ more bytes in "
+                                                 rf"{tmp_path}, which has \d+ free"):
+            store.grow(free + (1 << 40), "block 7's state")
+        assert store.capacity_bytes == 4 * 4096
 
 
 def test_enospc_mid_run_is_a_clean_error(tmp_path, monkeypatch):
