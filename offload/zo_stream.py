@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from slimtune.optimizers.zeroth_order import MeZO, noise_like, noise_source, projected_gradient, zo_update_
+from slimtune.optimizers.zeroth_order import MeZO, noise_like, noise_source, perturb_, projected_gradient, zo_update_
 
 from .blocks import decoder_layers, keep_torch_forwards
 from .streamer import BlockStreamer
@@ -294,11 +294,11 @@ class ZOStream:
             zs = [noise_like(p, source(j, p)) for j, p in unit.params]  # MeZO.step's z, drawn once here
             for k, scale in ((2 * sample, eps), (2 * sample + 1, -2.0 * eps)):  # θ + εz, then θ − εz
                 for (_, p), z in zip(unit.params, zs):
-                    p.add_(z * scale)  # = perturb_(p, ·, scale): z * scale rounded in p's dtype, then added
+                    perturb_(p, z, scale)
                 if args is not None:
                     outs.append(unit.inner(*split_args[k], **split_kwargs[k]))
             for (_, p), z in zip(unit.params, zs):  # restore (+ε), as MeZO.step, before the next sample
-                p.add_(z * eps)
+                perturb_(p, z, eps)
             del zs
         if unit.layer is not None and hasattr(self.streamer, "_event"):
             self.streamer._event("compute", t, f"layer {unit.layer} (zo x{n_chunks})")

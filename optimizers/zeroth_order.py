@@ -139,13 +139,19 @@ def noise_like(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perturb_(p: torch.Tensor, noise: torch.Generator | int, scale: float) -> None:
+def perturb_(p: torch.Tensor, noise: torch.Generator | int | torch.Tensor, scale: float) -> None:
     """p ← p + scale · z, in place, z drawn from ``noise`` (a generator continuing its stream, or an int seed for a
-    fresh one-tensor stream). ``scale`` is ±ε or −2ε; ``z * scale`` rounds like the official ``(s * z) * ε``."""
+    fresh one-tensor stream), or ``noise`` itself when it is a tensor z already drawn (kept, not modified: ZO
+    streaming reuses one z for a block's three perturbations). ``scale`` is ±ε or −2ε; ``z * scale`` rounds like
+    the official ``(s * z) * ε``."""
+    if isinstance(noise, torch.Tensor):
+        p.add_(noise * scale)
+        return
     if isinstance(noise, int):
         noise = torch.Generator(device=p.device).manual_seed(noise)
     elif not isinstance(noise, torch.Generator):
-        raise TypeError(f"noise must be a torch.Generator or an int seed, got {type(noise).__name__}")
+        raise TypeError(f"noise must be a torch.Generator, an int seed or a drawn z tensor, got "
+                        f"{type(noise).__name__}")
     p.add_(noise_like(p, noise).mul_(scale))
 
 

@@ -144,7 +144,10 @@ def test_perturb_with_int_seed_equals_generator_stream():
     perturb_(p, 42, 0.5)
     perturb_(q, torch.Generator().manual_seed(42), 0.5)
     assert torch.equal(p, q) and torch.equal(p, 0.5 * torch.randn(3, 5, generator=torch.Generator().manual_seed(42)))
-    with pytest.raises(TypeError, match="Generator or an int"):
+    r, z = torch.zeros(3, 5), torch.randn(3, 5, generator=torch.Generator().manual_seed(42))
+    perturb_(r, z, 0.5)  # a z drawn once (ZO streaming): the same values, z itself left as drawn
+    assert torch.equal(r, p) and torch.equal(z, torch.randn(3, 5, generator=torch.Generator().manual_seed(42)))
+    with pytest.raises(TypeError, match="Generator, an int seed or a drawn z tensor"):
         perturb_(p, 1.5, 0.5)
 
 
