@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from slimtune.finetune.errors import RecipeError, SlimtuneError
+from slimtune.offload.errors import OffloadError
 
 from .plan import add_parser as add_plan_parser
 from .plan import cmd_plan
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + overrides
     try:
         return COMMANDS[args.command](args)
-    except SlimtuneError as exc:
+    except (SlimtuneError, OffloadError) as exc:
         print(f"slimtune {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:  # `slimtune recipe-docs | head`

@@ -126,6 +126,9 @@ def _load_file(path: Path, cfg: DataConfig) -> datasets.Dataset:
         header = _check_csv(path)
         kwargs = dict(features=datasets.Features({c: datasets.Value("string") for c in header}),
                       keep_default_na=False, na_values=[""], index_col=False)
+    # A local file: no download-count ping to the datasets bucket (datasets' HF_UPDATE_DOWNLOAD_COUNTS switch), so a
+    # run on local data opens no network connection
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
     try:
         rows = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as exc:

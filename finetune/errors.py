@@ -31,3 +31,7 @@ class DataError(SlimtuneError):
 
 class CheckpointError(SlimtuneError):
     """A checkpoint that cannot be resumed from, or a resume that would silently change the run."""
+
+
+class TrainingDiverged(SlimtuneError):
+    """The training loss became NaN or infinite: the run stops, keeping its last good checkpoint."""

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+import slimtune.offload.bnb_compat  # noqa: F401  (before peft: bitsandbytes without the kernel hub)
 from peft import PeftModel
 from transformers import AutoTokenizer
 

@@ -94,7 +94,7 @@ class MetricsLog:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         self.reporters.log(record)
-        if self.bar is not None and "loss" in record:
+        if self.bar is not None and record.get("loss") is not None:
             peak = record.get("peak_gpu_bytes") or record.get("peak_rss_bytes")
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                  tok_s=f"{record['tokens_per_s']:.0f}", mem=format_bytes(peak), refresh=False)
@@ -119,7 +119,8 @@ class MetricsLog:
 
 
 def format_eval(record: dict[str, Any]) -> str:
-    parts = [f"eval @ step {record['step']}: loss {record['eval_loss']:.4f}"]
+    loss = record["eval_loss"]
+    parts = [f"eval @ step {record['step']}: loss {'nan' if loss is None else f'{loss:.4f}'}"]
     for key, value in record.items():
         if key.startswith("eval_") and key != "eval_loss" and isinstance(value, float):
             parts.append(f"{key[5:]} {value:.3f}")

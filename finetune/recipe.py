@@ -113,6 +113,8 @@ MIXLORA_FIELDS = ("num_experts", "top_k", "router_aux_loss_coef", "router_init_r
                   "act_fn")
 # The gated-MLP projections of Llama-family decoders: MixLoRA's experts put their LoRA on these.
 MIXLORA_EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# Phi-3's gated MLP fuses gate and up into one projection (chunked in two); its experts adapt these.
+MIXLORA_FUSED_PROJECTIONS = ("gate_up_proj", "down_proj")
 
 
 class AdapterConfig(Section):
@@ -369,6 +371,11 @@ def combination_problems(recipe: Recipe) -> list[str]:
         if off.optimizer_state not in ("auto", "gpu"):
             problems.append(f"offload.optimizer_state {off.optimizer_state} with optimizer mezo: MeZO keeps no "
                             "per-parameter state (a seed and a few counters); remove the key (or set it to auto)")
+    if a.type == "none" and o.name != "mezo" and off.params in ("cpu", "nvme") and off.optimizer_state == "gpu":
+        problems.append(f"offload.params {off.params} with offload.optimizer_state gpu and adapter.type none: streamed "
+                        "weights pass through a ring of device slots that the next layer overwrites, so an update "
+                        "made on the device would be lost; set offload.optimizer_state to cpu or nvme (the update then "
+                        "runs on the CPU and writes each layer's home), or auto, or keep offload.params gpu")
     if off.gradients == "cpu" and off.optimizer_state == "gpu":
         problems.append("offload.gradients cpu with offload.optimizer_state gpu: the update runs where the optimizer "
                         "state lives, so gradients sent to the CPU would have to come back; set optimizer_state to "
@@ -396,10 +403,11 @@ def _mixlora_problems(a: AdapterConfig) -> list[str]:
     if a.modules_to_save is not None:
         problems.append("adapter.modules_to_save with adapter.type mixlora: the MixLoRA checkpoint format holds "
                         "only LoRA and router weights; remove modules_to_save or use adapter.type lora")
-    if a.target_modules != "all-linear" and not set(a.target_modules) & set(MIXLORA_EXPERT_PROJECTIONS):
+    mlp = MIXLORA_EXPERT_PROJECTIONS + MIXLORA_FUSED_PROJECTIONS[:1]
+    if a.target_modules != "all-linear" and not set(a.target_modules) & set(mlp):
         problems.append(f"adapter.target_modules {list(a.target_modules)} with adapter.type mixlora names no MLP "
                         f"projection, so every expert would be the same frozen FFN; add at least one of "
-                        f"{', '.join(MIXLORA_EXPERT_PROJECTIONS)} (or use all-linear)")
+                        f"{', '.join(mlp)} (gate_up_proj: Phi-3) (or use all-linear)")
     return problems
 
 

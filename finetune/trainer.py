@@ -31,7 +31,7 @@ from .adapters import aux_loss, load_trainable_state_dict, router_load, save_ada
 from .checkpoint import (TrainerState, find_resume_checkpoint, list_checkpoints, load_checkpoint, recipe_changes,
                          save_checkpoint, set_rng_state)
 from .data import batches, num_batches
-from .errors import CheckpointError
+from .errors import CheckpointError, TrainingDiverged
 from .evaluate import autocast, eval_loss, exact_match_score, supervised_tokens
 from slimtune.offload.atomic_io import atomic_write_text
 from .metrics import MetricsLog, write_plots
@@ -191,8 +191,8 @@ class Trainer:
         the perturbed forwards (the official zo_forward runs model.eval()).
         """
         t = self.recipe.training
-        if self.offload is not None and self.offload.zo is not None:  # each block streamed once per step
-            loss = self.offload.zo.step({k: v.to(self.device) for k, v in group[0].items()})
+        if self.offload is not None and self.offload.zo is not None:  # each block streamed once per micro-batch
+            loss = self.offload.zo.step([{k: v.to(self.device) for k, v in b.items()} for b in group])
             self.scheduler.step()
             return loss
 
@@ -303,6 +303,8 @@ class Trainer:
             while self.state.step < self.steps:
                 lr = self.scheduler.get_last_lr()[0]
                 loss, grad_norm, tokens = self.optimizer_step(micro)
+                if not math.isfinite(loss):
+                    raise self.diverged(loss, lr)
                 self.state.step += 1
                 self.state.tokens_seen += tokens
                 log.count_tokens(tokens)
@@ -343,6 +345,17 @@ class Trainer:
             train_seconds=train_seconds, resumed_from=resumed)
         atomic_write_text(run_dir / "summary.json", _summary_json(result))
         return result
+
+    def diverged(self, loss: float, lr: float) -> TrainingDiverged:
+        """The one-line stop of a run whose loss became NaN/inf: the step, the last good checkpoint, what to try.
+        Nothing of the diverged step is saved (its weights already took the non-finite update)."""
+        t, step = self.recipe.training, self.state.step + 1
+        kept = list_checkpoints(self.p.run_dir)
+        where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written before it"
+        return TrainingDiverged(
+            f"training diverged: the loss became {loss} at step {step} (learning rate {lr:.3g}); {where}. Try a "
+            f"lower training.learning_rate (now {t.learning_rate:g}), gradient clipping (training.max_grad_norm, now "
+            f"{t.max_grad_norm:g}), or a warm-up (training.warmup_steps)")
 
     def epoch_progress(self) -> float:
         n = num_batches(len(self.p.train_examples), self.recipe.training.per_device_train_batch_size)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import UnsupportedModel
+
 
 @dataclass
 class Block:
@@ -64,8 +66,10 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     n = getattr(getattr(config, "get_text_config", lambda: config)(), "num_hidden_layers", None)
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n and n]
     if not found:
-        raise ValueError(f"{type(model).__name__}: no nn.ModuleList of config.num_hidden_layers={n} decoder layers "
-                         "found; the offload engine supports decoder-only transformers models")
+        raise UnsupportedModel(
+            f"{type(model).__name__} cannot be offloaded: it has no nn.ModuleList of config.num_hidden_layers={n} "
+            "decoder layers, the unit the engine streams and places (decoder-only transformers models have one); "
+            "keep every tensor on the device (offload.params and offload.optimizer_state gpu, no offload budgets)")
     return max(found, key=lambda item: sum(p.numel() for p in item[1].parameters()))
 
 

@@ -10,16 +10,57 @@ It is installed only around a streamed layer's compute (:func:`streamable_4bit`)
 
 :func:`keep_training_layout` switches off bnb's CPU inference repacking (see there): a model that is trained, evaluated
 and trained again keeps one weight layout and one kernel.
+
+**No kernel download at import.** On a CPU with AVX512-BF16, ``import bitsandbytes`` (which ``import peft`` does)
+asks the ``kernels`` package for ``kernels-community/quantization-bitsandbytes`` from the Hugging Face Hub
+(bitsandbytes 0.50 ``backends/cpu/ops.py``): a network lookup of code at every process start, and a warning
+("Failed to load CPU gemm_4bit_forward from kernels-community: ...") whenever it is not allowed or not reachable.
+That kernel only serves bnb's inference repack, which :func:`keep_training_layout` turns off, so slimtune never runs
+it. :func:`import_bitsandbytes` imports bitsandbytes with huggingface_hub's offline switch
+(``huggingface_hub.constants.HF_HUB_OFFLINE``, the one ``HF_HUB_OFFLINE=1`` sets) on for the import alone: a kernel
+already in the local cache still loads, nothing is fetched, and the fallback's warning is not shown. Every slimtune
+module that imports peft or bitsandbytes imports this module first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
 
-try:  # bitsandbytes is a dependency, but keep the engine importable without a working build
-    from bitsandbytes.autograd import _functions as _bnb
-except Exception:  # pragma: no cover - no bitsandbytes
-    _bnb = None
+
+def import_bitsandbytes():
+    """``bitsandbytes.autograd._functions`` (None without a working bitsandbytes), imported without the kernel hub."""
+    if "bitsandbytes" in sys.modules:  # imported before slimtune (by the user's code): nothing left to guard
+        return _functions_or_none()
+    try:
+        from huggingface_hub import constants as hub
+    except Exception:  # pragma: no cover - huggingface_hub comes with transformers
+        hub = None
+    logs = [logging.getLogger(name) for name in ("bitsandbytes", "kernels")]  # the fallback's and kernels' notes
+    saved = (getattr(hub, "HF_HUB_OFFLINE", None), [log.level for log in logs])
+    if hub is not None:
+        hub.HF_HUB_OFFLINE = True
+    for log in logs:
+        log.setLevel(logging.ERROR)
+    try:
+        return _functions_or_none()
+    finally:
+        if hub is not None:
+            hub.HF_HUB_OFFLINE = saved[0]
+        for log, level in zip(logs, saved[1]):
+            log.setLevel(level)
+
+
+def _functions_or_none():
+    try:  # bitsandbytes is a dependency, but keep the engine importable without a working build
+        from bitsandbytes.autograd import _functions
+    except Exception:  # pragma: no cover - no bitsandbytes
+        return None
+    return _functions
+
+
+_bnb = import_bitsandbytes()
 
 
 if _bnb is not None:

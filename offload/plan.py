@@ -212,6 +212,8 @@ def _candidates(recipe: Recipe) -> list[tuple[str, str, str]]:
         s = s if off.optimizer_state == "auto" else off.optimizer_state
         if g == "cpu" and s == "gpu":
             s = "cpu"  # the update runs where the state is (an explicit gpu + cpu pair is a recipe error)
+        if not _frozen_base(recipe) and p != "gpu" and s == "gpu":
+            s = "cpu"  # streamed weights live in ring slots: their update must write the home, so it runs on the CPU
         if "nvme" in (p, s) and not off.nvme_dir:
             continue
         if (p, g, s) not in out:

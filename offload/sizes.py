@@ -284,14 +284,24 @@ def _build(config, m):
     kwargs: dict[str, Any] = {"dtype": getattr(torch, m.dtype)}
     if m.trust_remote_code:
         kwargs["trust_remote_code"] = True
-    # flash_attention_2 cannot run on fake CPU tensors; sdpa's CPU kernel saves what flash saves (output + lse).
-    kwargs["attn_implementation"] = "eager" if m.attn_implementation == "eager" else "sdpa"
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, **kwargs)
-    except (ValueError, ImportError, OSError) as exc:
-        raise SlimtuneError(f"model: cannot build {type(config).__name__} as a causal LM for planning: {exc}"
-                            ) from None
+    # The attention the trainer's from_pretrained gets: the recipe's, else transformers' own default (sdpa where the
+    # model supports it, else eager: Gemma2 refuses sdpa). flash_attention_2 cannot run on fake CPU tensors: sdpa's
+    # CPU kernel stands in (it saves what flash saves: output + lse), or the default where sdpa is not supported.
+    choices = {"flash_attention_2": ["sdpa", None]}.get(m.attn_implementation, [m.attn_implementation])
+    for k, attn in enumerate(choices):
+        if attn is not None:
+            kwargs["attn_implementation"] = attn
+        else:
+            kwargs.pop("attn_implementation", None)
+        try:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, **kwargs)
+            break
+        except (ValueError, ImportError, OSError) as exc:
+            if k + 1 < len(choices):
+                continue
+            raise SlimtuneError(f"model: cannot build {type(config).__name__} as a causal LM for planning: "
+                                f"{_first_line(exc)}") from None
     model.train()
     return model
 
@@ -463,3 +473,8 @@ def _count_saved(recipe, model, blocks) -> dict[str, tuple[int, int, int]]:
         for h in handles:
             h.remove()
     return [(saved[n], inputs[n], largest[n]) for n in names]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -55,6 +55,13 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def is_kv_cache(value) -> bool:
+    """Whether ``value`` is a transformers key/value cache (a ``Cache``: state a layer call appends to)."""
+    from transformers.cache_utils import Cache
+
+    return isinstance(value, Cache)
+
+
 def _done(value=None) -> Future:
     f: Future = Future()
     f.set_result(value)
@@ -359,11 +366,11 @@ class BlockStreamer:
         def streamed_forward(*args, **kwargs):
             if not torch.is_grad_enabled():
                 return run(*args, **kwargs)
-            # as HF's checkpointing: a cache would be updated twice (forward, recompute); transformers 5 calls it
-            # `cache`, 4.x `past_key_values`, GPT-2-style layers `layer_past`
-            for key in ("cache", "past_key_values", "layer_past"):
-                if kwargs.get(key) is not None:
-                    kwargs[key] = None
+            # as HF's checkpointing: a KV cache would be updated twice (forward, recompute). Found by what the
+            # call carries, not by name: the kwarg is `cache` in transformers 5, `past_key_values` in 4.x, and GPT-2
+            # passes it positionally
+            args = tuple(None if is_kv_cache(a) else a for a in args)
+            kwargs = {k: None if is_kv_cache(v) else v for k, v in kwargs.items()}
             if "use_cache" in kwargs:
                 kwargs["use_cache"] = False
             hidden = args[0] if args else kwargs.get("hidden_states")

@@ -32,8 +32,9 @@ bit (``tests/test_zo_stream.py``). How:
 * **Optimizer state** advances exactly as ``MeZO.step`` would (``draw_seeds`` / ``record_step``), so a checkpoint of
   the optimizer plus the flushed weights resumes the exact trajectory.
 
-Not supported (clear errors): gradient accumulation (``training.gradient_accumulation_steps`` must be 1, as in the
-official code and ZO2), ``noise="sequential"``, a module that owns parameters and contains another that does
+Gradient accumulation: :meth:`ZOStream.step` takes the step's micro-batches (the official code and ZO2 refuse
+accumulation; the trainer's in-memory MeZO uses all of them, and so does this). Not supported (clear errors):
+``noise="sequential"``, a module that owns parameters and contains another that does
 (outside the decoder layers), a trainable module that runs twice in one forward.
 """
 
@@ -78,6 +79,14 @@ def _split(value, total: int, n: int, found: list):
         parts = {key: _split(v, total, n, found) for key, v in value.items()}
         return [type(value)((key, p[k]) for key, p in parts.items()) for k in range(n)]
     return [value] * n
+
+
+def _expand(out, size: int, name: str) -> torch.Tensor:
+    """A batch-free module output (dim 0 of size 1, broadcast against the batch downstream) as ``size`` rows."""
+    if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == 1:
+        return out.expand(size, *out.shape[1:])
+    raise RuntimeError(f"ZO streaming: {name} got no input with the stepped batch size in dim 0 and its output is "
+                       "not broadcast over the batch, so its 2n perturbed forwards cannot be told apart")
 
 
 def _concat(outs: list):
@@ -280,14 +289,17 @@ class ZOStream:
                 else:
                     self._saved[j] = p.detach().clone()
         found: list = []
+        broadcast = None  # rows to expand a batch-free output to
         if args is not None:
             split_args = _split(list(args), total, n_chunks, found)
             split_kwargs = _split(dict(kwargs), total, n_chunks, found)
             if not found:
-                if unit.params:
-                    raise RuntimeError(f"ZO streaming: {unit.name} got no input with the stepped batch size {total} "
-                                       "in dim 0, so its 2n perturbed forwards cannot be told apart")
-                return unit.inner(*args, **kwargs)  # frozen, batch-free: nothing to split
+                if not unit.params:
+                    return unit.inner(*args, **kwargs)  # frozen, batch-free: nothing to split
+                # batch-free input (GPT-2's position embedding gets position_ids of shape (1, seq)): each chunk runs
+                # on the same input and its output, broadcast over the batch in memory, is expanded to the chunk
+                split_args, split_kwargs = [list(args)] * n_chunks, [dict(kwargs)] * n_chunks
+                broadcast = total // n_chunks
         t, outs = time.perf_counter(), []
         for sample in range(n_chunks // 2):
             source = noise_source("per_tensor", seeds[sample])
@@ -296,7 +308,8 @@ class ZOStream:
                 for (_, p), z in zip(unit.params, zs):
                     perturb_(p, z, scale)
                 if args is not None:
-                    outs.append(unit.inner(*split_args[k], **split_kwargs[k]))
+                    out = unit.inner(*split_args[k], **split_kwargs[k])
+                    outs.append(out if broadcast is None else _expand(out, broadcast, unit.name))
             for (_, p), z in zip(unit.params, zs):  # restore (+ε), as MeZO.step, before the next sample
                 perturb_(p, z, eps)
             del zs
@@ -311,39 +324,49 @@ class ZOStream:
         return next(iter(self.model.parameters())).device
 
     @torch.no_grad()
-    def step(self, batch) -> float:
-        """One MeZO step on ``batch`` (a dict with ``labels``; or a list holding one such dict). Returns
-        L(θ + εz) of the last sample, as ``MeZO.step`` does. Runs the model in eval mode (deterministic
-        forwards, like the official ``zo_forward``) and restores its mode."""
-        if isinstance(batch, (list, tuple)):
-            if len(batch) != 1:
-                raise ValueError(f"ZO streaming runs one micro-batch per step, got {len(batch)}: set "
-                                 "training.gradient_accumulation_steps to 1 (gradient accumulation is not supported "
-                                 "with offloaded zeroth-order training, as in the official MeZO code and ZO2)")
-            batch = batch[0]
-        if "labels" not in batch:
-            raise ValueError("ZOStream.step needs a batch with 'labels' (the loss is computed per perturbed chunk)")
+    def step(self, batches) -> float:
+        """One MeZO step on ``batches``: a dict with ``labels``, or the step's list of micro-batches (gradient
+        accumulation: the SPSA batch is all of them, as in memory). Returns L(θ + εz) of the last sample, as
+        ``MeZO.step`` does. Runs the model in eval mode (deterministic forwards, like the official ``zo_forward``)
+        and restores its mode.
+
+        The loss of a perturbation is the token-weighted mean over the micro-batches, summed as the trainer's
+        in-memory closure sums it (``float(loss_i) * n_i / n``, micro-batches without supervised tokens skipped).
+        Each micro-batch is one forward, so a streamed block is fetched once per micro-batch that reaches it (the
+        in-memory closure runs the same forwards); micro-batch i > 1 sees the block's weights after i - 1
+        perturbation round trips (+ε, -2ε, +ε), which equal θ up to float rounding, as in memory after one step."""
+        batches = list(batches) if isinstance(batches, (list, tuple)) else [batches]
+        if not batches or any("labels" not in b for b in batches):
+            raise ValueError("ZOStream.step needs batches with 'labels' (the loss is computed per perturbed chunk)")
         opt, device = self.optimizer, self._device()
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        labels = batch["labels"]
-        size, n_chunks = labels.shape[0], 2 * opt.n_samples
+        n_chunks = 2 * opt.n_samples
+        counts = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
+        total = sum(counts)
         seeds = opt.draw_seeds()
-        self._active = (seeds, opt.eps, n_chunks, size * n_chunks)
-        self._visited, self._saved = set(), {}
+        losses = [0.0] * n_chunks  # nothing supervised: the trainer's closure returns 0 without a forward
+        reached: set[int] = set()
         was_training = self.model.training
         self.model.eval()
         try:
-            if int((labels[:, 1:] != -100).sum()) == 0:
-                losses = [0.0] * n_chunks  # nothing supervised: the trainer's closure returns 0 without a forward
-            else:
+            for batch, n in zip(batches, counts):
+                if n == 0:
+                    continue
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                labels = batch["labels"]
+                size = labels.shape[0]
+                self._active = (seeds, opt.eps, n_chunks, size * n_chunks)
+                self._visited, self._saved = set(), {}
                 inputs = {k: torch.cat([v] * n_chunks) if isinstance(v, torch.Tensor) and v.dim() >= 1
                           and v.shape[0] == size else v for k, v in batch.items() if k != "labels"}
                 logits = self.model(**inputs, use_cache=False).logits
-                losses = [float(self._lm.loss_function(logits=chunk, labels=labels,
-                                                       vocab_size=self._lm.config.vocab_size))
-                          for chunk in logits.split(size)]
-            for unit in self.units:  # modules the forward did not reach still take MeZO.step's perturbations
-                if unit.params and id(unit) not in self._visited:
+                for k, chunk in enumerate(logits.split(size)):
+                    losses[k] += float(self._lm.loss_function(logits=chunk, labels=labels,
+                                                              vocab_size=self._lm.config.vocab_size)) * n / total
+                reached |= self._visited
+                del logits
+            self._active = (seeds, opt.eps, n_chunks, 0)
+            for unit in self.units:  # modules no forward reached still take MeZO.step's perturbations
+                if unit.params and id(unit) not in reached:
                     if self._needs_bind(unit):
                         with self.streamer.bound(unit.layer):
                             self._visit(unit, None, None)

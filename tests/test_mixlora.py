@@ -448,6 +448,35 @@ def test_official_package_loads_our_adapter_with_the_same_logits(tmp_path, tiny_
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
 
 
+def test_phi3_fused_gate_up_matches_the_official_package(tmp_path, tiny_tokenizer):
+    """Phi-3 fuses gate and up into gate_up_proj: each expert adapts it with one LoRA and chunks the output (the
+    official ``_phi3_forward``). Identity at init is exact, and the official package reads our adapter with the
+    same logits once it is trained away from zero."""
+    import zoo
+
+    model_dir = zoo.build("phi3", tmp_path / "phi3", tiny_tokenizer)
+    cfg = ModelConfig(name_or_path=str(model_dir))
+    base = _logits(_base(cfg, model_dir))
+    model = _mixlora(cfg, model_dir, dropout=0.05)
+    assert model.mixlora_settings.expert_targets == ("gate_up_proj", "down_proj")
+    assert set(model.mixlora_settings.attention_targets) == {"qkv_proj", "o_proj"}
+    assert torch.equal(_logits(model), base)
+    _randomize(model)
+    ours = _logits(model)
+    assert (ours - base).abs().max() > 0.1
+    save_adapter(model, tmp_path / "adapter", tiny_tokenizer)
+    torch.testing.assert_close(_logits(_official(tmp_path / "adapter")), ours, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "opt"])
+def test_a_non_gated_mlp_is_refused_with_the_supported_families(tmp_path, tiny_tokenizer, family):
+    import zoo
+
+    model_dir = zoo.build(family, tmp_path / family, tiny_tokenizer)
+    with pytest.raises(SlimtuneError, match="adapter.type mixlora needs a decoder with a gated MLP.*Phi-3.*lora"):
+        _mixlora(ModelConfig(name_or_path=str(model_dir)), model_dir)
+
+
 def test_an_official_format_adapter_loads_in_slimtune(tmp_path, tiny_model_dir):
     """Written by hand from the format MoE-PEFT saves (reference §1a): .bin only, target_modules as a dict, an int
     alpha, no router settings (their code defaults apply), experts on up/down only."""

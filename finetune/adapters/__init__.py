@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import slimtune.offload.bnb_compat  # noqa: F401  (before peft: bitsandbytes without the kernel hub)
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
 from ..errors import CheckpointError, SlimtuneError

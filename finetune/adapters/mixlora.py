@@ -6,7 +6,8 @@ Per decoder layer, without touching model code:
 * attention projections get ordinary, independent LoRA through peft (``adapter.r/alpha/dropout/target_modules``);
 * the MLP is wrapped by :class:`MixLoraFFN` (peft's base-layer pattern: it holds the frozen MLP as ``base_layer``
   and calls its projections). Expert ``e`` is the frozen FFN with its own LoRA on gate_proj, up_proj and down_proj
-  (``adapter.expert_lora``)::
+  (``adapter.expert_lora``; Phi-3 fuses gate and up into one ``gate_up_proj`` whose output is chunked into g and u,
+  and its experts put one LoRA on that, as the official code's ``_phi3_forward``)::
 
       g_e = W_gate x + s B_g^e A_g^e drop(x)      u_e = W_up x + s B_u^e A_u^e drop(x)      a_e = act(g_e) * u_e
       out_e = W_down a_e + s B_d^e A_d^e drop(a_e)                                         (s = alpha / r)
@@ -44,7 +45,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SlimtuneError
-from ..recipe import MIXLORA_EXPERT_PROJECTIONS, AdapterConfig
+from ..recipe import MIXLORA_EXPERT_PROJECTIONS, MIXLORA_FUSED_PROJECTIONS, AdapterConfig
+
+# Families whose decoder MLP is gated (act(W_g x) * W_u x), the structure MixLoRA's experts adapt.
+SUPPORTED = "Llama, Mistral, Qwen2/Qwen3, Gemma/Gemma2 (gate_proj, up_proj, down_proj) and Phi-3 (gate_up_proj, down_proj)"
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class MixLoraSettings:
     dropout: float
     use_rslora: bool
     attention_targets: tuple[str, ...]  # leaf names inside self_attn that get plain LoRA (peft)
-    expert_targets: tuple[str, ...]  # subset of gate_proj/up_proj/down_proj that get per-expert LoRA
+    expert_targets: tuple[str, ...]  # subset of the MLP's projections (mlp_projections) with per-expert LoRA
     num_experts: int
     top_k: int
     router_aux_loss_coef: float
@@ -100,7 +104,8 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
 
 
 class MixLoraFFN(nn.Module):
-    """A Llama-family gated MLP (gate_proj, up_proj, down_proj, act_fn) turned into a MixLoRA mixture of experts.
+    """A gated MLP (gate_proj, up_proj, down_proj; or Phi-3's gate_up_proj, down_proj) turned into a MixLoRA mixture
+    of experts.
 
     ``router_logits`` holds the last forward's (tokens, experts) fp32 logits for :func:`aux_loss`; ``load_counts``
     (not saved) counts, per expert, the non-padding tokens routed to it since the last :func:`router_load`.
@@ -108,22 +113,22 @@ class MixLoraFFN(nn.Module):
 
     def __init__(self, base_layer: nn.Module, settings: MixLoraSettings, act_fn: nn.Module):
         super().__init__()
-        for name in MIXLORA_EXPERT_PROJECTIONS:
-            if not isinstance(getattr(base_layer, name, None), nn.Linear):
-                raise SlimtuneError(f"adapter.type mixlora needs a gated MLP with gate_proj, up_proj and down_proj "
-                                    f"linear layers (Llama, Mistral, Qwen2, Gemma); {type(base_layer).__name__} "
-                                    f"has no {name}")
+        projections = mlp_projections(base_layer)
+        if projections is None:
+            raise SlimtuneError(f"adapter.type mixlora needs a gated MLP: {SUPPORTED}; {type(base_layer).__name__} "
+                                "is not one")
+        self.fused = projections == MIXLORA_FUSED_PROJECTIONS
         self.base_layer = base_layer
         self.act_fn = act_fn
         self.num_experts, self.top_k, self.jitter_noise = settings.num_experts, settings.top_k, settings.jitter_noise
         self.router_aux_loss_coef = settings.router_aux_loss_coef
         self.expert_targets = settings.expert_targets
-        gate = base_layer.gate_proj
+        gate = base_layer.gate_up_proj if self.fused else base_layer.gate_proj
         device = _weight_device(gate)
-        hidden, inner = gate.in_features, gate.out_features
+        hidden, inner = gate.in_features, gate.out_features // (2 if self.fused else 1)
         self.moe_gate = nn.Linear(hidden, settings.num_experts, bias=False, device=device, dtype=torch.float32)
         nn.init.normal_(self.moe_gate.weight, mean=0.0, std=settings.router_init_range)
-        shapes = {"gate_proj": (hidden, inner), "up_proj": (hidden, inner),
+        shapes = {"gate_proj": (hidden, inner), "up_proj": (hidden, inner), "gate_up_proj": (hidden, 2 * inner),
                   "down_proj": (inner, base_layer.down_proj.out_features)}
         self.experts = nn.ModuleList(
             nn.ModuleDict({proj: LoraPair(*shapes[proj], settings.expert_r, settings.expert_alpha,
@@ -148,7 +153,11 @@ class MixLoraFFN(nn.Module):
             return hidden_states.new_zeros(*shape[:-1], base.down_proj.out_features)
         weights, experts = route(logits, self.top_k)
 
-        gate, up = base.gate_proj(x), base.up_proj(x)  # shared by every expert: computed once for all tokens
+        if self.fused:  # Phi-3: one projection, chunked (Phi3MLP.forward)
+            gate_up = base.gate_up_proj(x)
+            gate, up = gate_up.chunk(2, dim=-1)
+        else:
+            gate, up = base.gate_proj(x), base.up_proj(x)  # shared by every expert: computed once for all tokens
         a0 = self.act_fn(gate) * up  # exactly what the base MLP feeds its down_proj
         # The (token, slot) assignments sorted by expert: one gather of each shared tensor, then per-expert views;
         # elementwise work runs once over all assignments, only the LoRA matmuls run per expert.
@@ -156,7 +165,14 @@ class MixLoraFFN(nn.Module):
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # one host sync per layer
         tokens = order // self.top_k
-        xs, g, u = x.float()[tokens], gate[tokens], up[tokens]
+        xs = x.float()[tokens]
+        if self.fused:
+            gu = gate_up[tokens]
+            if "gate_up_proj" in self.expert_targets:
+                gu = gu + self._lora("gate_up_proj", xs, counts).to(gu.dtype)
+            g, u = gu.chunk(2, dim=-1)
+        else:
+            g, u = gate[tokens], up[tokens]
         if "gate_proj" in self.expert_targets:
             g = g + self._lora("gate_proj", xs, counts).to(g.dtype)
         if "up_proj" in self.expert_targets:
@@ -184,15 +200,27 @@ def _weight_device(layer: nn.Module) -> torch.device:
     return layer.weight.device
 
 
+def mlp_projections(mlp: nn.Module) -> tuple[str, ...] | None:
+    """The gated MLP's projection names MixLoRA's experts can adapt (gate_proj/up_proj/down_proj, or Phi-3's fused
+    gate_up_proj/down_proj), or None for an MLP that is not gated (GPT-2, GPT-NeoX, OPT, Phi-1/2: fc1/fc2-style)."""
+    if isinstance(mlp, MixLoraFFN):  # already adapted: the MLP it wraps
+        mlp = mlp.base_layer
+    for names in (MIXLORA_EXPERT_PROJECTIONS, MIXLORA_FUSED_PROJECTIONS):
+        if all(isinstance(getattr(mlp, name, None), nn.Linear) for name in names):
+            return names
+    return None
+
+
 # --------------------------------------------------------------------------------------------------- build
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a Llama-family causal LM (``model.model.layers``, as the official code reads them)."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, nn.ModuleList) or not all(hasattr(l, "mlp") and hasattr(l, "self_attn")
-                                                        for l in layers):
-        raise SlimtuneError(f"adapter.type mixlora needs a Llama-family decoder (model.model.layers[i] with self_attn "
-                            f"and mlp: Llama, Mistral, Qwen2, Gemma); {type(model).__name__} has none")
+                                                        and mlp_projections(l.mlp) for l in layers):
+        raise SlimtuneError(f"adapter.type mixlora needs a decoder with a gated MLP in model.model.layers[i].mlp: "
+                            f"{SUPPORTED}. {type(model).__name__} has a plain two-projection MLP (or another "
+                            "layout); use adapter.type lora or qlora for it")
     return layers
 
 
@@ -206,20 +234,21 @@ def resolve_settings(model: nn.Module, cfg: AdapterConfig) -> MixLoraSettings:
     layer = decoder_layers(model)[0]
     attention = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in layer.self_attn.named_modules()
                                    if n and isinstance(m, nn.Linear)))  # model order: q, k, v, o
+    mlp = mlp_projections(layer.mlp)
     if cfg.target_modules == "all-linear":
-        attn_targets, expert_targets = tuple(attention), MIXLORA_EXPERT_PROJECTIONS
+        attn_targets, expert_targets = tuple(attention), mlp
     else:
         names = list(cfg.target_modules)
-        unknown = [n for n in names if n not in attention and n not in MIXLORA_EXPERT_PROJECTIONS]
+        unknown = [n for n in names if n not in attention and n not in mlp]
         if unknown:
             raise SlimtuneError(f"adapter.target_modules: {', '.join(map(repr, unknown))} with adapter.type mixlora "
-                                f"match no attention projection or MLP projection; valid: "
-                                f"{', '.join(attention + list(MIXLORA_EXPERT_PROJECTIONS))} (or all-linear)")
+                                f"match no attention projection or MLP projection of this model; valid: "
+                                f"{', '.join(attention + list(mlp))} (or all-linear)")
         attn_targets = tuple(n for n in attention if n in names)
-        expert_targets = tuple(n for n in MIXLORA_EXPERT_PROJECTIONS if n in names)
+        expert_targets = tuple(n for n in mlp if n in names)
         if not expert_targets:
             raise SlimtuneError("adapter.target_modules with adapter.type mixlora must name at least one of "
-                                f"{', '.join(MIXLORA_EXPERT_PROJECTIONS)} (else every expert is the same frozen FFN)")
+                                f"{', '.join(mlp)} (else every expert is the same frozen FFN)")
     act = cfg.act_fn or base_activation(model)
     if act not in ACT2FN:
         raise SlimtuneError(f"adapter.act_fn {act!r} is not a transformers activation; use one of "
