@@ -115,6 +115,8 @@ MIXLORA_FIELDS = ("num_experts", "top_k", "router_aux_loss_coef", "router_init_r
 MIXLORA_EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # Phi-3's gated MLP fuses gate and up into one projection (chunked in two); its experts adapt these.
 MIXLORA_FUSED_PROJECTIONS = ("gate_up_proj", "down_proj")
+# Phi-1/2's plain MLP (fc2(act(fc1 x))), the official code's third layout.
+MIXLORA_PLAIN_PROJECTIONS = ("fc1", "fc2")
 
 
 class AdapterConfig(Section):
@@ -403,11 +405,11 @@ def _mixlora_problems(a: AdapterConfig) -> list[str]:
     if a.modules_to_save is not None:
         problems.append("adapter.modules_to_save with adapter.type mixlora: the MixLoRA checkpoint format holds "
                         "only LoRA and router weights; remove modules_to_save or use adapter.type lora")
-    mlp = MIXLORA_EXPERT_PROJECTIONS + MIXLORA_FUSED_PROJECTIONS[:1]
+    mlp = MIXLORA_EXPERT_PROJECTIONS + MIXLORA_FUSED_PROJECTIONS[:1] + MIXLORA_PLAIN_PROJECTIONS
     if a.target_modules != "all-linear" and not set(a.target_modules) & set(mlp):
         problems.append(f"adapter.target_modules {list(a.target_modules)} with adapter.type mixlora names no MLP "
                         f"projection, so every expert would be the same frozen FFN; add at least one of "
-                        f"{', '.join(mlp)} (gate_up_proj: Phi-3) (or use all-linear)")
+                        f"{', '.join(mlp)} (gate_up_proj: Phi-3; fc1, fc2: Phi-1/2) (or use all-linear)")
     return problems
 
 

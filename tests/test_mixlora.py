@@ -448,18 +448,22 @@ def test_official_package_loads_our_adapter_with_the_same_logits(tmp_path, tiny_
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
 
 
-def test_phi3_fused_gate_up_matches_the_official_package(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("family,experts,attention", [("phi3", ("gate_up_proj", "down_proj"), {"qkv_proj", "o_proj"}),
+                                                       ("phi", ("fc1", "fc2"), {"q_proj", "k_proj", "v_proj",
+                                                                                "dense"})])
+def test_phi_layouts_match_the_official_package(tmp_path, tiny_tokenizer, family, experts, attention):
     """Phi-3 fuses gate and up into gate_up_proj: each expert adapts it with one LoRA and chunks the output (the
-    official ``_phi3_forward``). Identity at init is exact, and the official package reads our adapter with the
-    same logits once it is trained away from zero."""
+    official ``_phi3_forward``); Phi-1/2's plain MLP gets expert LoRA on fc1 and fc2 (``_phi_forward``). Identity at
+    init is exact, and the official package reads our adapter with the same logits once it is trained away from
+    zero."""
     import zoo
 
-    model_dir = zoo.build("phi3", tmp_path / "phi3", tiny_tokenizer)
+    model_dir = zoo.build(family, tmp_path / family, tiny_tokenizer)
     cfg = ModelConfig(name_or_path=str(model_dir))
     base = _logits(_base(cfg, model_dir))
     model = _mixlora(cfg, model_dir, dropout=0.05)
-    assert model.mixlora_settings.expert_targets == ("gate_up_proj", "down_proj")
-    assert set(model.mixlora_settings.attention_targets) == {"qkv_proj", "o_proj"}
+    assert model.mixlora_settings.expert_targets == experts
+    assert set(model.mixlora_settings.attention_targets) == attention
     assert torch.equal(_logits(model), base)
     _randomize(model)
     ours = _logits(model)
@@ -473,7 +477,7 @@ def test_a_non_gated_mlp_is_refused_with_the_supported_families(tmp_path, tiny_t
     import zoo
 
     model_dir = zoo.build(family, tmp_path / family, tiny_tokenizer)
-    with pytest.raises(SlimtuneError, match="adapter.type mixlora needs a decoder with a gated MLP.*Phi-3.*lora"):
+    with pytest.raises(SlimtuneError, match="adapter.type mixlora supports the decoder MLPs of.*Phi-1/2.*lora"):
         _mixlora(ModelConfig(name_or_path=str(model_dir)), model_dir)
 
 

@@ -1,4 +1,4 @@
-"""Tiny models of nine Hugging Face decoder families, built from their configs and saved as local model directories
+"""Tiny models of ten Hugging Face decoder families, built from their configs and saved as local model directories
 (config.json + safetensors + tokenizer), as a user's ``model.name_or_path`` would point at them.
 
 Every model is 2 layers, hidden 64, 4 heads, vocab = a byte-level BPE trained on the quickstart data, seeded, so a
@@ -35,6 +35,7 @@ def _configs(vocab: int, pad: int, bos: int, eos: int) -> dict:
         "gemma2": tf.Gemma2Config(num_key_value_heads=2, head_dim=16, sliding_window=32, query_pre_attn_scalar=16,
                                   **rope),
         "phi3": tf.Phi3Config(num_key_value_heads=2, tie_word_embeddings=False, **rope),
+        "phi": tf.PhiConfig(partial_rotary_factor=0.5, tie_word_embeddings=False, **rope),
         "gpt_neox": tf.GPTNeoXConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
                                      num_attention_heads=HEADS, max_position_embeddings=256, rotary_pct=0.25,
                                      tie_word_embeddings=False, **ids),
@@ -44,7 +45,7 @@ def _configs(vocab: int, pad: int, bos: int, eos: int) -> dict:
     }
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt_neox", "opt", "gpt2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "phi", "gpt_neox", "opt", "gpt2")
 
 
 def texts(limit: int = 400) -> list[str]:

@@ -7,7 +7,8 @@ Per decoder layer, without touching model code:
 * the MLP is wrapped by :class:`MixLoraFFN` (peft's base-layer pattern: it holds the frozen MLP as ``base_layer``
   and calls its projections). Expert ``e`` is the frozen FFN with its own LoRA on gate_proj, up_proj and down_proj
   (``adapter.expert_lora``; Phi-3 fuses gate and up into one ``gate_up_proj`` whose output is chunked into g and u,
-  and its experts put one LoRA on that, as the official code's ``_phi3_forward``)::
+  and its experts put one LoRA on that, as the official code's ``_phi3_forward``; Phi-1/2's plain MLP gets LoRA on
+  fc1 and fc2, as its ``_phi_forward``)::
 
       g_e = W_gate x + s B_g^e A_g^e drop(x)      u_e = W_up x + s B_u^e A_u^e drop(x)      a_e = act(g_e) * u_e
       out_e = W_down a_e + s B_d^e A_d^e drop(a_e)                                         (s = alpha / r)
@@ -45,10 +46,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SlimtuneError
-from ..recipe import MIXLORA_EXPERT_PROJECTIONS, MIXLORA_FUSED_PROJECTIONS, AdapterConfig
+from ..recipe import (MIXLORA_EXPERT_PROJECTIONS, MIXLORA_FUSED_PROJECTIONS, MIXLORA_PLAIN_PROJECTIONS,
+                      AdapterConfig)
 
-# Families whose decoder MLP is gated (act(W_g x) * W_u x), the structure MixLoRA's experts adapt.
-SUPPORTED = "Llama, Mistral, Qwen2/Qwen3, Gemma/Gemma2 (gate_proj, up_proj, down_proj) and Phi-3 (gate_up_proj, down_proj)"
+# The MLP layouts of the official code (MixLoRA package: _llama_forward, _phi3_forward, _phi_forward), by the
+# projections each expert can adapt; the last one is the output projection.
+LAYOUTS = {MIXLORA_EXPERT_PROJECTIONS: "gated", MIXLORA_FUSED_PROJECTIONS: "fused", MIXLORA_PLAIN_PROJECTIONS: "plain"}
+SUPPORTED = ("Llama, Mistral, Qwen2/Qwen3, Gemma/Gemma2 (gate_proj, up_proj, down_proj), Phi-3 (gate_up_proj, "
+             "down_proj) and Phi-1/2 (fc1, fc2), with the MLP at model.model.layers[i].mlp")
 
 
 @dataclass(frozen=True)
@@ -104,8 +109,9 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
 
 
 class MixLoraFFN(nn.Module):
-    """A gated MLP (gate_proj, up_proj, down_proj; or Phi-3's gate_up_proj, down_proj) turned into a MixLoRA mixture
-    of experts.
+    """A decoder MLP turned into a MixLoRA mixture of experts. Three layouts (:data:`LAYOUTS`): gated (gate_proj,
+    up_proj, down_proj), Phi-3's fused gated (gate_up_proj chunked into g and u, down_proj) and Phi-1/2's plain
+    ``fc2(act(fc1 x))``, where expert e is ``a_e = act(W_1 x + s B_1^e A_1^e x)``, ``out_e = W_2 a_e + s B_2^e A_2^e a_e``.
 
     ``router_logits`` holds the last forward's (tokens, experts) fp32 logits for :func:`aux_loss`; ``load_counts``
     (not saved) counts, per expert, the non-padding tokens routed to it since the last :func:`router_load`.
@@ -115,21 +121,22 @@ class MixLoraFFN(nn.Module):
         super().__init__()
         projections = mlp_projections(base_layer)
         if projections is None:
-            raise SlimtuneError(f"adapter.type mixlora needs a gated MLP: {SUPPORTED}; {type(base_layer).__name__} "
-                                "is not one")
-        self.fused = projections == MIXLORA_FUSED_PROJECTIONS
+            raise SlimtuneError(f"adapter.type mixlora supports the MLPs of {SUPPORTED}; {type(base_layer).__name__} "
+                                "is none of them")
+        self.layout, self.out_proj = LAYOUTS[projections], projections[-1]
         self.base_layer = base_layer
         self.act_fn = act_fn
         self.num_experts, self.top_k, self.jitter_noise = settings.num_experts, settings.top_k, settings.jitter_noise
         self.router_aux_loss_coef = settings.router_aux_loss_coef
         self.expert_targets = settings.expert_targets
-        gate = base_layer.gate_up_proj if self.fused else base_layer.gate_proj
-        device = _weight_device(gate)
-        hidden, inner = gate.in_features, gate.out_features // (2 if self.fused else 1)
+        first = getattr(base_layer, projections[0])
+        device = _weight_device(first)
+        hidden, inner = first.in_features, first.out_features // (2 if self.layout == "fused" else 1)
         self.moe_gate = nn.Linear(hidden, settings.num_experts, bias=False, device=device, dtype=torch.float32)
         nn.init.normal_(self.moe_gate.weight, mean=0.0, std=settings.router_init_range)
+        out_features = getattr(base_layer, self.out_proj).out_features
         shapes = {"gate_proj": (hidden, inner), "up_proj": (hidden, inner), "gate_up_proj": (hidden, 2 * inner),
-                  "down_proj": (inner, base_layer.down_proj.out_features)}
+                  "fc1": (hidden, inner), "down_proj": (inner, out_features), "fc2": (inner, out_features)}
         self.experts = nn.ModuleList(
             nn.ModuleDict({proj: LoraPair(*shapes[proj], settings.expert_r, settings.expert_alpha,
                                           settings.expert_dropout, settings.use_rslora, device)
@@ -150,15 +157,20 @@ class MixLoraFFN(nn.Module):
         self.router_logits = logits
         n_tokens = x.shape[0]
         if n_tokens == 0:  # nothing to route; a 4-bit base layer must not see an empty input
-            return hidden_states.new_zeros(*shape[:-1], base.down_proj.out_features)
+            return hidden_states.new_zeros(*shape[:-1], getattr(base, self.out_proj).out_features)
         weights, experts = route(logits, self.top_k)
 
-        if self.fused:  # Phi-3: one projection, chunked (Phi3MLP.forward)
+        # the frozen projections run once for all tokens, shared by every expert
+        if self.layout == "fused":  # Phi-3: one projection, chunked (Phi3MLP.forward)
             gate_up = base.gate_up_proj(x)
             gate, up = gate_up.chunk(2, dim=-1)
+            a0 = self.act_fn(gate) * up  # exactly what the base MLP feeds its output projection
+        elif self.layout == "gated":
+            gate, up = base.gate_proj(x), base.up_proj(x)
+            a0 = self.act_fn(gate) * up
         else:
-            gate, up = base.gate_proj(x), base.up_proj(x)  # shared by every expert: computed once for all tokens
-        a0 = self.act_fn(gate) * up  # exactly what the base MLP feeds its down_proj
+            h = base.fc1(x)
+            a0 = self.act_fn(h)
         # The (token, slot) assignments sorted by expert: one gather of each shared tensor, then per-expert views;
         # elementwise work runs once over all assignments, only the LoRA matmuls run per expert.
         flat = experts.reshape(-1)
@@ -166,26 +178,33 @@ class MixLoraFFN(nn.Module):
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # one host sync per layer
         tokens = order // self.top_k
         xs = x.float()[tokens]
-        if self.fused:
-            gu = gate_up[tokens]
-            if "gate_up_proj" in self.expert_targets:
-                gu = gu + self._lora("gate_up_proj", xs, counts).to(gu.dtype)
-            g, u = gu.chunk(2, dim=-1)
+        if self.layout == "plain":
+            hs = h[tokens]
+            if "fc1" in self.expert_targets:
+                hs = hs + self._lora("fc1", xs, counts).to(hs.dtype)
+            a = self.act_fn(hs)  # a_e of every assignment
         else:
-            g, u = gate[tokens], up[tokens]
-        if "gate_proj" in self.expert_targets:
-            g = g + self._lora("gate_proj", xs, counts).to(g.dtype)
-        if "up_proj" in self.expert_targets:
-            u = u + self._lora("up_proj", xs, counts).to(u.dtype)
-        a = self.act_fn(g) * u  # a_e of every assignment
+            if self.layout == "fused":
+                gu = gate_up[tokens]
+                if "gate_up_proj" in self.expert_targets:
+                    gu = gu + self._lora("gate_up_proj", xs, counts).to(gu.dtype)
+                g, u = gu.chunk(2, dim=-1)
+            else:
+                g, u = gate[tokens], up[tokens]
+            if "gate_proj" in self.expert_targets:
+                g = g + self._lora("gate_proj", xs, counts).to(g.dtype)
+            if "up_proj" in self.expert_targets:
+                u = u + self._lora("up_proj", xs, counts).to(u.dtype)
+            a = self.act_fn(g) * u  # a_e of every assignment
         # Back to (token, slot) order and summed over the top_k slots: a permutation and a sum rather than
         # index_add_, which is nondeterministic on CUDA and stalls on a busy CPU (measured: 57 ms for 32 rows).
         inverse = torch.argsort(order)
         a_slots = a[inverse].view(n_tokens, self.top_k, -1)  # (token, slot, inner), weights' layout
         mix = (weights.unsqueeze(-1) * (a_slots.float() - a0.float().unsqueeze(1))).sum(1)  # sum_e w_e (a_e - a0)
-        out = base.down_proj((a0.float() + mix).to(a0.dtype))  # W_down (sum_e w_e a_e): once, for all tokens
-        if "down_proj" in self.expert_targets:
-            down = weights.reshape(-1)[order].unsqueeze(-1) * self._lora("down_proj", a, counts).float()
+        # W_out (sum_e w_e a_e): once, for all tokens (its bias once: the weights sum to 1)
+        out = getattr(base, self.out_proj)((a0.float() + mix).to(a0.dtype))
+        if self.out_proj in self.expert_targets:
+            down = weights.reshape(-1)[order].unsqueeze(-1) * self._lora(self.out_proj, a, counts).float()
             out = out + down[inverse].view(n_tokens, self.top_k, -1).sum(1).to(out.dtype)
         return out.reshape(*shape[:-1], out.shape[-1])
 
@@ -201,11 +220,11 @@ def _weight_device(layer: nn.Module) -> torch.device:
 
 
 def mlp_projections(mlp: nn.Module) -> tuple[str, ...] | None:
-    """The gated MLP's projection names MixLoRA's experts can adapt (gate_proj/up_proj/down_proj, or Phi-3's fused
-    gate_up_proj/down_proj), or None for an MLP that is not gated (GPT-2, GPT-NeoX, OPT, Phi-1/2: fc1/fc2-style)."""
+    """The MLP's projection names MixLoRA's experts can adapt (a key of :data:`LAYOUTS`), or None for a layout the
+    official code does not serve (GPT-2's Conv1D c_fc/c_proj, GPT-NeoX's dense_h_to_4h/dense_4h_to_h)."""
     if isinstance(mlp, MixLoraFFN):  # already adapted: the MLP it wraps
         mlp = mlp.base_layer
-    for names in (MIXLORA_EXPERT_PROJECTIONS, MIXLORA_FUSED_PROJECTIONS):
+    for names in LAYOUTS:
         if all(isinstance(getattr(mlp, name, None), nn.Linear) for name in names):
             return names
     return None
@@ -218,9 +237,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, nn.ModuleList) or not all(hasattr(l, "mlp") and hasattr(l, "self_attn")
                                                         and mlp_projections(l.mlp) for l in layers):
-        raise SlimtuneError(f"adapter.type mixlora needs a decoder with a gated MLP in model.model.layers[i].mlp: "
-                            f"{SUPPORTED}. {type(model).__name__} has a plain two-projection MLP (or another "
-                            "layout); use adapter.type lora or qlora for it")
+        raise SlimtuneError(f"adapter.type mixlora supports the decoder MLPs of {SUPPORTED}; "
+                            f"{type(model).__name__}'s is none of them; use adapter.type lora or qlora for it")
     return layers
 
 
