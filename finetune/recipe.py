@@ -373,6 +373,8 @@ def combination_problems(recipe: Recipe) -> list[str]:
         if off.optimizer_state not in ("auto", "gpu"):
             problems.append(f"offload.optimizer_state {off.optimizer_state} with optimizer mezo: MeZO keeps no "
                             "per-parameter state (a seed and a few counters); remove the key (or set it to auto)")
+    if o.name == "mezo" and a.type == "mixlora" and a.router_aux_loss_coef > 0 and off.params in ("cpu", "nvme"):
+        problems.append(ZO_STREAM_MIXLORA.format(params=f"offload.params {off.params}", coef=a.router_aux_loss_coef))
     if a.type == "none" and o.name != "mezo" and off.params in ("cpu", "nvme") and off.optimizer_state == "gpu":
         problems.append(f"offload.params {off.params} with offload.optimizer_state gpu and adapter.type none: streamed "
                         "weights pass through a ring of device slots that the next layer overwrites, so an update "
@@ -391,6 +393,13 @@ def combination_problems(recipe: Recipe) -> list[str]:
         problems.append(f"offload.gpu_memory {off.gpu_memory} exceeds offload.cpu_memory {off.cpu_memory} with "
                         "offload.device cpu: the device tier is host memory there, so it must fit in cpu_memory")
     return problems
+
+
+ZO_STREAM_MIXLORA = (
+    "optimizer mezo with adapter.type mixlora and streamed weights ({params}): zeroth-order streaming runs each "
+    "layer on the perturbed chunks one by one and adds no router load-balance loss, so it would train another "
+    "objective than in memory (adapter.router_aux_loss_coef {coef}); set adapter.router_aux_loss_coef: 0, or keep "
+    "the weights on the device (offload.params gpu)")
 
 
 def _mixlora_problems(a: AdapterConfig) -> list[str]:

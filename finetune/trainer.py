@@ -31,12 +31,12 @@ from .adapters import aux_loss, load_trainable_state_dict, router_load, save_ada
 from .checkpoint import (TrainerState, find_resume_checkpoint, list_checkpoints, load_checkpoint, recipe_changes,
                          save_checkpoint, set_rng_state)
 from .data import batches, num_batches
-from .errors import CheckpointError, TrainingDiverged
+from .errors import CheckpointError, RecipeError, TrainingDiverged
 from .evaluate import autocast, eval_loss, exact_match_score, supervised_tokens
 from slimtune.offload.atomic_io import atomic_write_text
 from .metrics import MetricsLog, write_plots
 from .offloading import build_offload, offload_requested
-from .recipe import Recipe
+from .recipe import ZO_STREAM_MIXLORA, Recipe
 
 
 # Optimizers whose randomness (masks, subspaces, perturbation seeds) is seeded from training.seed.
@@ -115,6 +115,11 @@ class Trainer:
         self.optimizer = updates.optimizer if updates is not None else build(self.params)
         self.zeroth_order = o.name in ZEROTH_ORDER
         if self.zeroth_order and self.offload is not None and self.offload.streamer is not None:
+            a = recipe.adapter
+            if a.type == "mixlora" and a.router_aux_loss_coef > 0:  # the plan chose to stream (offload.params auto)
+                self.offload.close()
+                raise RecipeError([ZO_STREAM_MIXLORA.format(params="the plan streams them to fit the budgets",
+                                                            coef=a.router_aux_loss_coef)])
             self.offload.attach_zeroth_order(self.optimizer)
         self.per_layer = PerLayerUpdates(self.optimizer) if getattr(o, "per_layer", False) else None
         self.scheduler = get_scheduler(t.lr_scheduler_type, self.optimizer,

@@ -91,6 +91,19 @@ def test_streamed_mezo_uses_every_micro_batch(tmp_path, model_dirs):
     assert outcome.status == "trains", outcome.detail
 
 
+def test_streamed_mezo_on_mixlora_without_router_loss_equals_in_memory_and_with_it_is_refused(tmp_path, model_dirs):
+    """ZO streaming computes the LM loss per perturbed chunk and has no MixLoRA router loss: with the loss off it is
+    the in-memory run; with it on (the default) the recipe is refused rather than trained on another objective."""
+    mix = ("adapter.type=mixlora", "adapter.num_experts=4", "optimizer.name=mezo", "training.max_grad_norm=0",
+           "training.learning_rate=1e-3", "training.max_steps=2")
+    outcome = sm.compare(model_dirs("llama"), tmp_path / "off", (*mix, "adapter.router_aux_loss_coef=0",
+                                                                  "offload.params=nvme"),
+                         (*mix, "adapter.router_aux_loss_coef=0", "optimizer.noise=per_tensor"))
+    assert outcome.status == "trains", outcome.detail
+    outcome = sm.compare(model_dirs("llama"), tmp_path / "on", (*mix, "offload.params=nvme"), mix)
+    assert outcome.status == "refused" and "adapter.router_aux_loss_coef" in outcome.detail, outcome.detail
+
+
 def test_galore_8bit_per_layer_with_accumulation_trains_and_tracks_32bit(tmp_path, model_dirs):
     """configs/gpu-24gb/llama3-8b-galore-8bit-per-layer.yaml's combination (8-bit GaLore state, updates fused into
     backward, gradient accumulation, checkpointing) end to end: the moments really are 8-bit (rank 32 makes the MLP's
