@@ -21,12 +21,13 @@ def add_parser(sub) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from slimtune.finetune.planning import plan_recipe
     from slimtune.finetune.recipe import load_recipe
-    from slimtune.offload.plan import PlanError, make_plan
+    from slimtune.offload.plan import PlanError
 
     recipe = load_recipe(args.recipe, args.overrides)
     try:
-        plan = make_plan(recipe)
+        plan = plan_recipe(recipe)
     except PlanError as exc:
         if exc.plan is not None:
             print(exc.plan.table(), flush=True)

@@ -198,14 +198,13 @@ def build_offload(recipe: Recipe, model: torch.nn.Module, device: torch.device,
                   build_optimizer: Callable[[list], torch.optim.Optimizer]) -> Offload | None:
     """The engine the recipe's plan asks for, attached to ``model``; None when everything stays on the device.
     Raises PlanError (a SlimtuneError naming the budget and a fix) when nothing fits."""
-    from slimtune.offload.plan import make_plan
-    from slimtune.offload.sizes import block_sizes
+    from .planning import plan_recipe
     from slimtune.offload.streamer import BlockStreamer
 
     o, t = recipe.offload, recipe.training
     runtime_bytes = runtime_rss_bytes(model)
     with torch.random.fork_rng(devices=[]):  # sizing builds stand-in tensors: keep the run's RNG stream untouched
-        plan = make_plan(recipe, sizes=block_sizes(recipe, config=_config(model)), bandwidths=_NOT_MEASURED,
+        plan = plan_recipe(recipe, config=_config(model), bandwidths=_NOT_MEASURED,
                          runtime_bytes=runtime_bytes)
     layers = [b for b in plan.blocks if b.name.startswith("layers.")]
     params_tier, state_tier = layers[0].params_tier, layers[0].state_tier

@@ -43,14 +43,12 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from slimtune.finetune.errors import SlimtuneError
-
+from .errors import OffloadError
+from .plan_inputs import PlanRequest
 from .units import format_size
 
 if TYPE_CHECKING:
-    from slimtune.finetune.recipe import Recipe
-
-    from .sizes import BlockSize
+    from .plan_inputs import BlockSize
 
 TIERS = ("gpu", "cpu", "nvme")
 LINKS = ("cpu->gpu", "gpu->cpu", "nvme->cpu", "cpu->nvme")
@@ -66,7 +64,7 @@ _LABELS = {"params": "params", "adapter": "adapter weights", "grads": "gradients
            "master": "fp32 masters", "activations": "activations", "buffers": "buffers", "runtime": "runtime"}
 
 
-class PlanError(SlimtuneError):
+class PlanError(OffloadError):
     """A configuration that cannot fit: the message has the numbers and a suggestion; ``plan`` is the closest try."""
 
     def __init__(self, message: str, plan: Plan | None = None):
@@ -144,75 +142,62 @@ class Plan:
 
 
 # ------------------------------------------------------------------------------------------------- entry point
-def make_plan(recipe: Recipe, sizes: list[BlockSize] | None = None, bandwidths: dict[str, float] | None = None,
-              tokens_per_step: int | None = None, runtime_bytes: int | None = None) -> Plan:
-    """Plan ``recipe``'s run: placement per block, peaks per tier, link bytes, step-time bound.
+def make_plan(request: PlanRequest, sizes: list[BlockSize], bandwidths: dict[str, float] | None = None,
+              runtime_bytes: int | None = None) -> Plan:
+    """Plan a run: placement per block, peaks per tier, link bytes, step-time bound.
 
-    ``sizes``: :func:`.sizes.block_sizes` output (computed from the recipe when None). ``bandwidths``: any of
+    ``request``: the placements, budgets and training facts (:class:`~.plan_inputs.PlanRequest`). ``sizes``: the
+    model's blocks (the trainer sizes a recipe's on meta tensors). ``bandwidths``: any of
     ``cpu->gpu``, ``gpu->cpu``, ``nvme->cpu``, ``cpu->nvme``, ``memcpy`` (bytes/s) and ``flops`` (FLOP/s); the rest
-    are measured (in well under a second each). ``tokens_per_step``: tokens per optimizer step (default
-    ``per_device_train_batch_size * data.max_length * gradient_accumulation_steps``). ``runtime_bytes``: the
-    process's baseline host memory, counted against ``offload.cpu_memory`` (default: its RSS now, right for a
-    process that has not loaded the weights yet; a caller that already holds them passes the RSS it had before).
-    Raises :class:`PlanError` when nothing fits.
+    are measured (in well under a second each). ``runtime_bytes``: the process's baseline host memory, counted
+    against ``offload.cpu_memory`` (default: its RSS now, right for a process that has not loaded the weights yet; a
+    caller that already holds them passes the RSS it had before). Raises :class:`PlanError` when nothing fits.
     """
     bandwidths = dict(bandwidths or {})
     unknown = sorted(set(bandwidths) - set(BANDWIDTH_KEYS))
     if unknown or any(not v > 0 for v in bandwidths.values()):
         raise ValueError(f"bandwidths: keys must be among {', '.join(BANDWIDTH_KEYS)} with values > 0 (bytes/s, "
                          f"FLOP/s); got {bandwidths}")
-    if tokens_per_step is not None and (not isinstance(tokens_per_step, int) or tokens_per_step < 1):
-        raise ValueError(f"tokens_per_step must be an int >= 1, got {tokens_per_step!r}")
+    tokens = request.tokens_per_step
+    if not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"tokens_per_step must be an int >= 1, got {tokens!r}")
     if runtime_bytes is not None and (not isinstance(runtime_bytes, int) or runtime_bytes < 0):
         raise ValueError(f"runtime_bytes must be an int >= 0, got {runtime_bytes!r}")
-    if sizes is None:
-        from .sizes import block_sizes
-
-        sizes = block_sizes(recipe)
     if len(sizes) < 3 or sizes[0].name != "embed" or sizes[-1].name != "head":
         raise ValueError("sizes must list the blocks embed, layers.0 .. layers.{L-1}, head (see block_sizes)")
-    t, d = recipe.training, recipe.data
-    tokens = tokens_per_step or t.per_device_train_batch_size * d.max_length * t.gradient_accumulation_steps
-    device = _device(recipe.offload.device)
+    device = _device(request.device)
     notes = list(getattr(sizes, "notes", []))
-    if recipe.offload.nvme_dir:
-        _check_nvme_dir(recipe.offload.nvme_dir)
-    budgets = _budgets(recipe, device, notes)
+    if request.nvme_dir:
+        _check_nvme_dir(request.nvme_dir)
+    budgets = _budgets(request, device, notes)
     runtime = _rss() if runtime_bytes is None else runtime_bytes
     tried = []
-    for placement in _candidates(recipe):
-        plan = _evaluate(recipe, sizes, placement, device, budgets, runtime, tokens)
+    for placement in _candidates(request):
+        plan = _evaluate(request, sizes, placement, device, budgets, runtime, tokens)
         if not plan.problems():
             break
         tried.append(plan)
     else:
         closest = min(tried, key=lambda p: max(need / max(budget, 1) for _, need, budget in p.problems()))
         closest.notes, closest.source = notes, getattr(sizes, "source", "")
-        raise PlanError(_refusal(recipe, closest, len(tried)), closest)
-    plan.notes = notes + _notes(recipe, plan)
+        raise PlanError(_refusal(request, closest, len(tried)), closest)
+    plan.notes = notes + _notes(request, plan)
     plan.source = getattr(sizes, "source", "")
-    _bound(recipe, plan, sizes, bandwidths)
+    _bound(request, plan, sizes, bandwidths)
     return plan
 
 
 # ------------------------------------------------------------------------------------------------- placement
-def _frozen_base(recipe: Recipe) -> bool:
-    from slimtune.optimizers import ZEROTH_ORDER
-
-    return recipe.adapter.type != "none" or recipe.optimizer.name in ZEROTH_ORDER
-
-
-def _candidates(recipe: Recipe) -> list[tuple[str, str, str]]:
+def _candidates(off: PlanRequest) -> list[tuple[str, str, str]]:
     """Placements to try, fastest first: the auto order with explicit settings substituted (duplicates dropped)."""
-    off = recipe.offload
     out = []
-    for p, g, s in FROZEN_ORDER if _frozen_base(recipe) else FULL_ORDER:
+    for p, g, s in FROZEN_ORDER if off.frozen_base else FULL_ORDER:
         p = p if off.params == "auto" else off.params
         g = g if off.gradients == "auto" else off.gradients
         s = s if off.optimizer_state == "auto" else off.optimizer_state
         if g == "cpu" and s == "gpu":
             s = "cpu"  # the update runs where the state is (an explicit gpu + cpu pair is a recipe error)
-        if not _frozen_base(recipe) and p != "gpu" and s == "gpu":
+        if not off.frozen_base and p != "gpu" and s == "gpu":
             s = "cpu"  # streamed weights live in ring slots: their update must write the home, so it runs on the CPU
         if "nvme" in (p, s) and not off.nvme_dir:
             continue
@@ -221,19 +206,16 @@ def _candidates(recipe: Recipe) -> list[tuple[str, str, str]]:
     return out
 
 
-def _evaluate(recipe, sizes, placement, device, budgets, runtime, tokens) -> Plan:
+def _evaluate(off: PlanRequest, sizes, placement, device, budgets, runtime, tokens) -> Plan:
     """Bytes per tier and per link of one placement (the step-time bound is filled in by :func:`_bound`)."""
-    from slimtune.optimizers import ZEROTH_ORDER
-
     from .state_layout import align_up, planned_block_bytes
 
     p_tier, g_tier, s_tier = placement
-    t, o, off = recipe.training, recipe.optimizer, recipe.offload
-    zo, full = o.name in ZEROTH_ORDER, recipe.adapter.type == "none"
-    ga, n_samples = t.gradient_accumulation_steps, getattr(o, "n_samples", 1)
+    zo, full = off.zeroth_order, off.full
+    ga, n_samples = off.gradient_accumulation_steps, off.n_samples
     update_on = "gpu" if s_tier == "gpu" else "cpu"
     streamed = p_tier != "gpu"
-    ckpt = not zo and (t.gradient_checkpointing or streamed)
+    ckpt = not zo and (off.gradient_checkpointing or streamed)
     bd = {tier: dict.fromkeys(CATEGORIES, 0) for tier in TIERS}
     links = dict.fromkeys(LINKS, 0)
     blocks, regions = [], []
@@ -265,7 +247,7 @@ def _evaluate(recipe, sizes, placement, device, budgets, runtime, tokens) -> Pla
     # gradients
     if not zo and trainable:
         grads = [b.grad_bytes for b in trainable]
-        per_layer = getattr(o, "per_layer", False) and ga == 1  # each gradient freed by its own update
+        per_layer = off.per_layer and ga == 1  # each gradient freed by its own update
         if g_tier == "gpu":
             bd["gpu"]["grads"] += max(grads) if per_layer else sum(grads)
         else:
@@ -276,8 +258,8 @@ def _evaluate(recipe, sizes, placement, device, budgets, runtime, tokens) -> Pla
             # buffer (in the params' dtype: one gradient, nothing to sum) until its CPU update has run, and the
             # engine bounds that: backward waits while two blocks' updates are in flight, so the block being
             # produced + 2 pending blocks.
-            whole = g_tier == "cpu" and (ga > 1 or t.max_grad_norm > 0)
-            narrow = ga == 1 and t.max_grad_norm == 0
+            whole = g_tier == "cpu" and (ga > 1 or off.max_grad_norm > 0)
+            narrow = ga == 1 and off.max_grad_norm == 0
             bd["cpu"]["grads"] += sum(fp32) if whole else 3 * max(grads if narrow else fp32)
             links["gpu->cpu"] += sum(grads) * (ga if g_tier == "cpu" else 1)
             # updated params that live on the device go back up: adapters, and resident base weights
@@ -321,7 +303,7 @@ def _evaluate(recipe, sizes, placement, device, budgets, runtime, tokens) -> Pla
 
 
 def _activation_bytes(sizes, zo: bool, ckpt: bool, chunks: int = 0) -> int:
-    """Peak activation bytes of one micro-batch (formulas in :mod:`.sizes`).
+    """Peak activation bytes of one micro-batch (formulas: the trainer's sizing module, ``finetune/sizing.py``).
 
     MeZO keeps nothing for backward: one block's intermediates at a time, bounded by what that block would save. A
     streamed MeZO step (``offload/zo_stream.py``) runs the batch repeated ``chunks`` = 2 x n_samples times through each
@@ -354,8 +336,8 @@ def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise SlimtuneError("offload.device is 'cuda' but CUDA is not available on this machine; use offload.device "
-                            "cpu or auto")
+        raise PlanError("offload.device is 'cuda' but CUDA is not available on this machine; use offload.device "
+                        "cpu or auto")
     return name
 
 
@@ -365,10 +347,9 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def _budgets(recipe: Recipe, device: str, notes: list[str]) -> dict[str, int | None]:
+def _budgets(off: PlanRequest, device: str, notes: list[str]) -> dict[str, int | None]:
     import psutil
 
-    off = recipe.offload
     gpu = off.gpu_memory
     if gpu == "auto":
         if device == "cuda":
@@ -416,11 +397,10 @@ def _breakdown_text(plan: Plan, tiers: tuple[str, ...]) -> str:
     return ", ".join(parts)
 
 
-def _refusal(recipe: Recipe, plan: Plan, n_tried: int) -> str:
+def _refusal(off: PlanRequest, plan: Plan, n_tried: int) -> str:
     """What the closest plan needs, per budget it exceeds, and what to change."""
-    off = recipe.offload
     p_tier, g_tier, s_tier = plan.blocks[1].params_tier, plan.blocks[0].grads_tier, plan.blocks[0].state_tier
-    full = not _frozen_base(recipe)
+    full = not off.frozen_base
     lines = []
     for tier, need, budget in plan.problems():
         if tier == "gpu":
@@ -447,7 +427,7 @@ def _refusal(recipe: Recipe, plan: Plan, n_tried: int) -> str:
         fixes.append("lower training.per_device_train_batch_size or data.max_length"
                      + ("" if plan.checkpointing else ", or set training.gradient_checkpointing: true")
                      + (", lower offload.prefetch" if off.prefetch > 1 and p_tier != "gpu" else "")
-                     + (", or use adapter.type qlora (a 4-bit base)" if recipe.adapter.type == "lora" else ""))
+                     + (", or use adapter.type qlora (a 4-bit base)" if off.lora_on_full_precision else ""))
     fixes += [f"raise offload.{'gpu_memory' if t == 'gpu' else 'cpu_memory'}" for t in ("gpu", "cpu") if t in over]
     if "nvme" in over:
         fixes.append("free space there or point offload.nvme_dir at a larger disk")
@@ -456,16 +436,15 @@ def _refusal(recipe: Recipe, plan: Plan, n_tried: int) -> str:
             + "). To fix: " + "; or ".join(fixes))
 
 
-def _notes(recipe: Recipe, plan: Plan) -> list[str]:
+def _notes(off: PlanRequest, plan: Plan) -> list[str]:
     notes = []
-    t, off = recipe.training, recipe.offload
     streamed = plan.blocks[1].params_tier != "gpu"
-    if streamed and not t.gradient_checkpointing and recipe.optimizer.name != "mezo":
+    if streamed and not off.gradient_checkpointing and not off.zeroth_order:
         notes.append("streamed layers are recomputed in backward (per-block activation checkpointing), whatever "
                      "training.gradient_checkpointing says")
     if not streamed and off.prefetch > 1:
         notes.append(f"offload.prefetch {off.prefetch} is unused: no layer streams")
-    if recipe.adapter.type != "none" and plan.blocks[0].state_tier != "gpu":
+    if not off.full and plan.blocks[0].state_tier != "gpu":
         adapter = sum(b.state_bytes + b.master_bytes for b in plan.blocks)
         notes.append(f"adapter state off the device ({format_size(adapter)}): keeping it on the GPU would be faster "
                      "(offload.optimizer_state auto)")
@@ -479,7 +458,7 @@ def _notes(recipe: Recipe, plan: Plan) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------- step time
-def _bound(recipe: Recipe, plan: Plan, sizes, given: dict[str, float]) -> None:
+def _bound(request: PlanRequest, plan: Plan, sizes, given: dict[str, float]) -> None:
     """Fill ``bandwidths``, ``step_terms`` and ``step_time_lower_bound_s`` (measuring what was not given)."""
     bw, links = dict(given), plan.link_bytes
     import torch
@@ -488,7 +467,7 @@ def _bound(recipe: Recipe, plan: Plan, sizes, given: dict[str, float]) -> None:
     if "flops" not in bw:
         from .measure import matmul_flops
 
-        bw["flops"] = matmul_flops(device, _compute_dtype(recipe))
+        bw["flops"] = matmul_flops(device, getattr(torch, request.compute_dtype))
     update_cpu = plan.blocks[0].update_on == "cpu" and any(b.trainable_bytes for b in plan.blocks)
     if any(links[k] and k not in bw for k in ("cpu->gpu", "gpu->cpu")) or (update_cpu and "memcpy" not in bw):
         from .measure import copy_bandwidth
@@ -498,7 +477,7 @@ def _bound(recipe: Recipe, plan: Plan, sizes, given: dict[str, float]) -> None:
     if (links["nvme->cpu"] or links["cpu->nvme"]) and not ("nvme->cpu" in bw and "cpu->nvme" in bw):
         from .nvme import measure_bandwidth
 
-        read, write = measure_bandwidth(recipe.offload.nvme_dir, nbytes=64 << 20)
+        read, write = measure_bandwidth(request.nvme_dir, nbytes=64 << 20)
         bw.setdefault("nvme->cpu", read * 1e9)
         bw.setdefault("cpu->nvme", write * 1e9)
     terms = {"compute": plan.flops_per_step / bw["flops"]}
@@ -516,13 +495,3 @@ def _bound(recipe: Recipe, plan: Plan, sizes, given: dict[str, float]) -> None:
         terms["cpu update"] = touched / bw["memcpy"]
     plan.bandwidths, plan.step_terms = bw, terms
     plan.step_time_lower_bound_s = max(terms.values())
-
-
-def _compute_dtype(recipe: Recipe):
-    import torch
-
-    if recipe.training.bf16:
-        return torch.bfloat16
-    if recipe.quantized:
-        return getattr(torch, recipe.model.quantization.compute_dtype)
-    return getattr(torch, recipe.model.dtype)

@@ -143,8 +143,7 @@ from slimtune.finetune.build import prepare
 from slimtune.finetune.offloading import _NOT_MEASURED
 from slimtune.finetune.recipe import recipe_from_dict
 from slimtune.finetune.trainer import Trainer
-from slimtune.offload.plan import make_plan
-from slimtune.offload.sizes import block_sizes
+from slimtune.finetune.planning import plan_recipe
 
 from slimtune.offload import current_rss_bytes
 
@@ -158,7 +157,7 @@ trainer.evaluate(None)  # warm: the first forward's kernel workspaces belong to 
 held = trainer.offload.tier_bytes() if trainer.offload is not None else {
     "gpu_tier_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "cpu_tier_bytes": 0}
 runtime = current_rss_bytes() - held["gpu_tier_bytes"] - held["cpu_tier_bytes"]
-plan = make_plan(recipe, sizes=block_sizes(recipe, config=config), bandwidths=_NOT_MEASURED, runtime_bytes=runtime)
+plan = plan_recipe(recipe, config=config, bandwidths=_NOT_MEASURED, runtime_bytes=runtime)
 with open("/proc/self/clear_refs", "w") as f:  # peak RSS from here on: the run, not setup's transient copies
     f.write("5")
 trainer.train()

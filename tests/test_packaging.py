@@ -37,3 +37,18 @@ def test_console_script_runs():
     script = Path(sys.executable).parent / "slimtune"
     out = subprocess.run([str(script), "train", "--help"], capture_output=True, text=True, check=True).stdout
     assert "training.learning_rate" in out and "adapter.target_modules" in out
+
+
+def test_imports_go_one_way():
+    """cli -> finetune -> offload -> optimizers: a layer never imports one above it (no module of offload names
+    finetune, none of optimizers names the other three), so each can be read and reused without the ones above."""
+    import re
+
+    above = {"offload": ("finetune", "cli"), "optimizers": ("finetune", "offload", "cli"), "finetune": ("cli",)}
+    found = []
+    for folder, names in above.items():
+        alt = "|".join(names)
+        pattern = re.compile(rf"^\s*(from|import)\s+(slimtune\.({alt})\b|\.\.({alt})\b)", re.M)
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            found += [f"{path.relative_to(ROOT)}: {m.group(0).strip()}" for m in pattern.finditer(path.read_text())]
+    assert not found, found

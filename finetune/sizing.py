@@ -47,71 +47,22 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slimtune.finetune.errors import SlimtuneError
+from slimtune.offload.plan_inputs import BlockSize, ModelSizes
+from slimtune.offload.units import format_size
 
-from .units import format_size
+from .errors import SlimtuneError
 
-if TYPE_CHECKING:  # the recipe is only read here; importing finetune.recipe at runtime is not needed
-    from slimtune.finetune.recipe import Recipe
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 NF4_BLOCKSIZE = 64        # bitsandbytes 0.50 Params4bit / quantize_4bit default
 NESTED_BLOCKSIZE = 256    # double quantization of the absmax (functional.quantize_4bit: quantize_blockwise(.., 256))
 NF4_CODE_BYTES = 16 * 4   # the 16-value fp32 quant map
 NESTED_CODE_BYTES = 256 * 4
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-@dataclass(frozen=True)
-class BlockSize:
-    """Bytes of one block (for one micro-batch where activations are concerned). Plain data."""
-
-    name: str
-    param_count: int          # logical values of the block's base parameters (a 4-bit weight counts n, not n/2)
-    param_bytes: int          # base parameters as stored (model.dtype; 4-bit: packed codes + quant state)
-    stream_bytes: int         # what streams when the block is offloaded: blocks.flat_layout of the base parameters
-    quant_state_bytes: int    # 4-bit quant state inside param_bytes (resident on the device even when streamed)
-    adapter_bytes: int        # parameters the adapter adds (LoRA A/B, modules_to_save copies); 0 for adapter none
-    trainable_count: int      # values the optimizer updates (adapter params, or every base param for adapter none)
-    trainable_bytes: int      # ... in their dtype; gradients have the same size
-    state_bytes: int          # optimizer state over the trainable params as they are (the in-memory update)
-    state_bytes_fp32: int     # optimizer state over fp32 master copies (the offloaded update)
-    largest_param_bytes: int  # largest single trainable tensor (MeZO's transient z)
-    matmul_params: int        # weights used in matmuls (for FLOPs; the embedding lookup is not one)
-    act_saved_bytes: int      # what autograd saves in this block for one micro-batch (no checkpointing)
-    act_input_bytes: int      # what a checkpointed block keeps: its inputs (tensors shared with earlier blocks: 0)
-    act_largest_bytes: int    # largest single saved storage in the block
-    tokens: int               # tokens in the micro-batch the activation numbers are for
-    units: tuple[tuple[int, int], ...] = ()  # (values, fp32-master state bytes) per offloaded-update staging unit
-
-    @property
-    def grad_bytes(self) -> int:
-        """Gradients have their parameter's dtype and shape."""
-        return self.trainable_bytes
-
-    @property
-    def master_bytes(self) -> int:
-        """fp32 copy of the trainable parameters that an update off the compute device works on."""
-        return 4 * self.trainable_count
-
-    @property
-    def act_saved_per_token(self) -> float:
-        return self.act_saved_bytes / max(self.tokens, 1)
-
-    @property
-    def act_input_per_token(self) -> float:
-        return self.act_input_bytes / max(self.tokens, 1)
-
-
-class ModelSizes(list):
-    """``list[BlockSize]`` in execution order, plus ``notes`` (assumptions the numbers rest on) and ``source``."""
-
-    def __init__(self, blocks, notes=(), source: str = ""):
-        super().__init__(blocks)
-        self.notes, self.source = list(notes), source
 
 
 def nf4_bytes(n: int, double_quant: bool) -> tuple[int, int]:
@@ -187,8 +138,8 @@ def block_sizes(recipe: Recipe, config=None) -> ModelSizes:
     """
     import torch
 
-    from .blocks import decoder_layers, flat_layout, model_blocks
-    from .offloaded_blocks import staging_groups
+    from slimtune.offload.blocks import decoder_layers, flat_layout, model_blocks
+    from slimtune.offload.offloaded_blocks import staging_groups
 
     notes: list[str] = []
     if config is None:
@@ -256,7 +207,7 @@ def _two_layer_config(config, model):
     """A copy of ``config`` with two decoder layers when all of ``model``'s layers are alike, else None."""
     import copy
 
-    from .blocks import decoder_layers
+    from slimtune.offload.blocks import decoder_layers
 
     _, layers = decoder_layers(model)
 
@@ -321,7 +272,7 @@ def _adapt(model, recipe):
     """The recipe's adapter on the fake model, through the trainer's own registry (peft for lora/qlora)."""
     import warnings
 
-    from slimtune.finetune.adapters import apply_adapter
+    from .adapters import apply_adapter
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -380,7 +331,7 @@ def _matmul_params(model, prefix: str, n_layers: int) -> list[int]:
 
 def _activations(recipe, model, config, notes) -> list[tuple[int, int, int]]:
     """Per block of ``model``: (saved bytes, checkpoint-input bytes, largest saved storage) for one micro-batch."""
-    from .blocks import model_blocks
+    from slimtune.offload.blocks import model_blocks
 
     try:
         return _count_saved(recipe, model, model_blocks(model))
