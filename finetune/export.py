@@ -92,7 +92,7 @@ def merge_adapter(adapter_dir: Path, out_dir: Path, dtype: str = "float32", devi
     QLoRA: the base is loaded in 4 bits exactly as in training, each ``Linear4bit`` is dequantized
     (``bitsandbytes.functional.dequantize_4bit``) into a plain ``nn.Linear`` in ``dtype``, and the LoRA delta is
     merged into *that*. The adapter was trained against ``dequant(W4)``, not the original 16-bit ``W16``
-    (reference/adapters.md §1b item 5; peft #2321, transformers #31293), so:
+    (peft #2321, transformers #31293), so:
 
     * the merged model ≈ what was trained (the 4-bit model + adapter, up to the compute-dtype rounding of training);
     * it is **not** the original 16-bit base + delta: every base weight carries its NF4 rounding error. Merging into

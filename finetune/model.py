@@ -2,7 +2,7 @@
 
 QLoRA's 4-bit settings come from the recipe (``model.quantization``), whose defaults are the paper's: NF4, double
 quantization, bf16 compute. ``BitsAndBytesConfig(load_in_4bit=True)`` alone would give fp4 with fp32 compute
-(reference/adapters.md §1b), so every field is passed explicitly here.
+(the QLoRA paper, arXiv 2305.14314, and artidoro/qlora's ``qlora.py``), so every field is passed explicitly here.
 """
 
 from __future__ import annotations

@@ -135,7 +135,7 @@ class AdapterConfig(Section):
     modules_to_save: list[str] | None = Field(
         None, description="Extra modules trained in full and saved with the adapter (e.g. [lm_head]).")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
-    # MixLoRA (reference/adapters.md §1a). Defaults: MoE-PEFT's code and templates/mixlora.json.
+    # MixLoRA (arXiv 2404.15159). Defaults: MoE-PEFT's code and its templates/mixlora.json.
     num_experts: int = Field(8, ge=1, le=256, description="mixlora: experts per FFN (MoE-PEFT template: 8).")
     top_k: int = Field(2, ge=1, description="mixlora: experts per token; their router weights are renormalised.")
     router_aux_loss_coef: float = Field(

@@ -1,7 +1,7 @@
 """Atomic writes: a reader (or a resumed run) sees the old file/directory or the new one, never half of one.
 
 Used by the trainer's checkpoints, exports and metrics (``finetune``) and by the offloaded optimizer's checkpoints;
-it lives in ``offload`` because ``finetune`` depends on ``offload``, not the reverse (DESIGN.md).
+it lives in ``offload`` because ``finetune`` depends on ``offload``, not the reverse (README, Layout).
 
 Files: write ``name.tmp-<pid>``, fsync, ``os.replace``. Directories: fill ``.tmp-<name>-<pid>`` next to the
 target, fsync its files, then rename it into place (a same-filesystem rename is atomic on POSIX). A kill at any

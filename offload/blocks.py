@@ -1,4 +1,4 @@
-"""The unit of placement: a transformer block (reference/offload.md, design lessons 2 and 22).
+"""The unit of placement: a transformer block (docs/offload-design.md, rules 2 and 22).
 
 A decoder-only Hugging Face model (bare, or wrapped by peft) is three kinds of block, in execution order:
 

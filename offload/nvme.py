@@ -1,23 +1,23 @@
 """NVMe block store: one swap file per store, aligned O_DIRECT reads/writes from a small thread pool.
 
 The offload engine keeps each transformer block's tensors in one flat buffer per tier; this store is the NVMe tier.
-Design, and the ZeRO-Infinity lessons it applies (``reference/offload.md`` §2, §9-10, "Design lessons"):
+Design, and the ZeRO-Infinity lessons it applies (docs/offload-design.md, "rule N" below):
 
 - **One file, fixed regions.** A store owns one swap file (``slimtune-<pid>-<random>.swap`` in ``offload.nvme_dir``);
   ``reserve(key, nbytes)`` hands out an aligned region (size rounded up to ``alignment``). No per-parameter files
-  and no minimum-size special cases (lesson 2, 22); a write larger than its region fails at once naming both sizes
-  (lesson 4, cf. DeepSpeed "More elements ... than buffer size", #3506).
-- **O_DIRECT, so the memory savings are real.** Buffered I/O double-buffers through the page cache (lesson 13), so
+  and no minimum-size special cases (rules 2, 22); a write larger than its region fails at once naming both sizes
+  (rule 4, cf. DeepSpeed "More elements ... than buffer size", #3506).
+- **O_DIRECT, so the memory savings are real.** Buffered I/O double-buffers through the page cache (rule 13), so
   the file is opened with ``O_DIRECT`` (and probed with one aligned write, since some filesystems accept the flag
   and refuse the I/O). When the filesystem refuses it (tmpfs, some FUSE), ``direct=None`` falls back to buffered
   I/O + ``posix_fadvise(DONTNEED)`` with a warning and ``store.direct`` False; ``direct=True`` raises instead.
 - **Pure Python, no native build.** ``os.pwrite``/``os.preadv`` release the GIL, so a ``ThreadPoolExecutor`` gives
-  real queue depth without libaio (whose build is DeepSpeed's most common failure, lesson 21, #6972/#7346). Each
-  transfer is split into ``chunk_bytes`` (8 MiB) requests spread over the threads (>= 1 MiB requests, lesson 13).
+  real queue depth without libaio (whose build is DeepSpeed's most common failure, rule 21, #6972/#7346). Each
+  transfer is split into ``chunk_bytes`` (8 MiB) requests spread over the threads (>= 1 MiB requests, rule 13).
 - **Bounded staging.** O_DIRECT needs aligned address, offset and length. Aligned caller buffers (see
-  :func:`aligned_empty`; the engine's pinned ring, lesson 3/5) are read/written in place; unaligned ones, and the
-  unaligned tail, go through one ``chunk_bytes`` staging buffer per I/O thread, so staging memory is
-  ``threads * chunk_bytes`` whatever the tensor size (DeepSpeed's pools cost GBs of RAM here, §10).
+  :func:`aligned_empty`; the engine's pinned ring, rules 3 and 5) are read/written in place; unaligned ones, and the
+  unaligned tail, go through one ``chunk_bytes`` staging buffer per I/O thread, so staging memory is ``threads *
+  chunk_bytes`` whatever the tensor size (DeepSpeed's pools cost GBs of RAM here: bench/offload_deepspeed.py).
 - **Fail loudly, up front.** Missing/unwritable directory, and ``capacity_bytes`` above the free space, fail in the
   constructor naming the directory and the recipe key; the capacity is preallocated (``posix_fallocate``) so a run
   does not die half way. A write that still hits ENOSPC raises :class:`NvmeStoreError` naming directory and bytes,

@@ -1,12 +1,12 @@
 """The offloaded optimizer's per-block bookkeeping: device params, fp32 masters, the CPU gradient buffer.
 
-One flat buffer per block and tier (DESIGN.md, "Stores"): the block's gradients accumulate into one contiguous fp32
-buffer (one ``zero_()`` after the update, one norm per view for clipping), taken from a pool when its first gradient
-of the step arrives and given back after its update (:class:`GradPool`), and on the CPU tier its masters are one
-contiguous fp32 buffer whose views the optimizer updates. On the NVMe tier the masters are tensors with the right
-shape and dtype "parked" on a one-element storage (stride 0, 4 bytes) between updates, and point into a staging
-buffer during one (``master.data = view``): the optimizer keys its state and param groups by these objects, so they
-must outlive every swap.
+One flat buffer per block and tier (docs/offload-design.md rule 2): the block's gradients accumulate into one
+contiguous fp32 buffer (one ``zero_()`` after the update, one norm per view for clipping), taken from a pool when its
+first gradient of the step arrives and given back after its update (:class:`GradPool`), and on the CPU tier its
+masters are one contiguous fp32 buffer whose views the optimizer updates. On the NVMe tier the masters are tensors
+with the right shape and dtype "parked" on a one-element storage (stride 0, 4 bytes) between updates, and point into a
+staging buffer during one (``master.data = view``): the optimizer keys its state and param groups by these objects, so
+they must outlive every swap.
 """
 
 from __future__ import annotations

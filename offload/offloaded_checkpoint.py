@@ -1,5 +1,5 @@
-"""Checkpoints of the offloaded optimizer, streamed block by block (Design lesson 19: resume must cover offloaded
-state explicitly, without a whole-model ``state_dict()`` in RAM).
+"""Checkpoints of the offloaded optimizer, streamed block by block (docs/offload-design.md rule 19: resume must cover
+offloaded state explicitly, without a whole-model ``state_dict()`` in RAM).
 
 Layout of the directory :meth:`OffloadedUpdates.save` writes (the same for both tiers, so a run can resume on the
 other tier)::

@@ -1,13 +1,14 @@
 """Full-parameter training with gradients, fp32 master weights and optimizer state offloaded to CPU or NVMe.
 
 The offloaded sibling of per-layer mode (``finetune/per_layer.py``). Each gradient leaves the device as soon as
-backward produces it (a ``register_post_accumulate_grad_hook``, torchao ``CPUOffloadOptimizer``'s pattern,
-``reference/offload.md`` §6) into its block's CPU fp32 buffer, and the device gradient is freed at once. When a
-block has all its final gradients, its update runs on a worker thread while backward continues on the blocks still
-to come (Design lesson 10: Fuyou / SuperOffload, instead of ZeRO-3's and torchao's step after backward). The update
-is the optimizer's own per-tensor function (``PerTensorOptimizer.update_param``) on fp32 masters held off the device
-(ZeRO-Offload's fp32 master partition, §1), so every first-order optimizer of the project works unchanged and the
-result equals the in-memory run. The updated master is cast to the device dtype and copied into the model.
+backward produces it (a ``register_post_accumulate_grad_hook``, the pattern of torchao's ``CPUOffloadOptimizer``,
+``prototype/low_bit_optim/cpu_offload.py``) into its block's CPU fp32 buffer, and the device gradient is freed at
+once. When a block has all its final gradients, its update runs on a worker thread while backward continues on the
+blocks still to come (docs/offload-design.md rule 10: Fuyou / SuperOffload, instead of ZeRO-3's and torchao's step
+after backward). The update is the optimizer's own per-tensor function (``PerTensorOptimizer.update_param``) on fp32
+masters held off the device (ZeRO-Offload's fp32 master partition, arXiv 2101.06840), so every first-order optimizer
+of the project works unchanged and the result equals the in-memory run. The updated master is cast to the device dtype
+and copied into the model.
 
 State tiers:
 
@@ -22,9 +23,9 @@ State tiers:
   update: every block with gradient accumulation or clipping, only the blocks in flight with ``overlap`` and one
   micro-batch (:class:`~.offloaded_blocks.GradPool`).
 
-Global-norm clipping (Design lesson 12) needs every gradient first, so it runs with ``overlap=False``: the updates
-wait for :meth:`step`, which computes the norm from the CPU buffers with torch's own ``get_total_norm`` and scales
-them as ``clip_grad_norm_`` does, then runs the block updates (still pipelined with NVMe I/O).
+Global-norm clipping (docs/offload-design.md rule 12) needs every gradient first, so it runs with ``overlap=False``:
+the updates wait for :meth:`step`, which computes the norm from the CPU buffers with torch's own ``get_total_norm``
+and scales them as ``clip_grad_norm_`` does, then runs the block updates (still pipelined with NVMe I/O).
 
 How the trainer uses this (one optimizer step, gradient accumulation over micro-batches ``0..last``)::
 

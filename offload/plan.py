@@ -1,17 +1,17 @@
 """The offload plan: where each block's params, gradients and optimizer state live, what that costs per tier and
 per link, and how fast a step can possibly be. Plain data, printable (``slimtune plan``) and testable.
 
-Semantics the engine follows (``offload/streamer.py``, ``offload/state_swapper.py``; ``reference/offload.md``):
+Semantics the engine follows (``offload/streamer.py``, ``offload/state_swapper.py``; docs/offload-design.md):
 
 * **params** ``gpu``: resident on the compute device. ``cpu`` / ``nvme``: each decoder layer's base weights live in
   one flat aligned region there (:attr:`BlockSize.stream_bytes`) and stream into a ring of ``prefetch + 2`` device
   slots, each the size of the largest layer; 4-bit quant state and adapter weights stay resident. Forward visits
   layers 0..L-1, backward L-1..0 with per-block recompute, so a layer is fetched twice per micro-batch (design
-  lesson 9), and once per MeZO step (ZO2: every perturbed forward runs while the block is resident). ``embed``
+  rule 9), and once per MeZO step (ZO2: every perturbed forward runs while the block is resident). ``embed``
   and ``head`` always stay on the device. NVMe reads land in the device slot on a CPU device, and go through
   ``prefetch + 2`` pinned staging buffers on CUDA.
 * **LoRA / QLoRA**: adapter weights, gradients and optimizer state stay on the device under ``auto`` (they are
-  tiny, lesson 11); explicit placements are honoured.
+  tiny, rule 11); explicit placements are honoured.
 * **Offloaded update** (``optimizer_state`` cpu/nvme, update on the CPU): gradients leave the device block by block
   (``gradients`` cpu: into CPU buffers: the whole model's in fp32 when accumulation or global clipping needs every
   gradient, else three blocks' worth in the params' dtype: the engine makes backward wait while two blocks' updates
@@ -31,7 +31,7 @@ process's resident set: the cpu tier plus, on a CPU device, the device tier, plu
 (``runtime_bytes``: its RSS when planning, unless given; kept out of the tiers so that they compare item by item with
 the engine's own accounting); ``nvme`` is the free space in ``offload.nvme_dir``.
 
-**Step-time lower bound** (``reference/offload.md`` "Physical limits", perfect overlap): the largest of compute
+**Step-time lower bound** (perfect overlap): the largest of compute
 (FLOPs ~ 6·P·T full fine-tuning, 8·P·T with recompute; 4·P·T / 6·P·T over a frozen base; 4·P·T per MeZO sample) over
 a measured matmul rate, host<->device bytes over the measured copy bandwidth (full duplex on CUDA; one memory bus on
 CPU), NVMe reads + writes over the measured drive bandwidth (one drive), and the CPU update's memory traffic.
@@ -489,7 +489,7 @@ def _bound(request: PlanRequest, plan: Plan, sizes, given: dict[str, float]) -> 
         terms["nvme"] = links["nvme->cpu"] / bw["nvme->cpu"] + links["cpu->nvme"] / bw["cpu->nvme"]
     if update_cpu:
         # memory-bound: read masters, fp32 gradients (master-sized) and state; write masters, state and the
-        # params in their own dtype (reference/offload.md: ~28 B per parameter for fp32 Adam)
+        # params in their own dtype (~28 B per parameter for fp32 Adam)
         touched = sum(3 * b.master_bytes + 2 * b.state_bytes + b.trainable_bytes
                       for b in plan.blocks if b.trainable_bytes)
         terms["cpu update"] = touched / bw["memcpy"]

@@ -2,7 +2,7 @@
 
 The offloaded optimizer (:mod:`.offloaded_updates`) keeps a block's masters and every tensor-valued optimizer-state
 entry in one contiguous, aligned region: one big read before the block's update and one big write after it
-(``reference/offload.md`` §2: ZeRO-Infinity swaps whole sub-groups; "Design lessons" 2, 13 and 22: per-tensor
+(ZeRO-Infinity swaps whole sub-groups; docs/offload-design.md rules 2, 13 and 22: per-tensor
 swapping pays per-request overhead and hits minimum-size edge cases). The layout::
 
     [ masters (fp32, the block's flat order) | pad to 64 B | state tensors, largest element size first ]

@@ -1,11 +1,11 @@
 """NVMe tier of the offloaded optimizer: one region per block, a ring of staging buffers, read-ahead/write-behind.
 
 While block ``b`` is updated in one staging buffer, the next block the engine expects is read into another and the
-previous one is written back from a third (``reference/offload.md`` §2, DeepSpeed's ``pipeline_read`` /
-``pipeline_write``; Design lesson 3: a fixed ring of at least 3 buffers, sized from the largest block, so the engine
-never waits on a buffer pool it does not own). The ring holds ``workers + 2`` buffers. The expected order is the order
-blocks were updated in the previous step (the first step: backward order, i.e. the blocks reversed); a wrong guess
-only costs a wait, never correctness.
+previous one is written back from a third (DeepSpeed's ``pipeline_read`` / ``pipeline_write``; docs/offload-design.md
+rule 3: a fixed ring of at least 3 buffers, sized from the largest block, so the engine never waits on a buffer pool
+it does not own). The ring holds ``workers + 2`` buffers. The expected order is the order blocks were updated in the
+previous step (the first step: backward order, i.e. the blocks reversed); a wrong guess only costs a wait, never
+correctness.
 
 Regions are reserved (and preallocated) up front from the optimizer's ``state_bytes``
 (:func:`.state_layout.planned_block_bytes`), so a disk that is too small fails before training starts. State whose

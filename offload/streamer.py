@@ -1,6 +1,6 @@
 """Stream decoder-layer weights from a home tier (CPU RAM or NVMe) through a ring of device slots.
 
-DESIGN.md "Stores / Scheduler / Hooks"; reference/offload.md design lessons 3, 6, 8, 9, 13, 14, 18, 20. How it works:
+docs/offload-design.md, rules 3, 6, 8, 9, 13, 14, 18 and 20. How it works:
 
 * **Flat homes.** Each decoder layer's streamed tensors (its frozen weights, including bitsandbytes 4-bit codes;
   with ``stream_trainable`` all of its parameters) are packed into one contiguous, 4 KiB-aligned byte region: a
@@ -13,8 +13,8 @@ DESIGN.md "Stores / Scheduler / Hooks"; reference/offload.md design lessons 3, 6
   parameters point at an empty placeholder, so nothing can silently use a stale copy (and a use fails loudly).
 * **A static schedule.** Decoder layers run 0..L-1 forward, then L-1..0 in backward, each recomputed under
   activation checkpointing (mandatory: without it autograd would keep every fetched weight alive until backward,
-  lesson 8). So each layer is fetched twice per training step (once for forward, once for recompute + backward,
-  lesson 9), and once per step in forward-only use. The window is the next ``prefetch`` distinct layers of that
+  rule 8). So each layer is fetched twice per training step (once for forward, once for recompute + backward,
+  rule 9), and once per step in forward-only use. The window is the next ``prefetch`` distinct layers of that
   schedule; evaluation and generation loop 0..L-1 repeatedly.
 * **Hooks, no model changes.** Each layer's ``forward`` is wrapped (instance attribute; HF's own per-layer
   checkpointing is switched off for the streamed layers and restored on :meth:`detach`): bind the layer, run it

@@ -1,6 +1,6 @@
 """Zeroth-order block streaming: one MeZO step that visits each block once (ZO2's idea, done exactly).
 
-ZO2 (arXiv 2503.12668; reference/offload.md §4, reference/optimizers.md §4) observes that MeZO needs each block's
+ZO2 (arXiv 2503.12668; code liangyuwang/zo2) observes that MeZO needs each block's
 weights only for forwards, so a streamed block can run *both* perturbed forwards back to back while it is resident
 and be updated the next time it is resident: every block then crosses the link once per step. This module does
 that on any Hugging Face decoder model (bare or peft), CPU or CUDA, with or without a

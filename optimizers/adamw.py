@@ -1,6 +1,7 @@
 """AdamW math shared by the optimizers, as pure per-tensor functions (no optimizer object, no hidden state).
 
-Two epsilon placements exist in the official codes (reference/optimizers.md §5.2), so both are here:
+Two epsilon placements exist in the official codes (GaLore, SPAM: sqrt(v) + eps; torch, FRUGAL: sqrt(v_hat) + eps), so
+both are here:
 
 * ``adam_direction_eps_hat`` — GaLore and SPAM (and HF's old ``transformers.AdamW``): bias correction folded into the
   step size, eps added to the raw ``sqrt(v)`` ("eps-hat" form, Kingma & Ba 2015, end of §2)::

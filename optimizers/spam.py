@@ -1,8 +1,8 @@
 """SPAM: Spike-Aware Adam with Momentum reset (Huang et al., arXiv 2501.06842).
 
 Reproduces the official ``galore_torch/SPAM.py`` of TianjinYellow/SPAM-Optimizer (HEAD e8185fbe, class ``AdamW``
-exported as ``SPAM``) step for step; see ``reference/optimizers.md`` §3. For optimizer step k = 1, 2, ... (the
-optimizer-wide ``total_step`` is k - 1 while step k runs) and each parameter with gradient g::
+exported as ``SPAM``) step for step. For optimizer step k = 1, 2, ... (the optimizer-wide ``total_step`` is k - 1
+while step k runs) and each parameter with gradient g::
 
     reset:   if k % delta_t == 0:  m = v = 0        (per-param bias-correction step s is NOT reset)     (1)
     s = s + 1

@@ -15,7 +15,7 @@ averaged exactly like the official ``zo_torch_optim`` path (``p.grad += (g_k / n
 without materialising the sum: sample 0 applies (3) with g_0/n and the decay term; samples k ≥ 1 apply (3) with
 g_k/n and no decay (mathematically (4); only the floating-point summation order differs).
 
-Protocol (matches the official ``large_models/trainer.py`` ``zo_step``/``zo_update``; reference/optimizers.md §4.1):
+Protocol (matches the official ``large_models/trainer.py`` ``zo_step``/``zo_update``, princeton-nlp/MeZO):
 perturb +ε, ``loss1 = closure()``, perturb −2ε, ``loss2 = closure()``, perturb +ε (restore, not bit-exact in floating
 point), then regenerate z from the same seed for the update. z is drawn per parameter, in param-group order (with one
 group: the ``named_parameters()`` order of the official code) in the parameter's dtype, from one generator per device

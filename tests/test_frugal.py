@@ -1,4 +1,5 @@
-"""FRUGAL against torch.optim.AdamW, GaLore and float64 formulas of the author code (reference/optimizers.md §2.1)."""
+"""FRUGAL against torch.optim.AdamW, GaLore and float64 formulas of the author code
+(``frugal/proj_optimizer_templates.py``)."""
 
 from __future__ import annotations
 

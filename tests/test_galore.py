@@ -1,4 +1,4 @@
-"""GaLoreAdamW against a float64 transcription of the official update (reference/optimizers.md §1.1)."""
+"""GaLoreAdamW against a float64 transcription of the official update (jiaweizzhao/GaLore ``galore_torch/adamw.py``)."""
 
 from __future__ import annotations
 

@@ -117,7 +117,7 @@ def test_other_llama_family_decoders(family):
 
 # --------------------------------------------------------------------------------------------------- float64
 def _reference_ffn(ffn: MixLoraFFN, x: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The published MoE FFN in float64, token by token (reference/adapters.md §1a item 2): softmax router, top-k
+    """The published MoE FFN in float64, token by token (arXiv 2404.15159, MoE-PEFT's MixLoRA): softmax router, top-k
     renormalised, expert e = frozen FFN + its LoRA on gate/up/down, W_down applied per expert."""
     d = torch.float64
     base = ffn.base_layer
@@ -166,9 +166,10 @@ def test_routing_and_moe_ffn_match_a_float64_reference(tiny_dir_config, tiny_mod
 
 def _reference_aux(layer_inputs: list[torch.Tensor], routers: list[torch.Tensor], mask: torch.Tensor | None,
                    coef: float) -> tuple[float, list[list[float]]]:
-    """HF-Mixtral / MoE-PEFT load-balance loss in float64, written from reference §1a item 5: all layers' logits
-    concatenated, f[slot, e] = share of (non-padding) tokens whose slot-th choice is e, P[e] = mean router
-    probability, L = coef * E * sum f[slot, e] P[e]. Also each layer's share of the top-k assignments per expert."""
+    """HF-Mixtral / MoE-PEFT load-balance loss in float64, written from MoE-PEFT's
+    ``_mixtral_load_balancing_loss_func``: all layers' logits concatenated, f[slot, e] = share of (non-padding) tokens
+    whose slot-th choice is e, P[e] = mean router probability, L = coef * E * sum f[slot, e] P[e]. Also each layer's
+    share of the top-k assignments per expert."""
     logits = [x.double().reshape(-1, x.shape[-1]) @ w.double().T for x, w in zip(layer_inputs, routers)]
     keep = torch.ones(logits[0].shape[0], dtype=torch.float64) if mask is None else mask.reshape(-1).double()
     rows = [(torch.softmax(row, 0), k) for layer in logits for row, k in zip(layer, keep)]
@@ -425,7 +426,7 @@ def test_4bit_base_forward_backward_generate_and_reload(tmp_path, tiny_dir_confi
 # --------------------------------------------------------------------------------------------------- official
 def _official(adapter_dir: Path):
     """The official package's model, with its dropout turned off (it keeps dropout active at inference and its
-    expert LoRAs live in a plain dict that model.eval() never reaches: reference §1a, bug 1)."""
+    expert LoRAs live in a plain dict that model.eval() never reaches)."""
     import mixlora
 
     model, _ = mixlora.MixLoraModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch.float32)
@@ -482,8 +483,8 @@ def test_a_non_gated_mlp_is_refused_with_the_supported_families(tmp_path, tiny_t
 
 
 def test_an_official_format_adapter_loads_in_slimtune(tmp_path, tiny_model_dir):
-    """Written by hand from the format MoE-PEFT saves (reference §1a): .bin only, target_modules as a dict, an int
-    alpha, no router settings (their code defaults apply), experts on up/down only."""
+    """Written by hand from the format MoE-PEFT saves (``save_adapter_weight``): .bin only, target_modules as a dict,
+    an int alpha, no router settings (their code defaults apply), experts on up/down only."""
     r, experts = 8, 3
     targets = {"q_proj": True, "k_proj": False, "v_proj": True, "o_proj": False, "gate_proj": False,
                "up_proj": True, "down_proj": True}

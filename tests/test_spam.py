@@ -1,4 +1,5 @@
-"""SPAM against float64 references written here from reference/optimizers.md §3.1 (the official update rule).
+"""SPAM against float64 references written here from the official update rule (TianjinYellow/SPAM-Optimizer,
+``galore_torch/SPAM.py``).
 
 Gradients are fed directly (a fixed seeded sequence with injected x1000 spikes), so the optimizer is compared with
 the references step by step without a model in the loop.
@@ -60,7 +61,7 @@ class OfficialCosineDecay:
 
 
 class OfficialSPAM64:
-    """float64 transcription of the official step (reference §3.1), line by line.
+    """float64 transcription of the official step (``galore_torch/SPAM.py``), line by line.
 
     ``masks[i]`` is None for dense params. ``fix_density_wd=False`` reproduces the official no-op decay on density
     params. ``next_mask(i)`` supplies the re-drawn mask at a reset (taken from the optimizer under test, whose
@@ -156,7 +157,7 @@ def test_warmup_scale_matches_official_cosine_decay_and_reference_numbers():
         cd = OfficialCosineDecay(w)
         for c in range(w + 3):
             assert warmup_scale(c, w) == pytest.approx(1 - cd.get_dr(c), abs=1e-12)
-    measured = [0.01, 0.076, 0.258, 0.505, 0.752, 1.0]  # reference §3.1 (run), W = 5
+    measured = [0.01, 0.076, 0.258, 0.505, 0.752, 1.0]  # the official warm-up, run, W = 5
     assert [round(warmup_scale(c, 5), 3) for c in range(6)] == measured
 
 

@@ -1,5 +1,5 @@
 """MixLoRA: every FFN becomes a sparse mixture of LoRA experts that share its frozen weights (Li et al. 2024,
-arXiv 2404.15159; official code TUDB-Labs/MixLoRA and MoE-PEFT, reference/adapters.md §1a).
+arXiv 2404.15159; official code TUDB-Labs/MixLoRA and MoE-PEFT).
 
 Per decoder layer, without touching model code:
 
@@ -25,7 +25,7 @@ accumulated as ``a_0 + sum_e w_e (a_e - a_0)`` with ``a_0 = act(W_gate x) * W_up
 layer computes exactly what the base MLP computes: identity at init holds bit for bit, not just up to rounding
 (the official weighted sum of identical expert outputs is off by an ulp, since the renormalised weights need not sum
 to exactly 1.0 in floating point). Experts that receive no token are skipped, and no base layer ever sees an empty
-input: a bitsandbytes 4-bit layer on CPU kills the process on one (reference §1a, bug 3).
+input: a bitsandbytes 4-bit layer on CPU kills the process on one (a SIGFPE, seen with the official package's generate).
 
 **dtypes** (MoE-PEFT's choices): router weights, routing and every LoRA matrix in fp32 whatever the base dtype; the
 LoRA input is cast to fp32 and its output back to the base activation dtype; the router runs with autocast off.

@@ -1,4 +1,5 @@
-"""MixLoRA adapters on disk, in the official format (reference/adapters.md §1a, *Checkpoint format*).
+"""MixLoRA adapters on disk, in the official format (what MoE-PEFT's ``save_adapter_weight`` writes and the
+``mixlora`` package's ``load_adapter_weights`` reads).
 
 A directory written by :func:`save_mixlora` holds:
 
@@ -14,7 +15,7 @@ A directory written by :func:`save_mixlora` holds:
   with ``weights_only=True`` when there is no safetensors file (an official adapter).
 
 ``jitter_noise`` is *not* written to adapter_config.json: the official package would apply it at inference (in
-place, reference §1a). It goes, with the two router settings, into ``slimtune.json`` (``mixlora``), which takes
+place). It goes, with the two router settings, into ``slimtune.json`` (``mixlora``), which takes
 precedence on load, so a reload changes nothing. Known limits of the official package 0.2.3 (not ours): it ignores
 ``expert_lora`` (experts with their own r fail to load there) and asserts ``lora_dropout > 0`` and an int
 ``lora_alpha``.
