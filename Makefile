@@ -23,7 +23,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 quickstart: setup
 	$(BIN)/slimtune train configs/quickstart.yaml output.overwrite_output_dir=true
 
+# ruff first: import order, pyflakes, pycodestyle and docstrings on the public API (pyproject.toml [tool.ruff])
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -66,7 +66,8 @@ from offload_report import GB, draw_timeline, plot, ratios, summarize, table
 from trainer import machine
 
 LABELS = {"resident": "resident bf16 AdamW (compute only)",
-          "resident-master": "resident, fp32 masters (compute only)", "io": "io (NVMe bytes only)", "deepspeed": "DeepSpeed ZeRO-3 NVMe",
+          "resident-master": "resident, fp32 masters (compute only)", "io": "io (NVMe bytes only)",
+          "deepspeed": "DeepSpeed ZeRO-3 NVMe",
           "slimtune": "slimtune offload", "mezo-resident": "MeZO in memory", "mezo-stream": "MeZO streamed"}
 # Llama configs. bf16 on this CPU (no AVX512-BF16/AMX) costs per weight more than per token: the default's resident
 # step took 17-31 s at seq 32, 64 and 128 alike on the shared 2 cores (load 4-8), so seq is cheap and a smaller
@@ -337,7 +338,8 @@ def run_mezo_stream(a, config, batches, meter) -> dict:
     return {"losses": losses, "timeline": timeline}
 
 
-CONTENDERS = {"resident": run_resident, "resident-master": run_resident_master, "io": run_io, "deepspeed": run_deepspeed, "slimtune": run_slimtune,
+CONTENDERS = {"resident": run_resident, "resident-master": run_resident_master, "io": run_io,
+              "deepspeed": run_deepspeed, "slimtune": run_slimtune,
               "mezo-resident": run_mezo_resident, "mezo-stream": run_mezo_stream}
 assert list(CONTENDERS) == list(LABELS)
 

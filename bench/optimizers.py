@@ -90,9 +90,10 @@ def allocated_bytes(optimizer) -> int:
 def use_galore_torch(trainer, recipe) -> None:
     """Swap galore_torch.GaLoreAdamW (same groups and hyperparameters as build_galore) into a slimtune Trainer."""
     import galore_torch
+    from transformers import get_scheduler
+
     from slimtune.finetune.trainer import warmup_steps
     from slimtune.optimizers import decay_groups, split_targets
-    from transformers import get_scheduler
 
     o, t = recipe.optimizer, recipe.training
     targets, rest = split_targets(trainer.params, o.target_modules)
@@ -196,7 +197,8 @@ def table(stats: dict, header: str) -> str:
         lines.append(
             f"| {LABELS[name]} | {s['steps']} | {s['lr']:g} | {pred} | {s['allocated_state_mib']:.3f} | "
             f"{s['allocated_state_mib'] / a['allocated_state_mib']:.3f} | {s['peak_rss_mib']:.0f} | "
-            f"{s['added_rss_mib']:.0f} | {s['median_step_ms']:.1f} | {s['median_step_ms'] / a['median_step_ms']:.2f}x | "
+            f"{s['added_rss_mib']:.0f} | {s['median_step_ms']:.1f} | "
+            f"{s['median_step_ms'] / a['median_step_ms']:.2f}x | "
             f"{s['final_train_loss']:.4f} | {s['eval_loss']:.4f} | {s['exact_match']:.1%} | {s['runs_step_ms']} |")
     return "\n".join(lines) + "\n"
 
@@ -288,7 +290,8 @@ def main() -> None:
     header = (
         f"## Optimizers on the quickstart model, full-parameter ({a.recipe} + adapter.type=none, {a.steps} steps, "
         f"batch 32, torch threads {s0['threads']})\n\nMachine: {host}\n\n"
-        f"{s0['params']:,} trainable parameters. Settings: max_grad_norm 0 for all, cosine with 10% warm-up, per-method "
+        f"{s0['params']:,} trainable parameters. Settings: max_grad_norm 0 for all, cosine with 10% warm-up, "
+        "per-method "
         f"lr (column); GaLore rank 32, update_proj_gap {max(1, a.steps // 3)}, scale 0.25; FRUGAL density 0.25 "
         f"(columns), update_gap {max(1, a.steps // 3)}; SPAM delta_t {max(1, a.steps // 3)}, warmup_steps 10, "
         f"grad_accu_steps 5; MeZO eps 1e-3. {a.rounds} round(s), second in reverse order (mezo-long: one run); step "

@@ -81,10 +81,11 @@ def train_slimtune(recipe, prep) -> dict:
 
 def train_hf(recipe, prep) -> dict:
     import torch
-    from slimtune.finetune.data import collate
-    from slimtune.finetune.trainer import total_steps, warmup_steps
     from transformers import PrinterCallback, TrainerCallback, TrainingArguments
     from transformers import Trainer as HFTrainer
+
+    from slimtune.finetune.data import collate
+    from slimtune.finetune.trainer import total_steps, warmup_steps
 
     t, o, pad_id = recipe.training, recipe.optimizer, prep.tokenizer.pad_token_id
     steps, run = total_steps(recipe, len(prep.train_examples)), {"ends": [], "tokens": [], "losses": []}

@@ -1,3 +1,5 @@
+"""``python -m slimtune.cli``: the same as the ``slimtune`` console script."""
+
 import sys
 
 from .main import main

@@ -32,6 +32,7 @@ def _recipe_docs() -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """Check a recipe (schema, combinations, local files) without loading anything heavy."""
     from slimtune.finetune.recipe import check_local_files, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -47,6 +48,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_docs(args: argparse.Namespace) -> int:
+    """Print every recipe field with its type, default and doc."""
     print(_recipe_docs())
     return 0
 
@@ -59,6 +61,7 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train a recipe: build, print the header, run the loop, print the summary."""
     from slimtune.finetune.build import prepare
     from slimtune.finetune.recipe import load_recipe
     from slimtune.finetune.trainer import Trainer
@@ -81,6 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate from a run directory, an adapter directory or a merged model."""
     import torch
 
     from slimtune.finetune.data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
@@ -108,6 +112,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge a LoRA/QLoRA adapter into its base and save a Hugging Face model."""
     from slimtune.finetune.export import merge_adapter
 
     path = Path(args.adapter)
@@ -130,6 +135,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of every command (``train --help`` ends with the recipe reference)."""
     parser = argparse.ArgumentParser(prog="slimtune", description="Fine-tune LLMs that do not fit on one GPU.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     raw = argparse.RawDescriptionHelpFormatter

@@ -14,6 +14,7 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
+    """Register ``slimtune plan`` on the CLI's subparsers."""
     p = sub.add_parser("plan", help="show where params, gradients and optimizer state will live (no training)")
     p.add_argument("recipe", help="recipe YAML (see configs/)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. offload.cpu_memory=24GB")
@@ -21,6 +22,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the plan of a recipe (and write its bar chart); exit 2 with the closest plan when none fits."""
     from slimtune.finetune.planning import plan_recipe
     from slimtune.finetune.recipe import load_recipe
     from slimtune.offload.plan import PlanError

@@ -7,6 +7,7 @@ from slimtune.optimizers import optimizer_state_bytes
 
 
 def format_header(recipe, prepared, steps: int, optimizer=None) -> str:
+    """The lines ``slimtune train`` prints before training: run dir, model, adapter, data, optimizer."""
     m, a, t = recipe.model, recipe.adapter, recipe.training
     model = m.name_or_path or (f"inline llama ({m.architecture.num_hidden_layers} layers, hidden "
                                f"{m.architecture.hidden_size}, vocab {len(prepared.tokenizer)})")
@@ -27,6 +28,7 @@ def format_header(recipe, prepared, steps: int, optimizer=None) -> str:
 
 
 def format_summary(result) -> str:
+    """The lines ``slimtune train`` prints after training: time, eval before/after, memory, outputs."""
     lines = ["", f"done: {result.steps} steps in {result.train_seconds:.1f} s"]
     before, after = result.eval_before or {}, result.eval_after or {}
     for key, label in (("eval_loss", "eval loss"), ("eval_exact_match", "exact match")):

@@ -16,11 +16,12 @@ import numpy as np
 import torch
 import yaml
 
+from slimtune.offload.atomic_io import atomic_dir, atomic_write_text, remove_stale_temps
+
 from .adapters import apply_adapter
 from .checkpoint import list_checkpoints
 from .data import eval_prompts, load_records, record_texts, tokenize_rows
 from .errors import SlimtuneError
-from slimtune.offload.atomic_io import atomic_dir, atomic_write_text, remove_stale_temps
 from .model import build_base_model, count_parameters, load_model, resolve_device
 from .recipe import Recipe
 from .tokenizer import load_tokenizer
@@ -31,6 +32,7 @@ RUN_OUTPUTS = ("checkpoints", "adapter", "base_model", "metrics.jsonl", "summary
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's generators from one seed."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -27,8 +27,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
 from slimtune.offload.atomic_io import atomic_dir, remove_stale_temps
+
+from .errors import CheckpointError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -52,6 +53,7 @@ class TrainerState:
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
+    """Where the next checkpoint of a run goes (``<run_dir>/checkpoints``)."""
     return Path(run_dir) / "checkpoints"
 
 
@@ -65,6 +67,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def rng_state() -> dict[str, Any]:
+    """Every generator's state (Python, numpy, torch CPU and CUDA), as tensors and plain values."""
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -78,6 +81,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
     torch.set_rng_state(state["torch"])
     random.setstate(_to_tuple(state["python"]))
     n = state["numpy"]
@@ -120,6 +124,7 @@ def save_checkpoint(run_dir: Path, state: TrainerState, trainable: dict[str, tor
 
 @dataclass
 class LoadedCheckpoint:
+    """A checkpoint read back: trainer state, trainable weights, optimizer, scheduler, RNG, recipe."""
     path: Path
     state: TrainerState
     trainable: dict[str, torch.Tensor]
@@ -166,6 +171,7 @@ def find_resume_checkpoint(run_dir: Path, resume: bool | str | None) -> Path | N
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'a': {'b': 1}}`` -> ``{'a.b': 1}``: nested recipe dicts as dotted keys."""
     out = {}
     for key, value in d.items():
         if isinstance(value, dict):

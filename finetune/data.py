@@ -24,8 +24,16 @@ import torch
 
 from .errors import DataError
 from .recipe import DataConfig
-from .templates import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, CHAT_GENERATION_PROMPT, CHAT_TURN, ROLES,
-                        format_example, is_blank, segments)
+from .templates import (
+    ALPACA_PROMPT,
+    ALPACA_PROMPT_NO_INPUT,
+    CHAT_GENERATION_PROMPT,
+    CHAT_TURN,
+    ROLES,
+    format_example,
+    is_blank,
+    segments,
+)
 
 __all__ = ["ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "CHAT_TURN", "CHAT_GENERATION_PROMPT", "IGNORE_INDEX",
            "load_records", "record_texts", "format_example", "tokenize_rows", "prompt_ids", "collate", "batches",

@@ -11,15 +11,19 @@ import json
 from pathlib import Path
 
 import torch
+
 import slimtune.offload.bnb_compat  # noqa: F401  (before peft: bitsandbytes without the kernel hub)
+
+# isort: split
 from peft import PeftModel
 from transformers import AutoTokenizer
+
+from slimtune.offload.atomic_io import atomic_dir
 
 from .adapters import METADATA_FILE, read_metadata
 from .adapters.mixlora_io import load_mixlora
 from .data import prompt_ids
 from .errors import SlimtuneError
-from slimtune.offload.atomic_io import atomic_dir
 from .model import DTYPES, load_model, resolve_device
 from .recipe import ModelConfig, QuantizationConfig
 from .tokenizer import ensure_pad_token

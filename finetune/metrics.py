@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from slimtune.offload import format_bytes
+from slimtune.offload.atomic_io import atomic_write_text
 
 from .errors import SlimtuneError
-from slimtune.offload.atomic_io import atomic_write_text
 
 
 class Reporters:
@@ -119,6 +119,7 @@ class MetricsLog:
 
 
 def format_eval(record: dict[str, Any]) -> str:
+    """One line for an eval record: its loss and task metrics."""
     loss = record["eval_loss"]
     parts = [f"eval @ step {record['step']}: loss {'nan' if loss is None else f'{loss:.4f}'}"]
     for key, value in record.items():

@@ -16,7 +16,6 @@ no engine at all and the loop is exactly the in-memory one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -198,8 +197,9 @@ def build_offload(recipe: Recipe, model: torch.nn.Module, device: torch.device,
                   build_optimizer: Callable[[list], torch.optim.Optimizer]) -> Offload | None:
     """The engine the recipe's plan asks for, attached to ``model``; None when everything stays on the device.
     Raises PlanError (a SlimtuneError naming the budget and a fix) when nothing fits."""
-    from .planning import plan_recipe
     from slimtune.offload.streamer import BlockStreamer
+
+    from .planning import plan_recipe
 
     o, t = recipe.offload, recipe.training
     runtime_bytes = runtime_rss_bytes(model)

@@ -23,9 +23,18 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
 from .recipe_base import DType, Section
+from .recipe_io import (
+    SECTIONS,
+    apply_overrides,
+    check_local_files,
+    dedupe_union_errors,
+    format_error,
+    read_yaml,
+    schema_docs,
+    without_keys,
+)
 from .recipe_optimizers import AdamWConfig, OptimizerConfig
-from .recipe_io import (SECTIONS, apply_overrides, dedupe_union_errors, format_error, read_yaml, schema_docs,
-                        without_keys)
+
 
 # --------------------------------------------------------------------------------------------------- model
 class ArchitectureConfig(Section):
@@ -467,24 +476,6 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     except RecipeError as exc:
         raise RecipeError(exc.problems, source=str(path)) from None
     return recipe_from_dict(data, source=str(path), base_dir=Path(path).resolve().parent)
-
-
-def check_local_files(recipe: Recipe) -> list[str]:
-    """Light checks for `slimtune validate`: local paths that look like files must exist."""
-    problems = []
-    for key, value in (("data.path", recipe.data.path), ("data.eval_path", recipe.data.eval_path)):
-        if value and _looks_local(value) and not Path(value).exists():
-            problems.append(f"{key}: {value} does not exist (a local .json/.jsonl/.csv/.parquet file or directory, "
-                            "or a hub dataset name like tatsu-lab/alpaca)")
-    ckpt = recipe.training.resume_from_checkpoint
-    if isinstance(ckpt, str) and not Path(ckpt).exists():
-        problems.append(f"training.resume_from_checkpoint: {ckpt} does not exist (use true for the latest "
-                        "checkpoint in output.output_dir)")
-    return problems
-
-
-def _looks_local(value: str) -> bool:
-    return value.startswith((".", "/", "~")) or value.endswith((".json", ".jsonl", ".csv", ".parquet"))
 
 
 def recipe_docs() -> str:

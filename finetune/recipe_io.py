@@ -144,6 +144,7 @@ def _siblings(schema: type[BaseModel], member: Any) -> dict[str, type[BaseModel]
 
 
 def section_type(annotation: Any) -> Any:
+    """The pydantic section class inside a field annotation (``X | None`` -> ``X``), or None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in getattr(annotation, "__args__", ()) or ():
@@ -265,3 +266,20 @@ def _type_name(annotation: Any) -> str:
         return "None"
     return getattr(annotation, "__name__", str(annotation))
 
+
+def check_local_files(recipe) -> list[str]:
+    """Light checks for `slimtune validate`: local paths that look like files must exist."""
+    problems = []
+    for key, value in (("data.path", recipe.data.path), ("data.eval_path", recipe.data.eval_path)):
+        if value and _looks_local(value) and not Path(value).exists():
+            problems.append(f"{key}: {value} does not exist (a local .json/.jsonl/.csv/.parquet file or directory, "
+                            "or a hub dataset name like tatsu-lab/alpaca)")
+    ckpt = recipe.training.resume_from_checkpoint
+    if isinstance(ckpt, str) and not Path(ckpt).exists():
+        problems.append(f"training.resume_from_checkpoint: {ckpt} does not exist (use true for the latest "
+                        "checkpoint in output.output_dir)")
+    return problems
+
+
+def _looks_local(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or value.endswith((".json", ".jsonl", ".csv", ".parquet"))

@@ -23,21 +23,26 @@ import torch
 from transformers import get_scheduler
 
 from slimtune.offload import memory_snapshot
+from slimtune.offload.atomic_io import atomic_write_text
 from slimtune.optimizers import ZEROTH_ORDER, build_optimizer
 
-from .per_layer import PerLayerUpdates
-
 from .adapters import aux_loss, load_trainable_state_dict, router_load, save_adapter, trainable_state_dict
-from .checkpoint import (TrainerState, find_resume_checkpoint, list_checkpoints, load_checkpoint, recipe_changes,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (
+    TrainerState,
+    find_resume_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    recipe_changes,
+    save_checkpoint,
+    set_rng_state,
+)
 from .data import batches, num_batches
 from .errors import CheckpointError, RecipeError, TrainingDiverged
 from .evaluate import autocast, eval_loss, exact_match_score, supervised_tokens
-from slimtune.offload.atomic_io import atomic_write_text
 from .metrics import MetricsLog, write_plots
 from .offloading import build_offload, offload_requested
+from .per_layer import PerLayerUpdates
 from .recipe import ZO_STREAM_MIXLORA, Recipe
-
 
 # Optimizers whose randomness (masks, subspaces, perturbation seeds) is seeded from training.seed.
 SEEDED = frozenset({"frugal", "spam", "mezo"})
@@ -60,6 +65,7 @@ class Prepared:
 
 @dataclass
 class TrainResult:
+    """What :meth:`Trainer.train` returns: outputs, eval before/after, peaks, samples, losses."""
     run_dir: Path
     adapter_dir: Path
     steps: int

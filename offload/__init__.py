@@ -1,7 +1,8 @@
 """slimtune.offload: where tensors live and when they move (GPU, CPU, NVMe).
 
 Memory probes per tier (used by the trainer's reporting), the NVMe store, and the planner (``make_plan``: where
-each block's params, grads and optimizer state live, predicted peaks per tier, a step-time bound). The engine: ``BlockStreamer`` (layers streamed
+each block's params, grads and optimizer state live, predicted peaks per tier, a step-time bound). The engine:
+``BlockStreamer`` (layers streamed
 from CPU/NVMe homes), ``OffloadedUpdates`` (gradients out, CPU/NVMe optimizer state), ``ZOStream`` (MeZO, one
 fetch per block per step). To export a name, add it to ``_EXPORTS``.
 """

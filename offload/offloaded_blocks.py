@@ -22,6 +22,7 @@ from slimtune.optimizers import PerTensorOptimizer
 
 @dataclass
 class OffloadBlock:
+    """One update unit of the offloaded optimizer: its parameters, masters and where they sit in the flat order."""
     names: list[str]
     params: list[nn.Parameter]  # the model's (device) parameters
     shapes: list[torch.Size]

@@ -58,6 +58,7 @@ def _unplain(value):
 
 
 def save_engine(engine, directory) -> None:
+    """Write the engine's masters and optimizer state to ``directory``, block by block (see the module docstring)."""
     if engine._futures:
         raise RuntimeError("save() between optimizer steps: call step() first")
     groups = engine.optimizer.param_groups
@@ -85,6 +86,7 @@ def save_engine(engine, directory) -> None:
 
 
 def load_engine(engine, directory) -> None:
+    """Read what :func:`save_engine` wrote back into the engine and the model's weights."""
     directory = Path(directory)
     if engine._futures:
         raise RuntimeError("load() between optimizer steps: call step() first")

@@ -62,8 +62,8 @@ from torch import nn
 
 from slimtune.optimizers import PerTensorOptimizer, allocated_state_bytes
 
-from .offloaded_blocks import GradPool, build_blocks, checked_optimizer
 from .memory import return_large_frees_to_os
+from .offloaded_blocks import GradPool, build_blocks, checked_optimizer
 from .offloaded_checkpoint import load_engine, save_engine
 from .paged_state import PagedState
 from .state_layout import aliases, master_views, pack_state, plan_layout, planned_block_bytes, signature_of, state_views

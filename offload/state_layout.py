@@ -27,6 +27,7 @@ ALIGN = 64  # start of the state part: cache-line aligned, and a multiple of eve
 
 
 def align_up(n: int, alignment: int) -> int:
+    """``n`` rounded up to a multiple of ``alignment``."""
     return -(-n // alignment) * alignment
 
 

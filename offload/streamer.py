@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections import deque
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
@@ -41,11 +41,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .bnb_compat import keep_training_layout, streamable_4bit
 from .blocks import Block, flat_layout, keep_torch_forwards, model_blocks, view_as
+from .bnb_compat import keep_training_layout, streamable_4bit
 from .memory import release_free_memory, return_large_frees_to_os
 from .nvme import NvmeStore, aligned_empty
-
 
 TIMELINE_EVENTS = 8192  # the timeline keeps the most recent events (a few steps of a large model), not a whole run
 

@@ -220,7 +220,8 @@ class FRUGAL(PerTensorOptimizer):
             return
         active_lr = group["lr"] * group["proj_params_lr_scale"]
         if group["proj_type"] == "blockwise":
-            update = self._adam(grad, state, group, active_lr) if bool(state["active"]) else self._state_free(grad, group)
+            update = (self._adam(grad, state, group, active_lr) if bool(state["active"])
+                      else self._state_free(grad, group))
             if update is not None:
                 p.add_(update)
             return

@@ -148,7 +148,8 @@ class GaLoreAdamW(PerTensorOptimizer):
             raise ValueError(f"min_8bit_size must be >= 0, got {min_8bit_size}")
         self.state_bits = state_bits
         self.min_8bit_size = min_8bit_size
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "correct_bias": correct_bias}
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                    "correct_bias": correct_bias}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:

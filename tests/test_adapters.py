@@ -10,7 +10,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from slimtune.finetune.adapters import (
-    ADAPTERS, apply_adapter, load_trainable_state_dict, save_adapter, trainable_state_dict,
+    ADAPTERS,
+    apply_adapter,
+    load_trainable_state_dict,
+    save_adapter,
+    trainable_state_dict,
 )
 from slimtune.finetune.errors import CheckpointError, SlimtuneError
 from slimtune.finetune.export import generate, load_for_inference, merge_adapter

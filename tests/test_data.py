@@ -11,9 +11,21 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from slimtune.finetune.data import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, batches, collate,
-                                    eval_prompts, exact_match, format_example, load_records, num_batches,
-                                    prompt_ids, record_texts, tokenize_rows)
+from slimtune.finetune.data import (
+    ALPACA_PROMPT,
+    ALPACA_PROMPT_NO_INPUT,
+    IGNORE_INDEX,
+    batches,
+    collate,
+    eval_prompts,
+    exact_match,
+    format_example,
+    load_records,
+    num_batches,
+    prompt_ids,
+    record_texts,
+    tokenize_rows,
+)
 from slimtune.finetune.errors import DataError
 from slimtune.finetune.recipe import DataConfig
 
@@ -68,14 +80,14 @@ def write_csv(path, rows, header=("instruction", "input", "output")):
 
 def trained_text(example, tokenizer):
     """Decode the tokens that carry a label (loss)."""
-    return tokenizer.decode([t for t, l in zip(example["input_ids"], example["labels"]) if l != IGNORE_INDEX])
+    return tokenizer.decode([t for t, lab in zip(example["input_ids"], example["labels"]) if lab != IGNORE_INDEX])
 
 
 def trained_spans(example, tokenizer):
     """Decode each contiguous run of trained tokens separately."""
     spans, current = [], []
-    for t, l in zip(example["input_ids"], example["labels"]):
-        if l != IGNORE_INDEX:
+    for t, lab in zip(example["input_ids"], example["labels"]):
+        if lab != IGNORE_INDEX:
             current.append(t)
         elif current:
             spans.append(current)
@@ -292,9 +304,9 @@ def test_labels_mask_exactly_the_prompt(tokenizer):
         assert len(ex["input_ids"]) == len(ex["labels"])
         assert ex["input_ids"][0] == tokenizer.bos_token_id and ex["input_ids"][-1] == tokenizer.eos_token_id
         assert trained_text(ex, tokenizer) == response + "</s>"
-        n_masked = ex["labels"].index(next(l for l in ex["labels"] if l != IGNORE_INDEX))
+        n_masked = ex["labels"].index(next(lab for lab in ex["labels"] if lab != IGNORE_INDEX))
         assert ex["input_ids"][:n_masked] == prompt_ids(prompt, tokenizer)  # what generation will be fed
-        assert all(l == IGNORE_INDEX for l in ex["labels"][:n_masked])
+        assert all(lab == IGNORE_INDEX for lab in ex["labels"][:n_masked])
         assert ex["labels"][n_masked:] == ex["input_ids"][n_masked:]
 
 
@@ -312,7 +324,7 @@ def test_multi_turn_trains_every_assistant_turn_builtin_template(tokenizer):
     cfg = DataConfig(path="x.jsonl", format="messages")
     (ex,) = tokenize_rows([{"messages": CHAT}], cfg, tokenizer)
     assert trained_spans(ex, tokenizer) == ["Hello!", "7</s>"]
-    masked = tokenizer.decode([t for t, l in zip(ex["input_ids"], ex["labels"]) if l == IGNORE_INDEX])
+    masked = tokenizer.decode([t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab == IGNORE_INDEX])
     assert "Be brief." in masked and "What is 3+4?" in masked and "Hello!" not in masked
 
 
@@ -325,7 +337,7 @@ def test_truncation_keeps_the_start_and_drops_examples_without_response(tokenize
         examples = tokenize_rows([long_prompt, ALPACA_ROWS[0], long_answer], cfg, tokenizer)
     assert len(examples) == 2
     assert examples[1]["input_ids"] == full["input_ids"][:24] and examples[1]["labels"] == full["labels"][:24]
-    assert any(l != IGNORE_INDEX for l in examples[1]["labels"])
+    assert any(lab != IGNORE_INDEX for lab in examples[1]["labels"])
     with pytest.raises(DataError, match="every one of the 1 examples"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tokenize_rows([long_prompt], cfg, tokenizer)
@@ -339,7 +351,7 @@ def test_packing_makes_full_blocks_and_keeps_every_label(tokenizer):
     assert 0 < len(packed[-1]["input_ids"]) <= 32
     flat = [t for b in packed for t in b["input_ids"]]
     assert flat == [t for e in plain for t in e["input_ids"]]
-    count = lambda exs: sum(l != IGNORE_INDEX for e in exs for l in e["labels"])  # noqa: E731
+    count = lambda exs: sum(lab != IGNORE_INDEX for e in exs for lab in e["labels"])  # noqa: E731
     assert count(packed) == count(plain) > 0
     assert flat.count(tokenizer.eos_token_id) == len(rows)
 

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+
 from slimtune.optimizers.base import allocated_state_bytes
 from slimtune.optimizers.frugal import FRUGAL
 from slimtune.optimizers.galore import GaLoreAdamW
@@ -213,7 +214,8 @@ def test_inactive_block_gets_sign_sgd_only():
 @pytest.mark.parametrize("proj_type", ["svd", "random", "columns", "rows", "randk", "blockwise"])
 def test_state_dict_resume_is_exact_across_refresh(proj_type):
     shapes, regular, gap = [(12, 8), (6, 10), (9, 9), (5, 7)], [(8,)], 3
-    kwargs = {"proj_type": proj_type, "density": 0.5, "update_gap": gap, "lr": 1e-2, "block_order": "random", "seed": 11}
+    kwargs = {"proj_type": proj_type, "density": 0.5, "update_gap": gap, "lr": 1e-2, "block_order": "random",
+              "seed": 11}
     grads = fixed_grads(shapes + regular, 8)
     params, opt = make(shapes, regular_shapes=regular, **kwargs)
     for step, gs in enumerate(grads):

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+
 from slimtune.optimizers.base import allocated_state_bytes
 from slimtune.optimizers.galore import (
     GaLoreAdamW,

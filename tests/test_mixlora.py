@@ -17,7 +17,13 @@ from transformers import AutoModelForCausalLM
 
 from slimtune.finetune import recipe_from_dict, train
 from slimtune.finetune.adapters import (
-    ADAPTERS, apply_adapter, aux_loss, load_trainable_state_dict, router_load, save_adapter, trainable_state_dict,
+    ADAPTERS,
+    apply_adapter,
+    aux_loss,
+    load_trainable_state_dict,
+    router_load,
+    save_adapter,
+    trainable_state_dict,
 )
 from slimtune.finetune.adapters.mixlora import MixLoraFFN, mixlora_layers
 from slimtune.finetune.build import prepare
@@ -100,7 +106,8 @@ def test_bf16_base_identity_and_fp32_router(tiny_dir_config, tiny_model_dir):
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma"])
 def test_other_llama_family_decoders(family):
-    from transformers import AutoConfig, AutoModelForCausalLM as Auto
+    from transformers import AutoConfig
+    from transformers import AutoModelForCausalLM as Auto
 
     config = AutoConfig.for_model(family, vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)

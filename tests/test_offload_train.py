@@ -10,13 +10,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import losses, tiny, write_recipe
 
 from slimtune.cli.main import main
 from slimtune.finetune.build import prepare
 from slimtune.finetune.recipe import recipe_from_dict
 from slimtune.finetune.trainer import Trainer
-
-from test_train import losses, tiny, write_recipe
 
 FULL = ("adapter.type=none", "data.metric=none", "training.gradient_accumulation_steps=2", "training.max_steps=6")
 

@@ -191,7 +191,8 @@ def test_optimizer_state_bytes_are_reported_and_exact(tmp_path):
 def test_per_layer_update_runs_when_the_last_micro_batch_has_no_supervised_tokens(tmp_path, method):
     # A micro-batch whose labels are all -100 runs no backward; the step's update must still happen (in per-layer
     # mode it belongs to the last micro-batch that does), identical to grouped mode.
-    args = (*METHODS[method], "training.max_steps=1", "training.warmup_steps=0", "training.per_device_train_batch_size=2",
+    args = (*METHODS[method], "training.max_steps=1", "training.warmup_steps=0",
+            "training.per_device_train_batch_size=2",
             "training.gradient_accumulation_steps=2")
     results = []
     for per_layer in (False, True):

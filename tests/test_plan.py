@@ -16,8 +16,8 @@ from slimtune.cli.main import main
 from slimtune.finetune.adapters import apply_adapter
 from slimtune.finetune.errors import RecipeError, SlimtuneError
 from slimtune.finetune.model import load_model
-from slimtune.finetune.recipe import recipe_from_dict
 from slimtune.finetune.planning import plan_recipe as make_plan
+from slimtune.finetune.recipe import recipe_from_dict
 from slimtune.finetune.sizing import block_sizes
 from slimtune.offload import PlanError, parse_bytes
 from slimtune.offload.blocks import flat_layout, model_blocks

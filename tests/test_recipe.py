@@ -6,8 +6,7 @@ import pytest
 import yaml
 
 from slimtune.cli.main import main
-from slimtune.finetune.recipe import (Recipe, RecipeError, apply_overrides, load_recipe, recipe_docs,
-                                      recipe_from_dict)
+from slimtune.finetune.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_docs, recipe_from_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

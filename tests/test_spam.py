@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+
 from slimtune.optimizers.base import allocated_state_bytes
 from slimtune.optimizers.spam import SPAM, warmup_scale
 

@@ -173,7 +173,8 @@ def test_a_diverged_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(t
     run = tmp_path / "run"
     data = sm.read_yaml_recipe(ROOT / "configs" / "quickstart.yaml", "training.learning_rate=1e6",
                                "training.max_grad_norm=0", "training.max_steps=40", "output.save_steps=1",
-                               "output.save_total_limit=1", "output.logging_steps=1", "data.max_samples=256", "data.val_size=16",
+                               "output.save_total_limit=1", "output.logging_steps=1", "data.max_samples=256",
+                               "data.val_size=16",
                                "data.metric_samples=4", f"output.output_dir={run}")
     code, text = sm.run_cli(data, tmp_path)
     assert code == 2 and "Traceback" not in text, text

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+
 from slimtune.optimizers.base import allocated_state_bytes
 from slimtune.optimizers.zeroth_order import (
     MeZO,
@@ -65,7 +66,9 @@ def test_step_is_bit_identical_to_the_official_protocol(dtype):
             z = torch.normal(mean=0, std=1, size=r.size(), device=r.device, dtype=r.dtype)
             ref[i] = r + s * z * eps
 
-    official_loss = lambda: sum((r.float() ** 2).sum() for r in ref)
+    def official_loss():
+        return sum((r.float() ** 2).sum() for r in ref)
+
     official_perturb(1)
     l1 = official_loss()
     official_perturb(-2)
@@ -416,6 +419,7 @@ def _saved(opt) -> bytes:
 
 def test_noise_recipe_field_reaches_the_optimizer():
     from pydantic import ValidationError
+
     from slimtune.finetune.recipe_optimizers import MeZOConfig
     from slimtune.optimizers import build_optimizer
 

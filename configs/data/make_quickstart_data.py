@@ -29,7 +29,8 @@ WORDS = [  # objects (no animals)
     "garden", "rocket", "pencil", "castle", "violin", "planet", "bridge", "button",
     "window", "island", "jacket", "ladder", "orange", "pepper", "wallet", "basket",
 ]
-ANIMALS = ["tiger", "rabbit", "turtle", "monkey", "horse", "eagle", "shark", "camel", "zebra", "otter", "mouse", "whale"]
+ANIMALS = ["tiger", "rabbit", "turtle", "monkey", "horse", "eagle", "shark", "camel", "zebra", "otter", "mouse",
+           "whale"]
 NOUNS = ["food", "movie", "hotel", "book", "game", "phone", "service", "music"]
 POSITIVE = ["great", "excellent", "wonderful", "amazing", "lovely", "fantastic", "superb", "delightful"]
 NEGATIVE = ["terrible", "awful", "horrible", "boring", "dreadful", "poor", "disappointing", "bad"]

@@ -15,14 +15,18 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
 import slimtune.offload.bnb_compat  # noqa: F401  (before peft: bitsandbytes without the kernel hub)
+
+# isort: split
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
-from ..errors import CheckpointError, SlimtuneError
 from slimtune.offload.atomic_io import atomic_dir
+
+from ..errors import CheckpointError, SlimtuneError
 from ..recipe import AdapterConfig
 from .lora import apply_lora
-from .mixlora import apply_mixlora, aux_loss, is_mixlora, router_load
+from .mixlora import apply_mixlora, aux_loss, is_mixlora, router_load  # noqa: F401  (aux_loss, router_load: re-exported)
 from .mixlora_io import extra_settings, save_mixlora
 
 METADATA_FILE = "slimtune.json"

@@ -46,8 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SlimtuneError
-from ..recipe import (MIXLORA_EXPERT_PROJECTIONS, MIXLORA_FUSED_PROJECTIONS, MIXLORA_PLAIN_PROJECTIONS,
-                      AdapterConfig)
+from ..recipe import MIXLORA_EXPERT_PROJECTIONS, MIXLORA_FUSED_PROJECTIONS, MIXLORA_PLAIN_PROJECTIONS, AdapterConfig
 
 # The MLP layouts of the official code (MixLoRA package: _llama_forward, _phi3_forward, _phi_forward), by the
 # projections each expert can adapt; the last one is the output projection.
@@ -111,7 +110,8 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
 class MixLoraFFN(nn.Module):
     """A decoder MLP turned into a MixLoRA mixture of experts. Three layouts (:data:`LAYOUTS`): gated (gate_proj,
     up_proj, down_proj), Phi-3's fused gated (gate_up_proj chunked into g and u, down_proj) and Phi-1/2's plain
-    ``fc2(act(fc1 x))``, where expert e is ``a_e = act(W_1 x + s B_1^e A_1^e x)``, ``out_e = W_2 a_e + s B_2^e A_2^e a_e``.
+    ``fc2(act(fc1 x))``, where expert e is ``a_e = act(W_1 x + s B_1^e A_1^e x)``,
+    ``out_e = W_2 a_e + s B_2^e A_2^e a_e``.
 
     ``router_logits`` holds the last forward's (tokens, experts) fp32 logits for :func:`aux_loss`; ``load_counts``
     (not saved) counts, per expert, the non-padding tokens routed to it since the last :func:`router_load`.
@@ -235,8 +235,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a Llama-family causal LM (``model.model.layers``, as the official code reads them)."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or not all(hasattr(l, "mlp") and hasattr(l, "self_attn")
-                                                        and mlp_projections(l.mlp) for l in layers):
+    if not isinstance(layers, nn.ModuleList) or not all(hasattr(layer, "mlp") and hasattr(layer, "self_attn")
+                                                        and mlp_projections(layer.mlp) for layer in layers):
         raise SlimtuneError(f"adapter.type mixlora supports the decoder MLPs of {SUPPORTED}; "
                             f"{type(model).__name__}'s is none of them; use adapter.type lora or qlora for it")
     return layers
@@ -337,6 +337,7 @@ def _module_name(model: nn.Module, target: nn.Module) -> str:
 
 # --------------------------------------------------------------------------------------------------- training
 def is_mixlora(model: nn.Module) -> bool:
+    """Whether ``model`` carries a MixLoRA adapter (``apply_mixlora`` set its settings)."""
     return isinstance(getattr(model, "mixlora_settings", None), MixLoraSettings)
 
 
