@@ -5,7 +5,7 @@ step the hook runs the optimizer's per-tensor update for that parameter and free
 micro-batches before it, the hook calls ``accumulate_param`` (by default autograd keeps accumulating ``p.grad``;
 GaLore accumulates in its low-rank space and frees the full gradient). This is how gradient accumulation stays
 correct in per-layer mode: one optimizer step per accumulated batch, not one per micro-batch as in the official
-GaLore script (GaLore issue #78) — which is why HF and LLaMA-Factory refuse the combination.
+GaLore script (jiaweizzhao/GaLore#78) — which is why HF and LLaMA-Factory refuse the combination.
 
 Global-norm gradient clipping cannot work here (the norm needs every gradient at once); recipes must set
 ``training.max_grad_norm: 0`` (SPAM's spike clipping is per tensor and still applies).

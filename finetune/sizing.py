@@ -290,11 +290,11 @@ def _optimizer_state(recipe, named: list) -> tuple[dict[str, int], dict[str, int
     """
     import torch
 
-    from slimtune.optimizers import build_optimizer
+    from slimtune.optimizers import SEEDED, build_optimizer
 
     o, t = recipe.optimizer, recipe.training
     hparams = o.model_dump(exclude={"name"})
-    if o.name in ("frugal", "spam", "mezo"):  # seeded like the trainer (finetune/trainer.py SEEDED)
+    if o.name in SEEDED:  # seeded like the trainer
         hparams["seed"] = t.seed
     result = []
     for as_fp32 in (False, True):

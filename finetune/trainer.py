@@ -24,7 +24,7 @@ from transformers import get_scheduler
 
 from slimtune.offload import memory_snapshot
 from slimtune.offload.atomic_io import atomic_write_text
-from slimtune.optimizers import ZEROTH_ORDER, build_optimizer
+from slimtune.optimizers import SEEDED, ZEROTH_ORDER, build_optimizer
 
 from .adapters import aux_loss, load_trainable_state_dict, router_load, save_adapter, trainable_state_dict
 from .checkpoint import (
@@ -43,9 +43,6 @@ from .metrics import MetricsLog, write_plots
 from .offloading import build_offload, offload_requested
 from .per_layer import PerLayerUpdates
 from .recipe import ZO_STREAM_MIXLORA, Recipe
-
-# Optimizers whose randomness (masks, subspaces, perturbation seeds) is seeded from training.seed.
-SEEDED = frozenset({"frugal", "spam", "mezo"})
 
 
 @dataclass

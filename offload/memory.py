@@ -37,11 +37,11 @@ def return_large_frees_to_os() -> None:
     """Make glibc serve every allocation of 1 MiB or more with its own ``mmap``, so freeing it gives the pages back.
 
     glibc raises its mmap threshold each time a mapped block is freed (up to 32 MiB), after which tensors below it
-    come from the heap and arenas, which keep freed pages: an offloaded run that frees a gradient, a staged block
-    or a recomputed activation every few milliseconds then holds hundreds of MiB it does not use (measured on the
-    issue-4 bench, slimtune row, before the staging units: 1450 MiB steady RSS with glibc's default, 1130 MiB with
-    a fixed threshold). Setting the threshold fixes it (and turns off the adjustment). Process-wide; called when an
-    offload engine is built. No-op off glibc."""
+    come from the heap and arenas, which keep freed pages: an offloaded run that frees a gradient, a staged block or a
+    recomputed activation every few milliseconds then holds hundreds of MiB it does not use (measured on the offload
+    bench (bench/offload.py), slimtune row, before the staging units: 1450 MiB steady RSS with glibc's default, 1130
+    MiB with a fixed threshold). Setting the threshold fixes it (and turns off the adjustment). Process-wide; called
+    when an offload engine is built. No-op off glibc."""
     if sys.platform.startswith("linux"):
         try:
             import ctypes

@@ -59,12 +59,12 @@ def _unplain(value):
 
 def save_engine(engine, directory) -> None:
     """Write the engine's masters and optimizer state to ``directory``, block by block (see the module docstring)."""
-    if engine._futures:
+    if engine.futures:
         raise RuntimeError("save() between optimizer steps: call step() first")
     groups = engine.optimizer.param_groups
     group_tensors = {f"{g}/{k}": v.detach().clone() for g, group in enumerate(groups) for k, v in group.items()
                      if k != "params" and isinstance(v, torch.Tensor)}
-    meta = {"format": FORMAT, "steps": engine.steps, "order": list(engine._order),
+    meta = {"format": FORMAT, "steps": engine.steps, "order": list(engine.order),
             "master_dtype": str(engine.master_dtype), "blocks": [],
             "param_groups": [{k: _plain(v, f"param group {g} key {k!r}") for k, v in group.items()
                               if k != "params" and not isinstance(v, torch.Tensor)} for g, group in enumerate(groups)]}
@@ -88,7 +88,7 @@ def save_engine(engine, directory) -> None:
 def load_engine(engine, directory) -> None:
     """Read what :func:`save_engine` wrote back into the engine and the model's weights."""
     directory = Path(directory)
-    if engine._futures:
+    if engine.futures:
         raise RuntimeError("load() between optimizer steps: call step() first")
     if not (directory / META).is_file():
         raise ValueError(f"{directory} is not an offloaded-optimizer checkpoint (no {META})")
@@ -117,7 +117,7 @@ def load_engine(engine, directory) -> None:
     for g, (group, values) in enumerate(zip(groups, meta["param_groups"])):
         group.update({k: _unplain(v) for k, v in values.items()})
         group.update({k.split("/", 1)[1]: v for k, v in group_tensors.items() if k.split("/", 1)[0] == str(g)})
-    engine.steps, engine._order = int(meta["steps"]), [int(b) for b in meta["order"]]
+    engine.steps, engine.order = int(meta["steps"]), [int(b) for b in meta["order"]]
     _after_io(engine)
 
 
@@ -148,13 +148,13 @@ def restore_block(engine, b: int, masters: list[torch.Tensor], states: list[dict
             engine.optimizer.state.pop(m, None)
             if state:
                 engine.optimizer.state[m] = state
-        engine._state_held[b] = engine._block_state_bytes(b)
-        engine._publish(b, blk.master_views, everything)
+        engine.state_held[b] = engine.block_state_bytes(b)
+        engine.publish(b, blk.master_views, everything)
         return
     slot = engine.swapper.acquire(b, read=False)
     for view, m in zip(master_views(slot.buf, blk.shapes, blk.offsets, engine.master_dtype), masters):
         view.copy_(m)
-    engine._publish(b, engine._pack(b, slot, states), everything)
+    engine.publish(b, engine.pack(b, slot, states), everything)
     engine.swapper.release(slot, b, engine.layouts[b].nbytes)
 
 
@@ -167,6 +167,6 @@ def _after_io(engine) -> None:
     """Writes landed; the next step's clock and (NVMe) prefetch start afresh."""
     if engine.swapper is not None:
         engine.swapper.forget()
-    with engine._lock:
-        engine._note_peak(0)
-    engine._begin_step()
+    with engine.lock:
+        engine.note_peak(0)
+    engine.begin_step()

@@ -93,12 +93,17 @@ class OffloadedUpdates:
             :meth:`step` (required for global-norm clipping).
         threads: worker threads running block updates (the NVMe ring holds ``threads + 2`` staging buffers). A
             worker also on a CPU device, where it shares backward's cores: running updates inline in backward's
-            thread measured slower on the issue-4 bench (9.3 s vs 7.0 s per step), as backward then also waits
+            thread measured slower on bench/offload.py (9.3 s vs 7.0 s per step), as backward then also waits
             on each unit's NVMe read and on the write of each layer's new weights.
 
     ``on_updated(block_index, [(name, master)])``, when set, is called instead of copying updated masters into the
     device params (for params streamed from a home buffer); the masters may be views into a staging buffer, so it
     must copy what it needs before returning.
+
+    Used by its two helper modules (:mod:`.offloaded_checkpoint`, :mod:`.paged_state`), and by nothing else:
+    ``futures`` (updates in flight), ``order`` (the blocks' update order of the last step), ``state_held`` /
+    ``block_state_bytes`` (RAM accounting), ``lock``, ``pack`` / ``publish`` (a block's state into its staging slot,
+    its masters into the model), ``note_peak`` and ``begin_step``.
     """
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], blocks: list[list[str]],
@@ -132,25 +137,25 @@ class OffloadedUpdates:
         self._where = {id(p): (b, i) for b, blk in enumerate(self.blocks) for i, p in enumerate(blk.params)}
         self._master_at = {id(m): (b, i) for b, blk in enumerate(self.blocks) for i, m in enumerate(blk.masters)}
         self._events: list[tuple[str, float, float, str]] = []
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         self._grad_pool = GradPool(pin)
         self._counts = {"grad_bytes_to_cpu": 0, "param_bytes_to_device": 0, "update_seconds": 0.0}
-        self._state_held = [0] * len(self.blocks)  # cpu tier: allocated state bytes per block
+        self.state_held = [0] * len(self.blocks)  # cpu tier: allocated state bytes per block
         self.steps = 0
         self.last_step: dict = {}
-        self._order = list(reversed(range(len(self.blocks))))  # backward order until a step has been observed
+        self.order = list(reversed(range(len(self.blocks))))  # backward order until a step has been observed
         self._submitted: list[int] = []
-        self._futures: list[Future] = []
+        self.futures: list[Future] = []
         self.swapper: StateSwapper | None = None
         self.layouts = []
         if state_tier == "nvme":
             self._init_nvme(nvme_dir, pin)
         else:
-            self._state_held = [self._block_state_bytes(b) for b in range(len(self.blocks))]
+            self.state_held = [self.block_state_bytes(b) for b in range(len(self.blocks))]
         self._peak = self._held_bytes()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="slimtune-update")
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook) for blk in self.blocks for p in blk.params]
-        self._begin_step()
+        self.begin_step()
 
     # ---- construction ---------------------------------------------------------------------------------------------
     def _planned_state(self, b: int) -> list[int]:
@@ -164,7 +169,7 @@ class OffloadedUpdates:
         planned = [max(planned_block_bytes(blk.master_bytes, self._planned_state(b)), self.layouts[b].nbytes)
                    for b, blk in enumerate(self.blocks)]
         self.swapper = StateSwapper(nvme_dir, planned, [lay.nbytes for lay in self.layouts], self.threads + 2, pin,
-                                    self._events, self._lock)
+                                    self._events, self.lock)
         for b, blk in enumerate(self.blocks):
             slot = self.swapper.acquire(b, read=False)
             for view, p in zip(master_views(slot.buf, blk.shapes, blk.offsets, self.master_dtype), blk.params):
@@ -185,12 +190,12 @@ class OffloadedUpdates:
             single = self.overlap and self.final  # this step's only gradient for the block: no sum to widen
             if single:
                 self._backpressure()
-            with self._lock:
+            with self.lock:
                 self._grad_pool.take(blk, blk.param_dtype if single and blk.param_dtype else self.master_dtype)
         blk.grads[i].add_(grad.to(device="cpu", dtype=blk.grad_flat.dtype))
         p.grad = None  # the device gradient is gone now: the next block's never meets it
         blk.got[i] = True
-        with self._lock:
+        with self.lock:
             self._counts["grad_bytes_to_cpu"] += grad.numel() * grad.element_size()
             self._events.append(("grad copy", t0, time.perf_counter(), blk.names[i]))
         if self.final:
@@ -201,13 +206,13 @@ class OffloadedUpdates:
     def _backpressure(self) -> None:
         """Bound the gradient pool: a block about to take a buffer waits while ``max_pending`` updates are still
         queued or running (backward pauses for the CPU instead of RAM growing with how far updates trail)."""
-        while self.max_pending and len(pending := [f for f in self._futures if not f.done()]) >= self.max_pending:
+        while self.max_pending and len(pending := [f for f in self.futures if not f.done()]) >= self.max_pending:
             pending[0].result()
 
     def _submit(self, b: int) -> None:
         self.blocks[b].submitted = True
         self._submitted.append(b)
-        self._futures.append(self._pool.submit(self._update_block, b))
+        self.futures.append(self._pool.submit(self._update_block, b))
         if self.swapper is not None:
             self.swapper.prefetch()
 
@@ -228,26 +233,26 @@ class OffloadedUpdates:
             opt.update_param(m, self._group[id(m)])
             m.grad = None
         if slot is None:
-            self._publish(b, blk.master_views, todo)
-            held = self._block_state_bytes(b)
-            with self._lock:
-                self._state_held[b] = held
-                self._note_peak(0)
+            self.publish(b, blk.master_views, todo)
+            held = self.block_state_bytes(b)
+            with self.lock:
+                self.state_held[b] = held
+                self.note_peak(0)
         else:
             states = [opt.state.get(m, {}) for m in blk.masters]
-            with self._lock:  # new state (a first update, a refresh) is in RAM until packed
-                self._note_peak(sum(v.nbytes for s in states for v in s.values()
+            with self.lock:  # new state (a first update, a refresh) is in RAM until packed
+                self.note_peak(sum(v.nbytes for s in states for v in s.values()
                                     if isinstance(v, torch.Tensor) and not aliases(v, slot.buf)))
-            views = self._pack(b, slot, states)
-            self._publish(b, views, todo)
+            views = self.pack(b, slot, states)
+            self.publish(b, views, todo)
             self._unstage(b)
             self.swapper.release(slot, b, self.layouts[b].nbytes)
         blk.grad_flat.zero_()
         blk.got, blk.final = [False] * len(blk.params), set()
-        with self._lock:
+        with self.lock:
             self._grad_pool.give(blk)
         t1 = time.perf_counter()  # the update's CPU time: optimizer math, packing, copies to the device
-        with self._lock:
+        with self.lock:
             self._counts["update_seconds"] += t1 - t0
             self._events.append(("update", t0, t1, f"block {b}"))
 
@@ -264,7 +269,7 @@ class OffloadedUpdates:
             self.optimizer.state.pop(m, None)
             m.data = parked
 
-    def _pack(self, b: int, slot, states: list[dict]) -> list[torch.Tensor]:
+    def pack(self, b: int, slot, states: list[dict]) -> list[torch.Tensor]:
         """Lay ``states`` out after the masters in ``slot`` (moving what changed shape); returns the master views."""
         blk = self.blocks[b]
         layout = plan_layout(blk.master_bytes, states)
@@ -277,10 +282,10 @@ class OffloadedUpdates:
         return master_views(slot.buf, blk.shapes, blk.offsets, self.master_dtype)
 
     def _pack_and_release(self, b: int, slot, states: list[dict]) -> None:
-        self._pack(b, slot, states)
+        self.pack(b, slot, states)
         self.swapper.release(slot, b, self.layouts[b].nbytes)
 
-    def _publish(self, b: int, masters: list[torch.Tensor], which: list[int]) -> None:
+    def publish(self, b: int, masters: list[torch.Tensor], which: list[int]) -> None:
         """Updated masters -> the device params (cast to their dtype), or to ``on_updated``."""
         blk = self.blocks[b]
         if self.on_updated is not None:
@@ -288,14 +293,14 @@ class OffloadedUpdates:
             return
         for i in which:
             blk.params[i].data.copy_(masters[i])
-        with self._lock:
+        with self.lock:
             self._counts["param_bytes_to_device"] += sum(blk.params[i].numel() * blk.params[i].element_size()
                                                          for i in which)
 
     # ---- the step -------------------------------------------------------------------------------------------------
     def wait(self) -> None:
         """Block until every submitted update has run and its NVMe write landed; re-raises a worker's error."""
-        futures, self._futures = self._futures, []
+        futures, self.futures = self.futures, []
         errors = [f.exception() for f in futures]
         if self.swapper is not None:
             self.swapper.drain()
@@ -316,7 +321,7 @@ class OffloadedUpdates:
                              "with overlap=False, or pass max_grad_norm=0")
         norm = self._clip(max_grad_norm) if max_grad_norm > 0 else None
         # overlap=False: every block now; overlap=True: blocks whose params did not all get a final gradient.
-        for b in self._order:
+        for b in self.order:
             if any(self.blocks[b].got) and not self.blocks[b].submitted:
                 self._submit(b)
         self.wait()
@@ -350,42 +355,42 @@ class OffloadedUpdates:
 
     def _end_step(self) -> None:
         now = time.perf_counter()
-        with self._lock:
+        with self.lock:
             events = list(self._events)
-            self._note_peak(0)
+            self.note_peak(0)
         counts = self.stats()
         self.last_step = {k: counts[k] - self._step_start_counts.get(k, 0) for k in counts}
         self.last_step["step_seconds"] = now - self._t0
         self.last_step["timeline"] = sorted((lane, s - self._t0, e - self._t0, label)
                                             for lane, s, e, label in events)
         if self._submitted:
-            self._order = self._submitted + [b for b in self._order if b not in self._submitted]
+            self.order = self._submitted + [b for b in self.order if b not in self._submitted]
         for blk in self.blocks:
             blk.submitted = False
         self.steps += 1
-        self._begin_step()
+        self.begin_step()
 
-    def _begin_step(self) -> None:
+    def begin_step(self) -> None:
         """Start the clock of the next step; on NVMe, prefetch its first blocks while the forward runs."""
-        with self._lock:
+        with self.lock:
             self._events.clear()  # the next step's timeline starts here (its prefetches included)
         self._t0, self._submitted = time.perf_counter(), []
         self._step_start_counts = self.stats()
         if self.swapper is not None:
-            self.swapper.begin_step(self.steps, self._order)
+            self.swapper.begin_step(self.steps, self.order)
             self.swapper.prefetch()
 
     # ---- accounting -----------------------------------------------------------------------------------------------
-    def _block_state_bytes(self, b: int) -> int:
+    def block_state_bytes(self, b: int) -> int:
         return sum(allocated_state_bytes(self.optimizer, m) for m in self.blocks[b].masters)
 
     def _held_bytes(self) -> int:
         grads = self._grad_pool.nbytes
         if self.swapper is None:
-            return grads + sum(blk.master_flat.nbytes for blk in self.blocks) + sum(self._state_held)
+            return grads + sum(blk.master_flat.nbytes for blk in self.blocks) + sum(self.state_held)
         return grads + self.swapper.staging_bytes
 
-    def _note_peak(self, transient: int) -> None:  # caller holds self._lock
+    def note_peak(self, transient: int) -> None:  # caller holds self.lock
         self._peak = max(self._peak, self._held_bytes() + transient)
 
     def resident_bytes(self) -> dict[str, int]:
@@ -416,7 +421,7 @@ class OffloadedUpdates:
     def stats(self) -> dict[str, float]:
         """Cumulative counters for metrics.jsonl; ``last_step`` holds the same per step plus a timeline of
         (lane, start s, end s, label) events, lanes "update", "nvme read", "nvme write", "grad copy"."""
-        with self._lock:
+        with self.lock:
             out = dict(self._counts)
         store = None if self.swapper is None else self.swapper.store
         out["nvme_bytes_read"] = 0 if store is None else store.bytes_read

@@ -65,7 +65,7 @@ class PagedState(dict):
             return
         engine, b, slot = self._engine, self._block, self._slot
         states = [dict.get(self, m, {}) for m in engine.blocks[b].masters]
-        engine._pack(b, slot, states)
+        engine.pack(b, slot, states)
         for m, parked in zip(engine.blocks[b].masters, engine.blocks[b].parked):
             dict.pop(self, m, None)
             m.data = parked

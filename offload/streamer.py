@@ -172,8 +172,14 @@ class BlockStreamer:
         return self.n_slots * self.slot_bytes
 
     # ------------------------------------------------------------------ moving one layer
-    def _event(self, lane: str, start: float, label: str) -> None:
+    def record_event(self, lane: str, start: float, label: str) -> None:
+        """Add ``(lane, start, now, label)`` to the timeline (seconds since the streamer was built); lanes are fetch,
+        compute, write and, from zeroth-order streaming, update."""
         self.timeline.append((lane, start - self._t0, time.perf_counter() - self._t0, label))
+
+    def original_forward(self, module: nn.Module) -> Callable | None:
+        """The ``forward`` instance attribute ``module`` had before :meth:`attach` wrapped it (None: the class's)."""
+        return self._originals.get(module)
 
     def _backward_done(self, i: int | None = None) -> None:
         """Close the compute event of layer ``i``'s recompute + backward (``None``: every open one, e.g. a layer
@@ -181,7 +187,7 @@ class BlockStreamer:
         for j in [i] if i is not None else list(self._backward_from):
             start = self._backward_from.pop(j, None)
             if start is not None:
-                self._event("compute", start, f"layer {j} (recompute + backward)")
+                self.record_event("compute", start, f"layer {j} (recompute + backward)")
 
     def _start_fetch(self, layer: _Layer) -> None:
         slot = self._free.pop(0)
@@ -208,13 +214,13 @@ class BlockStreamer:
                     dst.copy_(src, non_blocking=True)
                     event = torch.cuda.Event()
                     event.record(self._copy_stream)
-                self._event("fetch", t, f"layer {layer.index}")
+                self.record_event("fetch", t, f"layer {layer.index}")
                 return event
             if self.home == "cpu":
                 dst.copy_(self._homes[layer.index])
             else:
                 self._store.read(layer.index, dst).result()
-            self._event("fetch", t, f"layer {layer.index}")
+            self.record_event("fetch", t, f"layer {layer.index}")
             return None
 
         layer.fetch = self._pool.submit(run)
@@ -266,7 +272,7 @@ class BlockStreamer:
                 self._homes[layer.index].copy_(src)
         else:
             self._store.write(layer.index, src).result()
-        self._event("write", t, f"layer {layer.index}")
+        self.record_event("write", t, f"layer {layer.index}")
 
     # ------------------------------------------------------------------ the schedule
     def _window(self, i: int, backward: bool, recompute: bool) -> list[int]:
@@ -359,7 +365,7 @@ class BlockStreamer:
                 if in_backward():  # the lane shows recompute + backward: closed by _backward_done
                     self._backward_from[i] = t
                 else:
-                    self._event("compute", t, f"layer {i}")
+                    self.record_event("compute", t, f"layer {i}")
                 self.after(i, recompute)
 
         def streamed_forward(*args, **kwargs):

@@ -178,14 +178,13 @@ class ZOStream:
         return units
 
     def _attach(self) -> None:
-        originals = getattr(self.streamer, "_originals", {})
         for unit in self.units:
             module = unit.module
             unit.previous = module.__dict__.get("forward")
             if getattr(unit.previous, "_zo_stream", False):
                 raise ValueError(f"{unit.name} is already wrapped by another ZOStream; detach() it first")
             if unit.layer is not None:  # the streamer's wrapper binds per call; we bind once per step ourselves
-                original = originals.get(module)
+                original = self.streamer.original_forward(module)
                 unit.inner = original if original is not None else type(module).forward.__get__(module)
             else:
                 unit.inner = module.forward
@@ -231,7 +230,7 @@ class ZOStream:
         for unit in self.units:
             if unit.layer == i and any(j in self._stale for j, _ in unit.params):
                 self._apply(unit)
-                self.streamer._event("update", t, f"layer {i} (deferred)")  # the streamer's timeline lane
+                self.streamer.record_event("update", t, f"layer {i} (deferred)")  # the streamer's timeline lane
         if self._previous_on_bind is not None:
             self._previous_on_bind(i)
 
@@ -313,8 +312,8 @@ class ZOStream:
             for (_, p), z in zip(unit.params, zs):  # restore (+ε), as MeZO.step, before the next sample
                 perturb_(p, z, eps)
             del zs
-        if unit.layer is not None and hasattr(self.streamer, "_event"):
-            self.streamer._event("compute", t, f"layer {unit.layer} (zo x{n_chunks})")
+        if unit.layer is not None:
+            self.streamer.record_event("compute", t, f"layer {unit.layer} (zo x{n_chunks})")
         return _concat(outs) if outs else None
 
     # ------------------------------------------------------------------ one step
@@ -382,58 +381,3 @@ class ZOStream:
         self._stale = set(range(len(self._params)))
         opt.record_step(seeds, grads)
         return losses[-2]
-
-
-def time_zo_step(model: nn.Module, batch: dict, *, home: str | None = "cpu", device: str | torch.device = "cpu",
-                 nvme_dir: str | None = None, prefetch: int = 1, steps: int = 2, rounds: int = 3, lr: float = 1e-6,
-                 eps: float = 1e-3, n_samples: int = 1, weight_decay: float = 0.0) -> dict:
-    """Bench helper (issue 4, row (d)): seconds per in-memory ``MeZO.step`` vs per streamed :meth:`ZOStream.step`
-    on the same model and batch (``home=None``: ZOStream with everything resident; trainable layer weights are
-    streamed when the layers hold any). ``rounds`` alternate the two (``steps`` timed steps each, after one untimed
-    step) and the medians are reported, so a load change on a shared machine hits both. The model ends as it
-    began: resident on ``device``, weights changed by the steps."""
-    from slimtune.optimizers.zeroth_order import mezo_param_groups
-
-    if steps < 1 or rounds < 1:
-        raise ValueError(f"steps and rounds must be >= 1, got {steps}, {rounds}")
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    batch = {k: v.to(device) for k, v in batch.items()}
-    trainable = any(p.requires_grad for layer in decoder_layers(model)[1] for p in layer.parameters())
-    opt = MeZO(mezo_param_groups(model.named_parameters(), weight_decay), lr=lr, eps=eps, weight_decay=weight_decay,
-               n_samples=n_samples, noise="per_tensor")
-    times: dict[str, list[float]] = {"in_memory": [], "streamed": []}
-    counters: dict[str, float] = {}
-
-    def timed(step, key, streamer=None) -> None:
-        step()  # untimed: first-touch allocations, the first fetches
-        before = dict(streamer.counters()) if streamer is not None else {}
-        for _ in range(steps):
-            sync()
-            t = time.perf_counter()
-            step()
-            sync()
-            times[key].append(time.perf_counter() - t)
-        for k, value in (streamer.counters() if streamer is not None else {}).items():
-            counters[k] = counters.get(k, 0) + value - before[k]
-
-    model.eval()
-    for _ in range(rounds):
-        timed(lambda: opt.step(lambda: float(model(**batch).loss)), "in_memory")
-        streamer = None
-        if home is not None:
-            streamer = BlockStreamer(model, home, device, prefetch=prefetch, nvme_dir=nvme_dir,
-                                     stream_trainable=trainable, writeback=trainable)
-        zo = ZOStream(model, opt, streamer)  # continues the same optimizer's trajectory
-        try:
-            timed(lambda: zo.step(batch), "streamed", streamer)
-        finally:
-            zo.detach()
-            if streamer is not None:
-                streamer.detach()
-    median = {key: sorted(v)[len(v) // 2] for key, v in times.items()}
-    out = {"in_memory_s": median["in_memory"], "streamed_s": median["streamed"],
-           "ratio": median["streamed"] / median["in_memory"]}
-    for key in ("fetches", "bytes_to_device", "bytes_to_home", "wait_s"):  # per timed streamed step
-        if key in counters:
-            out[f"{key}_per_step"] = counters[key] / (rounds * steps)
-    return out

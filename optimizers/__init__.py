@@ -10,6 +10,7 @@ Each builder takes named parameters plus plain hyperparameters (this package imp
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -42,19 +43,27 @@ def build_galore(named_params: NamedParams, *, lr: float, weight_decay: float, b
 
 
 def build_frugal(named_params: NamedParams, *, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                 target_modules=("attn", "mlp"), per_layer: bool = False, **frugal):
-    """FRUGAL groups as in the author code's prepare_proj_params: targets marked ``is_proj_params``."""
+                 proj_type: str = "columns", density: float = 0.25, update_gap: int = 200,
+                 reset_statistics: bool = True, inactive_update_rule: str = "sign_sgd", inactive_lr_scale: float = 1.0,
+                 proj_params_lr_scale: float = 1.0, block_order: str = "random", seed: int = 0,
+                 target_modules=("attn", "mlp"), per_layer: bool = False):
+    """FRUGAL groups as in the author code's prepare_proj_params: targets marked ``is_proj_params``. ``proj_type``
+    defaults to the fine-tuning scripts' ``columns`` (the class keeps the author code's ``svd``)."""
     from .frugal import FRUGAL
 
     targets, rest = split_targets(named_params, target_modules)
     groups = decay_groups(rest, weight_decay)
     if targets:
         groups.append({"params": [p for _, p in targets], "is_proj_params": True, "weight_decay": weight_decay})
-    return FRUGAL(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **frugal)
+    return FRUGAL(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, proj_type=proj_type,
+                  density=density, update_gap=update_gap, reset_statistics=reset_statistics,
+                  inactive_update_rule=inactive_update_rule, inactive_lr_scale=inactive_lr_scale,
+                  proj_params_lr_scale=proj_params_lr_scale, block_order=block_order, seed=seed)
 
 
 def build_spam(named_params: NamedParams, *, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-6,
-               density: float | None = None, target_modules=("attn", "mlp"), per_layer: bool = False, **spam):
+               threshold: float = 5000.0, delta_t: int = 500, warmup_steps: int = 150, grad_accu_steps: int = 20,
+               seed: int = 0, density: float | None = None, target_modules=("attn", "mlp"), per_layer: bool = False):
     """SPAM groups as in the official launcher: target weights get sparse momentum when ``density`` is set."""
     from .spam import SPAM
 
@@ -65,7 +74,8 @@ def build_spam(named_params: NamedParams, *, lr: float, weight_decay: float, bet
         groups = decay_groups(rest, weight_decay)
         if targets:
             groups.append({"params": [p for _, p in targets], "density": density, "weight_decay": weight_decay})
-    return SPAM(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **spam)
+    return SPAM(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, threshold=threshold,
+                delta_t=delta_t, warmup_steps=warmup_steps, grad_accu_steps=grad_accu_steps, seed=seed)
 
 
 def build_mezo(named_params: NamedParams, *, lr: float, weight_decay: float, eps: float = 1e-3, n_samples: int = 1,
@@ -77,22 +87,40 @@ def build_mezo(named_params: NamedParams, *, lr: float, weight_decay: float, eps
                 n_samples=n_samples, seed=seed, noise=noise)
 
 
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adamw": build_adamw,
-    "galore": build_galore,
-    "frugal": build_frugal,
-    "spam": build_spam,
-    "mezo": build_mezo,
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """A registered optimizer: its builder and the traits the trainer and planner act on.
+
+    ``build(named_params, *, lr, weight_decay, **hyperparameters)``: keyword defaults are the recipe's defaults
+    (``tests/test_optimizer_registry.py`` checks that the recipe's ``optimizer`` section agrees). ``seeded``: its
+    randomness (masks, subspaces, perturbations) takes ``seed=training.seed``. ``zeroth_order``: it takes a closure
+    and runs no backward (no gradients, clipping or saved activations). ``per_layer``: it can update parameter by
+    parameter inside backward (a :class:`PerTensorOptimizer` with ``per_layer=True``).
+    """
+
+    build: Callable[..., torch.optim.Optimizer]
+    seeded: bool = False
+    zeroth_order: bool = False
+    per_layer: bool = True
+
+
+# Adding an optimizer: its file, an entry here, and its section in finetune/recipe_optimizers.py.
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "adamw": OptimizerSpec(build_adamw),
+    "galore": OptimizerSpec(build_galore),
+    "frugal": OptimizerSpec(build_frugal, seeded=True),
+    "spam": OptimizerSpec(build_spam, seeded=True),
+    "mezo": OptimizerSpec(build_mezo, seeded=True, zeroth_order=True, per_layer=False),
 }
-# Optimizers that take a closure and run no backward (the trainer skips backward, clipping and activations).
-ZEROTH_ORDER = frozenset({"mezo"})
+ZEROTH_ORDER = frozenset(name for name, spec in OPTIMIZERS.items() if spec.zeroth_order)
+SEEDED = frozenset(name for name, spec in OPTIMIZERS.items() if spec.seeded)
 
 
 def build_optimizer(name: str, named_params: NamedParams, **hparams) -> torch.optim.Optimizer:
     """Build the optimizer registered under ``name``; an unknown name lists the registered ones."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; registered: {', '.join(sorted(OPTIMIZERS))}")
-    return OPTIMIZERS[name](list(named_params), **hparams)
+    return OPTIMIZERS[name].build(list(named_params), **hparams)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -117,6 +145,6 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["OPTIMIZERS", "ZEROTH_ORDER", "AdamW", "FRUGAL", "GaLoreAdamW", "MeZO", "PerTensorOptimizer", "SPAM",
-           "allocated_state_bytes", "build_optimizer", "decay_groups", "decays", "optimizer_state_bytes",
-           "split_targets"]
+__all__ = ["OPTIMIZERS", "SEEDED", "ZEROTH_ORDER", "AdamW", "FRUGAL", "GaLoreAdamW", "MeZO", "OptimizerSpec",
+           "PerTensorOptimizer", "SPAM", "allocated_state_bytes", "build_optimizer", "decay_groups", "decays",
+           "optimizer_state_bytes", "split_targets"]

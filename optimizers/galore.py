@@ -32,7 +32,7 @@ Deviations from the official code (each deliberate):
 * ``accumulate_param`` (per-layer mode with gradient accumulation) accumulates in the low-rank space. On a step
   where the projector refreshes, the new projector comes from the *first micro-batch's* gradient (the only one
   alive then) instead of the accumulated gradient; on every other step the result equals grouped accumulation
-  (projection is linear). The official per-layer script instead steps on every micro-batch (issue G#78).
+  (projection is linear). The official per-layer script instead steps on every micro-batch (jiaweizzhao/GaLore#78).
 """
 
 from __future__ import annotations

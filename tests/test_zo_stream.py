@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from slimtune.offload.streamer import BlockStreamer
-from slimtune.offload.zo_stream import ZOStream, time_zo_step
+from slimtune.offload.zo_stream import ZOStream
 from slimtune.optimizers.zeroth_order import MeZO, mezo_param_groups
 
 LAYERS, STEPS = 3, 3
@@ -266,6 +266,12 @@ def test_errors_name_what_to_change(tmp_path):
 
 
 def test_time_zo_step_reports_both_paths(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from zo_timing import time_zo_step
+
     model = make_model(False, False)
     out = time_zo_step(model, make_batch(), home="nvme", nvme_dir=str(tmp_path), steps=1, rounds=2)
     assert out["in_memory_s"] > 0 and out["streamed_s"] > 0
