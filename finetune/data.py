@@ -23,6 +23,7 @@ import datasets
 import torch
 
 from .errors import DataError
+from .paths import is_local_data
 from .recipe import DataConfig
 from .templates import (
     ALPACA_PROMPT,
@@ -41,7 +42,7 @@ __all__ = ["ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "CHAT_TURN", "CHAT_GENERAT
 
 IGNORE_INDEX = -100  # label of tokens without loss (torch cross_entropy's default ignore_index)
 _TURNS = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
-_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}  # paths.DATA_SUFFIXES
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -83,14 +84,10 @@ def _names(cfg: DataConfig) -> dict[str, str]:
     return {field: getattr(cfg.columns, field) for field in _columns(cfg)}
 
 
-def _looks_local(value: str) -> bool:
-    return value.startswith((".", "/", "~")) or value.endswith(tuple(_BUILDERS))
-
-
 def _load(path_str: str, cfg: DataConfig, key: str) -> datasets.Dataset:
     path = Path(path_str).expanduser()
     if not path.exists():
-        if _looks_local(path_str):
+        if is_local_data(path_str):
             raise DataError(f"{key}: {path_str} does not exist (a local .jsonl/.json/.csv/.parquet file or "
                             "directory of them, or a hub dataset name like tatsu-lab/alpaca)")
         return _load_hub(path_str, cfg, key)

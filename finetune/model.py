@@ -7,7 +7,6 @@ quantization, bf16 compute. ``BitsAndBytesConfig(load_in_4bit=True)`` alone woul
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from slimtune.offload.blocks import keep_torch_forwards
 from slimtune.offload.bnb_compat import keep_training_layout
 
 from .errors import SlimtuneError
+from .paths import is_local_model
 from .recipe import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -126,8 +126,7 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 def _check_source(cfg: ModelConfig, source: Path | str) -> str:
     """Fail early, with the recipe key, for a local model directory that does not exist or is not a model."""
     text = str(source)
-    local = isinstance(source, Path) or text.startswith(("/", ".", "~")) or os.path.exists(text)
-    if not local:
+    if not is_local_model(source):
         return text  # a hub id
     path = Path(text).expanduser()
     if not path.is_dir():

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel
 
 from .errors import RecipeError
+from .paths import is_local_data
 
 SECTIONS = ("model", "adapter", "data", "optimizer", "offload", "training", "output")
 
@@ -271,7 +272,7 @@ def check_local_files(recipe) -> list[str]:
     """Light checks for `slimtune validate`: local paths that look like files must exist."""
     problems = []
     for key, value in (("data.path", recipe.data.path), ("data.eval_path", recipe.data.eval_path)):
-        if value and _looks_local(value) and not Path(value).exists():
+        if value and is_local_data(value) and not Path(value).exists():
             problems.append(f"{key}: {value} does not exist (a local .json/.jsonl/.csv/.parquet file or directory, "
                             "or a hub dataset name like tatsu-lab/alpaca)")
     ckpt = recipe.training.resume_from_checkpoint
@@ -280,6 +281,3 @@ def check_local_files(recipe) -> list[str]:
                         "checkpoint in output.output_dir)")
     return problems
 
-
-def _looks_local(value: str) -> bool:
-    return value.startswith((".", "/", "~")) or value.endswith((".json", ".jsonl", ".csv", ".parquet"))

@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from .errors import SlimtuneError
+from .paths import is_local_model
 from .recipe import ModelConfig
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2 in a trained tokenizer
@@ -70,7 +71,7 @@ def ensure_pad_token(tokenizer):
 
 
 def _from_pretrained(key: str, source: str, cfg: ModelConfig):
-    if _looks_local(source) and not Path(source).expanduser().is_dir():
+    if is_local_model(source) and not Path(source).expanduser().is_dir():
         raise SlimtuneError(f"{key}: local directory {source} does not exist (give a directory with tokenizer files, "
                             "or a hub id such as meta-llama/Meta-Llama-3-8B)")
     kwargs = {}
@@ -79,15 +80,11 @@ def _from_pretrained(key: str, source: str, cfg: ModelConfig):
     if source == cfg.name_or_path and cfg.revision:  # model.revision pins the model repo, not a separate tokenizer
         kwargs["revision"] = cfg.revision
     try:
-        return AutoTokenizer.from_pretrained(str(Path(source).expanduser()) if _looks_local(source) else source,
+        return AutoTokenizer.from_pretrained(str(Path(source).expanduser()) if is_local_model(source) else source,
                                              **kwargs)
     except (OSError, ValueError) as exc:
         raise SlimtuneError(f"{key}: cannot load a tokenizer from {source!r} ({_first_line(exc)}); give a local "
                             "directory with tokenizer files or a hub id that is cached or reachable") from None
-
-
-def _looks_local(source: str) -> bool:
-    return isinstance(source, Path) or str(source).startswith(("/", ".", "~")) or Path(str(source)).exists()
 
 
 def _first_line(exc: BaseException) -> str:

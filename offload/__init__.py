@@ -15,7 +15,7 @@ _EXPORTS = {
     "NvmeStore": "nvme",
     "measure_bandwidth": "nvme",
     "current_rss_bytes": "memory",
-    "format_bytes": "memory",
+    "format_bytes": "units",
     "memory_snapshot": "memory",
     "peak_gpu_bytes": "memory",
     "peak_rss_bytes": "memory",

@@ -74,14 +74,3 @@ def memory_snapshot(device: torch.device) -> dict[str, int]:
         snap["gpu_bytes"] = torch.cuda.memory_allocated(device)
         snap["peak_gpu_bytes"] = gpu_peak
     return snap
-
-
-def format_bytes(n: float | None) -> str:
-    """1536 -> '1.5 KiB'."""
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"

@@ -55,13 +55,23 @@ def parse_bytes(value: int | float | str) -> int:
     return int(number * scale)
 
 
-def format_size(n: float | None) -> str:
-    """Decimal units, 3 significant digits, as the planner prints sizes: 31_200_000_000 -> '31.2 GB',
-    5_009_492 -> '5.01 MB', 1536 -> '1.54 kB', 512 -> '512 B'."""
+def format_size(n: float | None, binary: bool = False) -> str:
+    """The one byte formatter. Decimal units, 3 significant digits, as the planner prints sizes: 31_200_000_000 ->
+    '31.2 GB', 5_009_492 -> '5.01 MB', 1536 -> '1.54 kB', 512 -> '512 B'. ``binary``: powers of 1024 with one
+    decimal, as memory reports print RSS: 1536 -> '1.5 KiB'."""
     if n is None:
         return "-"
     sign, n = ("-" if n < 0 else ""), abs(n)
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= 0.9995 * scale:  # 999_999 B is '1 MB', not '1e+03 kB'
+    units = ((("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if binary else
+             (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)))
+    for unit, scale in units:
+        if binary and n >= scale:
+            return f"{sign}{n / scale:.1f} {unit}"
+        if not binary and n >= 0.9995 * scale:  # 999_999 B is '1 MB', not '1e+03 kB'
             return f"{sign}{n / scale:.3g} {unit}"
     return f"{sign}{n:.0f} B"
+
+
+def format_bytes(n: float | None) -> str:
+    """Binary units (memory reports): ``format_size(n, binary=True)``."""
+    return format_size(n, binary=True)

@@ -232,11 +232,18 @@ def mlp_projections(mlp: nn.Module) -> tuple[str, ...] | None:
 
 # --------------------------------------------------------------------------------------------------- build
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a Llama-family causal LM (``model.model.layers``, as the official code reads them)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or not all(hasattr(layer, "mlp") and hasattr(layer, "self_attn")
-                                                        and mlp_projections(layer.mlp) for layer in layers):
+    """The decoder layers, found as the offload engine finds them (:func:`slimtune.offload.blocks.decoder_layers`),
+    which MixLoRA also needs at ``model.model.layers`` with ``self_attn`` and a supported ``mlp`` in each: the
+    official format's keys (``mixlora.layers.{L}...``) and loader address them there."""
+    from slimtune.offload.blocks import decoder_layers as find_layers
+    from slimtune.offload.errors import UnsupportedModel
+
+    try:
+        prefix, layers = find_layers(model)
+    except UnsupportedModel:
+        prefix, layers = "", []
+    if prefix != "model.layers" or not all(hasattr(layer, "mlp") and hasattr(layer, "self_attn")
+                                           and mlp_projections(layer.mlp) for layer in layers):
         raise SlimtuneError(f"adapter.type mixlora supports the decoder MLPs of {SUPPORTED}; "
                             f"{type(model).__name__}'s is none of them; use adapter.type lora or qlora for it")
     return layers
