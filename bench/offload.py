@@ -250,11 +250,13 @@ def run_deepspeed(a, config, batches, meter) -> dict:
 def _engine(model, a, nvme: str, optimizer_state: bool):
     """slimtune's offload engine on ``model`` (what `slimtune train` builds from offload.params/optimizer_state:
     nvme): decoder layers streamed from NVMe, fp32 masters + AdamW state on NVMe updated on the CPU."""
-    from slimtune.finetune.offloading import Offload, offloaded_updates
+    import torch
+
+    from slimtune.finetune.offloading import OffloadEngine, offloaded_updates
     from slimtune.offload.streamer import BlockStreamer
     from slimtune.optimizers import build_optimizer
 
-    off = Offload(model=model)
+    off = OffloadEngine(model, torch.device("cpu"))
     if optimizer_state:
         adamw = lambda nm: build_optimizer("adamw", nm, lr=a.lr, weight_decay=0.0, per_layer=True)  # noqa: E731
         off.updates, off.update_blocks = offloaded_updates(model, adamw, "nvme", nvme, overlap=True)
@@ -269,8 +271,8 @@ def _last_step_timeline(off, t_step: float) -> list:
     """The last step's events on one clock: compute and fetch lanes from the streamer, update/NVMe lanes from the
     offloaded optimizer."""
     s = off.streamer
-    events = [(lane, a + s._t0 - t_step, b + s._t0 - t_step, label) for lane, a, b, label in s.timeline
-              if a + s._t0 >= t_step]
+    events = [(lane, a + s.t0 - t_step, b + s.t0 - t_step, label) for lane, a, b, label in s.timeline
+              if a + s.t0 >= t_step]
     if off.updates is not None:
         events += list(off.updates.last_step.get("timeline", []))  # relative to its step start (= t_step)
     return sorted(events, key=lambda e: e[1])
@@ -285,7 +287,7 @@ def run_slimtune(a, config, batches, meter) -> dict:
     meter.start()
     for x in batches:
         t_step = time.perf_counter()
-        off.updates.final = True
+        off.begin_micro_batch(final=True)
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
         off.step(0.0)  # waits for the block updates still running, drops stale prefetches

@@ -1,4 +1,4 @@
-"""The trainer's view of the offload engine: build it from the recipe's plan, and the few calls the loop makes.
+"""The offload engine behind the loop's engine interface (:mod:`.engine`), built from the recipe's plan.
 
 The plan (``slimtune.offload.plan``) decides where each kind of tensor lives; this module turns its decisions into
 engine objects and keeps the loop free of placement logic:
@@ -10,32 +10,34 @@ engine objects and keeps the loop free of placement logic:
 * MeZO with streamed weights -> :class:`~slimtune.offload.zo_stream.ZOStream` (each block once per step).
 
 Everything else (LoRA weights, their optimizer state) stays on the device, so a plan with nothing offloaded builds
-no engine at all and the loop is exactly the in-memory one.
+no offload engine at all and the loop runs the in-memory one (:class:`~.engine.InMemoryEngine`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from .adapters import load_trainable_state_dict, trainable_state_dict
+from .checkpoint import save_checkpoint
+from .engine import InMemoryEngine
 from .recipe import Recipe
 
 
-@dataclass
-class Offload:
-    """The engine pieces of one run (each may be None) and the per-tier accounting the metrics read."""
+class OffloadEngine(InMemoryEngine):
+    """The offload pieces of one run (``streamer``, ``updates``, ``zo``: each may be None) behind the engine
+    interface, and the per-tier accounting the metrics read. What the offload engine does not take over (the LoRA
+    optimizer of a streamed base, ...) runs as in memory."""
 
-    plan: Any = None
-    streamer: Any = None
-    updates: Any = None
-    zo: Any = None
-    device: torch.device = torch.device("cpu")
-    model: Any = None
-    update_blocks: list[int] = field(default_factory=list)  # the engine's update unit -> model block index
-    _last: dict[str, float] = field(default_factory=dict)
-    _named: dict | None = None  # the model's parameters by name (on_updated runs once per update unit)
+    def __init__(self, model: torch.nn.Module, device: torch.device, plan: Any = None):
+        super().__init__(model, device)
+        self.plan = plan
+        self.streamer = self.updates = self.zo = None
+        self.update_blocks: list[int] = []  # the offloaded optimizer's update unit -> model block index
+        self._last: dict[str, float] = {}
+        self._named: dict | None = None  # the model's parameters by name (on_updated runs once per update unit)
 
     def on_updated(self, b: int, named: list[tuple[str, torch.Tensor]]) -> None:
         """OffloadedUpdates -> new weights: streamed layers get them in their home, resident blocks in place."""
@@ -52,14 +54,42 @@ class Offload:
             for name, value in named:
                 params[name].data.copy_(value)
 
-    # ------------------------------------------------------------------ loop hooks
+    # ------------------------------------------------------------------ the engine interface
+    def begin_micro_batch(self, final: bool) -> None:
+        super().begin_micro_batch(final)
+        if self.updates is not None:
+            self.updates.final = final  # the last backward of the step sends each block's update off
+
     def step(self, max_grad_norm: float) -> float | None:
         """After the step's last backward: wait for (or run) every offloaded update; with streamed weights, drop
         every bound/prefetched layer so the next forward fetches the updated homes. Returns the pre-clip norm."""
+        if self.updates is None:
+            return super().step(max_grad_norm)
         norm = self.updates.step(max_grad_norm)
         if self.streamer is not None:
             self.streamer.release_all()
         return norm
+
+    def zeroth_order_step(self, group: list[dict[str, torch.Tensor]], closure) -> float:
+        if self.zo is None:
+            return super().zeroth_order_step(group, closure)
+        return self.zo.step([{k: v.to(self.device) for k, v in b.items()} for b in group])  # a fetch per micro-batch
+
+    def save(self, run_dir: Path, state, scheduler, recipe: dict, limit: int | None) -> Path:
+        if self.updates is not None:  # masters + state live in the engine: written by it, block by block
+            return save_checkpoint(run_dir, state, {}, {}, scheduler, recipe, limit,
+                                   extra=lambda tmp: self.updates.save(tmp / "offload"))
+        return save_checkpoint(run_dir, state, self.trainable_state_dict(trainable_state_dict),
+                               self.optimizer.state_dict(), scheduler, recipe, limit)
+
+    def restore(self, path: Path, checkpoint) -> None:
+        if self.updates is not None:
+            self.updates.load(path / "offload")  # masters, state, and the model's weights from them
+            if self.streamer is not None:
+                self.streamer.release_all()
+            return
+        self.load_trainable_state_dict(checkpoint.trainable, load_trainable_state_dict)
+        self.optimizer.load_state_dict(checkpoint.optimizer)
 
     def sync(self) -> None:
         """Make the model's weights current (deferred zeroth-order updates applied): before eval, saving, export."""
@@ -194,7 +224,7 @@ def offload_requested(recipe: Recipe) -> bool:
 
 
 def build_offload(recipe: Recipe, model: torch.nn.Module, device: torch.device,
-                  build_optimizer: Callable[[list], torch.optim.Optimizer]) -> Offload | None:
+                  build_optimizer: Callable[[list], torch.optim.Optimizer]) -> OffloadEngine | None:
     """The engine the recipe's plan asks for, attached to ``model``; None when everything stays on the device.
     Raises PlanError (a SlimtuneError naming the budget and a fix) when nothing fits."""
     from slimtune.offload.streamer import BlockStreamer
@@ -209,7 +239,7 @@ def build_offload(recipe: Recipe, model: torch.nn.Module, device: torch.device,
     layers = [b for b in plan.blocks if b.name.startswith("layers.")]
     params_tier, state_tier = layers[0].params_tier, layers[0].state_tier
     full, zeroth_order = recipe.adapter.type == "none", recipe.optimizer.name == "mezo"
-    off = Offload(plan=plan, device=device, model=model)
+    off = OffloadEngine(model, device, plan)
     if full and not zeroth_order and state_tier in ("cpu", "nvme"):
         per_tensor = lambda named_masters: build_optimizer(named_masters, per_layer=True)  # noqa: E731
         off.updates, off.update_blocks = offloaded_updates(

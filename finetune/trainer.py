@@ -24,25 +24,23 @@ from transformers import get_scheduler
 
 from slimtune.offload import memory_snapshot
 from slimtune.offload.atomic_io import atomic_write_text
-from slimtune.optimizers import SEEDED, ZEROTH_ORDER, build_optimizer
+from slimtune.optimizers import ZEROTH_ORDER
 
-from .adapters import aux_loss, load_trainable_state_dict, router_load, save_adapter, trainable_state_dict
+from .adapters import aux_loss, router_load, save_adapter
 from .checkpoint import (
     TrainerState,
     find_resume_checkpoint,
     list_checkpoints,
     load_checkpoint,
     recipe_changes,
-    save_checkpoint,
     set_rng_state,
 )
 from .data import batches, num_batches
-from .errors import CheckpointError, RecipeError, TrainingDiverged
+from .engine import build_engine
+from .errors import CheckpointError, TrainingDiverged
 from .evaluate import autocast, eval_loss, exact_match_score, supervised_tokens
 from .metrics import MetricsLog, write_plots
-from .offloading import build_offload, offload_requested
-from .per_layer import PerLayerUpdates
-from .recipe import ZO_STREAM_MIXLORA, Recipe
+from .recipe import Recipe
 
 
 @dataclass
@@ -101,34 +99,23 @@ class Trainer:
         self.pad_id = prepared.tokenizer.pad_token_id
         self.steps = total_steps(recipe, len(prepared.train_examples))
         self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        o = recipe.optimizer
-        hparams = o.model_dump(exclude={"name"})
-        if o.name in SEEDED:
-            hparams["seed"] = t.seed
-        def build(named, **override):
-            return build_optimizer(o.name, named, lr=t.learning_rate, weight_decay=t.weight_decay,
-                                   **{**hparams, **override})
-
-        # The offload engine (None unless the recipe's plan moves something off the device): streamed layers,
-        # offloaded optimizer state (it then owns the optimizer, built over its fp32 masters), ZO streaming.
-        self.offload = build_offload(recipe, self.model, self.device, build) if offload_requested(recipe) else None
-        updates = self.offload.updates if self.offload is not None else None
-        if o.name == "mezo" and self.offload is not None and self.offload.streamer is not None:
-            hparams["noise"] = "per_tensor"  # streamed blocks regenerate each tensor's noise on its own
-        self.optimizer = updates.optimizer if updates is not None else build(self.params)
-        self.zeroth_order = o.name in ZEROTH_ORDER
-        if self.zeroth_order and self.offload is not None and self.offload.streamer is not None:
-            a = recipe.adapter
-            if a.type == "mixlora" and a.router_aux_loss_coef > 0:  # the plan chose to stream (offload.params auto)
-                self.offload.close()
-                raise RecipeError([ZO_STREAM_MIXLORA.format(params="the plan streams them to fit the budgets",
-                                                            coef=a.router_aux_loss_coef)])
-            self.offload.attach_zeroth_order(self.optimizer)
-        self.per_layer = PerLayerUpdates(self.optimizer) if getattr(o, "per_layer", False) else None
+        # Where tensors live and how a step ends: the in-memory engine, or the offload engine the recipe's plan asks
+        # for (streamed layers, offloaded optimizer state that then owns the optimizer, zeroth-order streaming).
+        self.engine = build_engine(recipe, self.model, self.device)
+        self.zeroth_order = recipe.optimizer.name in ZEROTH_ORDER
         self.scheduler = get_scheduler(t.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=warmup_steps(recipe, self.steps),
                                        num_training_steps=self.steps)
         self.state = TrainerState()
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Swap the optimizer (the benches compare against other implementations); rebuild the scheduler after."""
+        self.engine.set_optimizer(optimizer, per_layer=self.engine.per_layer is not None)
 
     # ------------------------------------------------------------------ data
     def micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -149,60 +136,39 @@ class Trainer:
 
     # ------------------------------------------------------------------ one optimizer step
     def optimizer_step(self, micro: Iterator[dict[str, torch.Tensor]]) -> tuple[float, float | None, int]:
-        """Accumulate gradients over ``gradient_accumulation_steps`` micro-batches, clip, step.
+        """Accumulate gradients over ``gradient_accumulation_steps`` micro-batches, then let the engine end the step
+        (clip and step, or wait for the updates that ran during backward).
 
         Returns (token-weighted loss, grad norm before clipping or None, input tokens processed).
         """
         t = self.recipe.training
-        updates = self.offload.updates if self.offload is not None else None
         group = [next(micro) for _ in range(t.gradient_accumulation_steps)]
         counts = [supervised_tokens(b["labels"]) for b in group]
         total = sum(counts)
         tokens = sum(int(b["attention_mask"].sum()) for b in group)
         if self.zeroth_order:
             return self.zeroth_order_step(group, total), None, tokens
-        # Per-layer mode updates (and frees) inside the last backward that runs: the last micro-batch with tokens.
+        # Updates made inside backward (per-layer mode, offloaded state) belong to the last micro-batch with tokens.
         last = max((i for i, n in enumerate(counts) if n), default=-1)
         loss_sum = 0.0
         for i, (batch, n) in enumerate(zip(group, counts)):
             if n == 0:
                 continue  # nothing supervised: no loss, no backward
-            if self.per_layer is not None:
-                self.per_layer.final = i == last
-            if updates is not None:
-                updates.final = i == last  # the last backward of the step sends each block's update off
+            self.engine.begin_micro_batch(final=i == last)
             with autocast(self.device, t.bf16):
                 out = self.model(**{k: v.to(self.device) for k, v in batch.items()})
             # mean over this micro-batch -> share of the whole step's tokens; aux_loss: MixLoRA's router term (or 0)
             loss = (out.loss + aux_loss(self.model, batch["attention_mask"])) * (n / total)
             loss.backward()
             loss_sum += float(loss.detach())
-        grad_norm = None
-        if updates is not None:  # offloaded: updates ran (or run now, after clipping) where the state lives
-            grad_norm = self.offload.step(t.max_grad_norm)
-            self.scheduler.step()
-            return loss_sum, grad_norm, tokens
-        if self.per_layer is None and t.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.params], t.max_grad_norm))
-        # Per-layer mode: every update already ran inside backward and freed its gradient, so step() finds no
-        # gradient left and only advances optimizer-wide counters (finish_step).
-        self.optimizer.step()
+        grad_norm = self.engine.step(t.max_grad_norm)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, grad_norm, tokens
 
     def zeroth_order_step(self, group: list[dict[str, torch.Tensor]], total: int) -> float:
-        """MeZO: the optimizer perturbs, calls the closure twice and updates; no backward, no activations kept.
-
-        The closure is the token-weighted loss over all micro-batches of the step, so gradient accumulation means
-        a larger batch for the SPSA estimate (the official code asserts accumulation == 1). Dropout is off in
-        the perturbed forwards (the official zo_forward runs model.eval()).
-        """
+        """MeZO: the loss of a perturbation is the token-weighted loss over all micro-batches of the step, so gradient
+        accumulation means a larger batch for the SPSA estimate (the official code asserts accumulation == 1)."""
         t = self.recipe.training
-        if self.offload is not None and self.offload.zo is not None:  # each block streamed once per micro-batch
-            loss = self.offload.zo.step([{k: v.to(self.device) for k, v in b.items()} for b in group])
-            self.scheduler.step()
-            return loss
 
         def closure() -> float:
             loss = 0.0
@@ -214,11 +180,7 @@ class Trainer:
                     loss += float(out.loss + aux_loss(self.model, batch["attention_mask"])) * n / total
             return loss
 
-        self.model.eval()
-        try:
-            loss = float(self.optimizer.step(closure))
-        finally:
-            self.model.train()
+        loss = self.engine.zeroth_order_step(group, closure)
         self.scheduler.step()
         return loss
 
@@ -227,8 +189,7 @@ class Trainer:
         p, d, t = self.p, self.recipe.data, self.recipe.training
         if not p.eval_examples:
             return None
-        if self.offload is not None:
-            self.offload.sync()  # deferred zeroth-order updates land before eval
+        self.engine.sync()  # deferred zeroth-order updates land before eval
         result: dict[str, Any] = {"step": self.state.step,
                                   "eval_loss": eval_loss(self.model, p.eval_examples, t.per_device_eval_batch_size,
                                                          self.pad_id, self.device, t.bf16)}
@@ -245,14 +206,8 @@ class Trainer:
     def save(self) -> Path:
         o = self.recipe.output
         try:
-            off = self.offload
-            if off is not None and off.updates is not None:  # masters + state live in the engine: saved by it
-                return save_checkpoint(self.p.run_dir, self.state, {}, {}, self.scheduler, self.recipe.to_dict(),
-                                       o.save_total_limit, extra=lambda tmp: off.updates.save(tmp / "offload"))
-            trainable = (off.trainable_state_dict(trainable_state_dict) if off is not None
-                         else trainable_state_dict(self.model))
-            return save_checkpoint(self.p.run_dir, self.state, trainable, self.optimizer.state_dict(),
-                                   self.scheduler, self.recipe.to_dict(), o.save_total_limit)
+            return self.engine.save(self.p.run_dir, self.state, self.scheduler, self.recipe.to_dict(),
+                                    o.save_total_limit)
         except OSError as exc:  # disk full, quota, permissions: the half-written temp dir is already removed
             previous = list_checkpoints(self.p.run_dir)
             kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
@@ -271,17 +226,7 @@ class Trainer:
         for line in warned:
             log_warning(f"resuming with a changed schedule length ({line}): the LR schedule is rebuilt for the "
                         "new length, so steps after the checkpoint differ from the original plan")
-        off = self.offload
-        if off is not None and off.updates is not None:
-            off.updates.load(path / "offload")  # masters, state, and the model's weights from them
-            if off.streamer is not None:
-                off.streamer.release_all()
-        elif off is not None:
-            off.load_trainable_state_dict(ckpt.trainable, load_trainable_state_dict)
-            self.optimizer.load_state_dict(ckpt.optimizer)
-        else:
-            load_trainable_state_dict(self.model, ckpt.trainable)
-            self.optimizer.load_state_dict(ckpt.optimizer)
+        self.engine.restore(path, ckpt)
         if not warned:
             self.scheduler.load_state_dict(ckpt.scheduler)
         else:
@@ -324,7 +269,7 @@ class Trainer:
                     log.log({"step": step, "epoch": round(self.epoch_progress(), 4), "loss": sum(window) / len(window),
                              "lr": lr, "grad_norm": grad_norm, "tokens_per_s": log.tokens_per_s(),
                              "tokens_seen": self.state.tokens_seen, **memory_snapshot(self.device),
-                             **(self.offload.metrics(len(window)) if self.offload is not None else {}),
+                             **self.engine.metrics(len(window)),
                              **router_load(self.model)})
                 if t.eval_steps and step % t.eval_steps == 0 and step != self.steps:
                     self.evaluate(log)
@@ -334,17 +279,16 @@ class Trainer:
             after = self.evaluate(log)
             self.save()
             adapter_dir = run_dir / "adapter"
-            if self.offload is not None:  # full-model runs save every weight: back on the device first. An adapter
-                # run saves only the adapter, which never left: the base stays home (materializing a 70B base
-                # streamed from NVMe at the end would need the RAM the offload avoided)
-                self.offload.close(materialize=self.recipe.adapter.type == "none")
+            # full-model runs save every weight: back on the device first. An adapter run saves only the adapter,
+            # which never left: the base stays home (materializing a 70B base streamed from NVMe at the end would
+            # need the RAM the offload avoided)
+            self.engine.close(materialize=self.recipe.adapter.type == "none")
             save_adapter(self.model, adapter_dir, self.p.tokenizer)  # atomic: temp dir renamed into place
             if o.plots:
                 write_plots(log.records, run_dir)
         finally:
             log.close()
-            if self.offload is not None:
-                self.offload.close()  # swap files removed (also when training fails)
+            self.engine.close()  # swap files removed (also when training fails)
         mem = memory_snapshot(self.device)
         result = TrainResult(
             run_dir=run_dir, adapter_dir=adapter_dir, steps=self.state.step,

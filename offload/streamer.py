@@ -114,7 +114,7 @@ class BlockStreamer:
         self.stats = {"bytes_to_device": 0, "bytes_to_home": 0, "fetches": 0, "misses": 0, "wait_s": 0.0}
         self.bound_now = self.peak_bound = 0
         self.timeline: deque[tuple[str, float, float, str]] = deque(maxlen=TIMELINE_EVENTS)
-        self._t0 = time.perf_counter()
+        self.t0 = time.perf_counter()  # the timeline's zero
         self._backward_from: dict[int, float] = {}  # layer -> start of its recompute in the running backward
         self._store: NvmeStore | None = None
         self._homes: list[torch.Tensor] = []
@@ -175,7 +175,7 @@ class BlockStreamer:
     def record_event(self, lane: str, start: float, label: str) -> None:
         """Add ``(lane, start, now, label)`` to the timeline (seconds since the streamer was built); lanes are fetch,
         compute, write and, from zeroth-order streaming, update."""
-        self.timeline.append((lane, start - self._t0, time.perf_counter() - self._t0, label))
+        self.timeline.append((lane, start - self.t0, time.perf_counter() - self.t0, label))
 
     def original_forward(self, module: nn.Module) -> Callable | None:
         """The ``forward`` instance attribute ``module`` had before :meth:`attach` wrapped it (None: the class's)."""

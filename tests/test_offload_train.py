@@ -153,8 +153,7 @@ config = model.get_base_model().config if hasattr(model, "get_base_model") else 
 trainer = Trainer(recipe, prepared, progress=False)
 trainer.evaluate(None)  # warm: the first forward's kernel workspaces belong to the runtime, not to the plan
 # runtime = RSS minus what the engine says it holds (device tier, cpu tier): libraries, data, workspaces
-held = trainer.offload.tier_bytes() if trainer.offload is not None else {
-    "gpu_tier_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "cpu_tier_bytes": 0}
+held = trainer.engine.tier_bytes()
 runtime = current_rss_bytes() - held["gpu_tier_bytes"] - held["cpu_tier_bytes"]
 plan = plan_recipe(recipe, config=config, bandwidths=_NOT_MEASURED, runtime_bytes=runtime)
 with open("/proc/self/clear_refs", "w") as f:  # peak RSS from here on: the run, not setup's transient copies
