@@ -109,10 +109,12 @@ def _name_of(value: Any) -> str:
     return getattr(value, "name", "adamw")
 
 
+# Adding an optimizer: its section above, and its class here (the name comes from its ``name`` field).
+OPTIMIZER_SECTIONS = (AdamWConfig, GaLoreConfig, FrugalConfig, SpamConfig, MeZOConfig)
+NAMES = tuple(section.model_fields["name"].default for section in OPTIMIZER_SECTIONS)
+
 OptimizerConfig = Annotated[
-    Union[Annotated[AdamWConfig, Tag("adamw")], Annotated[GaLoreConfig, Tag("galore")],
-          Annotated[FrugalConfig, Tag("frugal")], Annotated[SpamConfig, Tag("spam")],
-          Annotated[MeZOConfig, Tag("mezo")]],
+    Union[tuple(Annotated[section, Tag(name)] for section, name in zip(OPTIMIZER_SECTIONS, NAMES))],
     Discriminator(_name_of, custom_error_type="invalid_optimizer",
-                  custom_error_message="optimizer.name must be one of adamw, galore, frugal, spam, mezo"),
+                  custom_error_message=f"optimizer.name must be one of {', '.join(NAMES)}"),
 ]
