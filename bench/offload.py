@@ -211,7 +211,7 @@ def run_resident_master(a, config, batches, meter) -> dict:
 
 def run_io(a, config, batches, meter) -> dict:
     from slimtune.offload import NvmeStore
-    from slimtune.offload.nvme import aligned_empty
+    from slimtune.offload.store.nvme import aligned_empty
 
     blocks, align = config.num_hidden_layers, 4096
     read_b, write_b = (-(-n // blocks // align) * align for n in (a.io_read_bytes, a.io_write_bytes))
@@ -253,7 +253,7 @@ def _engine(model, a, nvme: str, optimizer_state: bool):
     import torch
 
     from slimtune.finetune.offloading import OffloadEngine, offloaded_updates
-    from slimtune.offload.streamer import BlockStreamer
+    from slimtune.offload.stream.streamer import BlockStreamer
     from slimtune.optimizers import build_optimizer
 
     off = OffloadEngine(model, torch.device("cpu"))
@@ -317,8 +317,9 @@ def run_mezo_resident(a, config, batches, meter) -> dict:
 
 def run_mezo_stream(a, config, batches, meter) -> dict:
     """Zeroth-order streaming: every layer streamed from NVMe, loaded once per step, both perturbed forwards on it,
-    its update applied when it is next resident (offload/zo_stream.py). Same model, data, lr and eps as in memory."""
-    from slimtune.offload.zo_stream import ZOStream
+    its update applied when it is next resident (offload/stream/zo_stream.py). Same model, data, lr and eps as
+    in memory."""
+    from slimtune.offload.stream.zo_stream import ZOStream
     from slimtune.optimizers import MeZO
     from slimtune.optimizers.zeroth_order import mezo_param_groups
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from slimtune.offload.blocks import decoder_layers
-from slimtune.offload.streamer import BlockStreamer
-from slimtune.offload.zo_stream import ZOStream
+from slimtune.offload.stream.streamer import BlockStreamer
+from slimtune.offload.stream.zo_stream import ZOStream
 from slimtune.optimizers.zeroth_order import MeZO, mezo_param_groups
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import yaml
 
-from slimtune.offload.atomic_io import atomic_dir, atomic_write_text, remove_stale_temps
+from slimtune.offload.store.atomic_io import atomic_dir, atomic_write_text, remove_stale_temps
 
 from .adapters import apply_adapter
 from .checkpoint import list_checkpoints

@@ -27,7 +27,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from slimtune.offload.atomic_io import atomic_dir, remove_stale_temps
+from slimtune.offload.store.atomic_io import atomic_dir, remove_stale_temps
 
 from .errors import CheckpointError
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-import slimtune.offload.bnb_compat  # noqa: F401  (before peft: bitsandbytes without the kernel hub)
+import slimtune.offload.stream.bnb_compat  # noqa: F401  (before peft: bitsandbytes without the kernel hub)
 
 # isort: split
 from peft import PeftModel
 from transformers import AutoTokenizer
 
-from slimtune.offload.atomic_io import atomic_dir
+from slimtune.offload.store.atomic_io import atomic_dir
 
 from .adapters import METADATA_FILE, read_metadata
 from .adapters.mixlora_io import load_mixlora

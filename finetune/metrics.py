@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from slimtune.offload import format_bytes
-from slimtune.offload.atomic_io import atomic_write_text
+from slimtune.offload.store.atomic_io import atomic_write_text
 
 from .errors import SlimtuneError
 

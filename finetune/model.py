@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from slimtune.offload.blocks import keep_torch_forwards
-from slimtune.offload.bnb_compat import keep_training_layout
+from slimtune.offload.stream.bnb_compat import keep_training_layout
 
 from .errors import SlimtuneError
 from .paths import is_local_model

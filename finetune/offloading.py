@@ -3,11 +3,11 @@
 The plan (``slimtune.offload.plan``) decides where each kind of tensor lives; this module turns its decisions into
 engine objects and keeps the loop free of placement logic:
 
-* decoder-layer weights on ``cpu``/``nvme`` -> a :class:`~slimtune.offload.streamer.BlockStreamer` (frozen weights
-  for LoRA/QLoRA/MixLoRA bases; every weight for full fine-tuning and full-parameter zeroth-order),
-* full fine-tuning with optimizer state on ``cpu``/``nvme`` -> :class:`~slimtune.offload.offloaded_updates.
+* decoder-layer weights on ``cpu``/``nvme`` -> a :class:`~slimtune.offload.stream.streamer.BlockStreamer`
+  (frozen weights for LoRA/QLoRA/MixLoRA bases; every weight for full fine-tuning and full-parameter zeroth-order),
+* full fine-tuning with optimizer state on ``cpu``/``nvme`` -> :class:`~slimtune.offload.updates.offloaded_updates.
   OffloadedUpdates` (gradients leave the device per parameter, updates run on the CPU, overlapped with backward),
-* MeZO with streamed weights -> :class:`~slimtune.offload.zo_stream.ZOStream` (each block once per step).
+* MeZO with streamed weights -> :class:`~slimtune.offload.stream.zo_stream.ZOStream` (each block once per step).
 
 Everything else (LoRA weights, their optimizer state) stays on the device, so a plan with nothing offloaded builds
 no offload engine at all and the loop runs the in-memory one (:class:`~.engine.InMemoryEngine`).
@@ -98,7 +98,7 @@ class OffloadEngine(InMemoryEngine):
 
     def attach_zeroth_order(self, optimizer) -> None:
         """MeZO over streamed blocks: each block visited once per step (both perturbed forwards back to back)."""
-        from slimtune.offload.zo_stream import ZOStream
+        from slimtune.offload.stream.zo_stream import ZOStream
 
         self.zo = ZOStream(self.model, optimizer, self.streamer)
 
@@ -195,8 +195,8 @@ def offloaded_updates(model: torch.nn.Module, build_optimizer: Callable, state_t
     """The offloaded optimizer over ``model``'s trainable parameters, in units of at most its largest tensor
     (``staging_groups``): returns the engine and, per unit, the index of the model block it belongs to."""
     from slimtune.offload.blocks import model_blocks
-    from slimtune.offload.offloaded_blocks import staging_groups
-    from slimtune.offload.offloaded_updates import OffloadedUpdates
+    from slimtune.offload.updates.offloaded_blocks import staging_groups
+    from slimtune.offload.updates.offloaded_updates import OffloadedUpdates
 
     blocks = model_blocks(model)
     trainable = [[(n, p) for n, p in b.params if p.requires_grad] for b in blocks]
@@ -227,7 +227,7 @@ def build_offload(recipe: Recipe, model: torch.nn.Module, device: torch.device,
                   build_optimizer: Callable[[list], torch.optim.Optimizer]) -> OffloadEngine | None:
     """The engine the recipe's plan asks for, attached to ``model``; None when everything stays on the device.
     Raises PlanError (a SlimtuneError naming the budget and a fix) when nothing fits."""
-    from slimtune.offload.streamer import BlockStreamer
+    from slimtune.offload.stream.streamer import BlockStreamer
 
     from .planning import plan_recipe
 

@@ -19,7 +19,7 @@ re-quantizes the absmax with blocksize 256):
   nested absmax + a 256-entry fp32 nested code + one fp32 offset,
 * the 16-entry fp32 NF4/FP4 code.
 
-The quant state stays resident on the compute device when the block streams (see ``offload/streamer.py``).
+The quant state stays resident on the compute device when the block streams (see ``offload/stream/streamer.py``).
 
 **Activations** are counted, not modelled: the fake forward runs under ``saved_tensors_hooks`` and each distinct
 storage autograd saves is attributed to the block running at the time (the loss and its fp32 logits belong to
@@ -139,7 +139,7 @@ def block_sizes(recipe: Recipe, config=None) -> ModelSizes:
     import torch
 
     from slimtune.offload.blocks import decoder_layers, flat_layout, model_blocks
-    from slimtune.offload.offloaded_blocks import staging_groups
+    from slimtune.offload.updates.offloaded_blocks import staging_groups
 
     notes: list[str] = []
     if config is None:

@@ -23,7 +23,7 @@ import torch
 from transformers import get_scheduler
 
 from slimtune.offload import memory_snapshot
-from slimtune.offload.atomic_io import atomic_write_text
+from slimtune.offload.store.atomic_io import atomic_write_text
 from slimtune.optimizers import ZEROTH_ORDER
 
 from .adapters import aux_loss, router_load, save_adapter

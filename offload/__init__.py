@@ -12,13 +12,13 @@ import importlib
 # Public name -> submodule, imported on first access (PEP 562). Lazy because the recipe schema validates sizes with
 # ``offload.units.parse_bytes`` and ``slimtune validate`` must not import torch (which every other submodule does).
 _EXPORTS = {
-    "NvmeStore": "nvme",
-    "measure_bandwidth": "nvme",
-    "current_rss_bytes": "memory",
+    "NvmeStore": "store.nvme",
+    "measure_bandwidth": "store.nvme",
+    "current_rss_bytes": "store.memory",
     "format_bytes": "units",
-    "memory_snapshot": "memory",
-    "peak_gpu_bytes": "memory",
-    "peak_rss_bytes": "memory",
+    "memory_snapshot": "store.memory",
+    "peak_gpu_bytes": "store.memory",
+    "peak_rss_bytes": "store.memory",
     "parse_bytes": "units",
     "BlockSize": "plan_inputs",
     "ModelSizes": "plan_inputs",
@@ -27,10 +27,10 @@ _EXPORTS = {
     "Plan": "plan",
     "PlanError": "plan",
     "make_plan": "plan",
-    "release_free_memory": "memory",
-    "BlockStreamer": "streamer",
-    "OffloadedUpdates": "offloaded_updates",
-    "ZOStream": "zo_stream",
+    "release_free_memory": "store.memory",
+    "BlockStreamer": "stream.streamer",
+    "OffloadedUpdates": "updates.offloaded_updates",
+    "ZOStream": "stream.zo_stream",
     "model_blocks": "blocks",
 }
 

@@ -1,7 +1,8 @@
 """The offload plan: where each block's params, gradients and optimizer state live, what that costs per tier and
 per link, and how fast a step can possibly be. Plain data, printable (``slimtune plan``) and testable.
 
-Semantics the engine follows (``offload/streamer.py``, ``offload/state_swapper.py``; docs/offload-design.md):
+Semantics the engine follows (``offload/stream/streamer.py``, ``offload/updates/state_swapper.py``;
+docs/offload-design.md):
 
 * **params** ``gpu``: resident on the compute device. ``cpu`` / ``nvme``: each decoder layer's base weights live in
   one flat aligned region there (:attr:`BlockSize.stream_bytes`) and stream into a ring of ``prefetch + 2`` device
@@ -208,7 +209,7 @@ def _candidates(off: PlanRequest) -> list[tuple[str, str, str]]:
 
 def _evaluate(off: PlanRequest, sizes, placement, device, budgets, runtime, tokens) -> Plan:
     """Bytes per tier and per link of one placement (the step-time bound is filled in by :func:`_bound`)."""
-    from .state_layout import align_up, planned_block_bytes
+    from .updates.state_layout import align_up, planned_block_bytes
 
     p_tier, g_tier, s_tier = placement
     zo, full = off.zeroth_order, off.full
@@ -306,8 +307,8 @@ def _activation_bytes(sizes, zo: bool, ckpt: bool, chunks: int = 0) -> int:
     """Peak activation bytes of one micro-batch (formulas: the trainer's sizing module, ``finetune/sizing.py``).
 
     MeZO keeps nothing for backward: one block's intermediates at a time, bounded by what that block would save. A
-    streamed MeZO step (``offload/zo_stream.py``) runs the batch repeated ``chunks`` = 2 x n_samples times through each
-    resident block, so the hidden states of every chunk go in and come out of the block being computed.
+    streamed MeZO step (``offload/stream/zo_stream.py``) runs the batch repeated ``chunks`` = 2 x n_samples times
+    through each resident block, so the hidden states of every chunk go in and come out of the block being computed.
     """
     layers = sizes[1:-1]
     largest = max(b.act_largest_bytes for b in sizes)
@@ -475,7 +476,7 @@ def _bound(request: PlanRequest, plan: Plan, sizes, given: dict[str, float]) -> 
         for k, v in copy_bandwidth(device).items():
             bw.setdefault(k, v)
     if (links["nvme->cpu"] or links["cpu->nvme"]) and not ("nvme->cpu" in bw and "cpu->nvme" in bw):
-        from .nvme import measure_bandwidth
+        from .store.nvme import measure_bandwidth
 
         read, write = measure_bandwidth(request.nvme_dir, nbytes=64 << 20)
         bw.setdefault("nvme->cpu", read * 1e9)

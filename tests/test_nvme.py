@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from slimtune.offload import NvmeStore, measure_bandwidth
-from slimtune.offload.nvme import NvmeStoreError, aligned_empty
+from slimtune.offload.store.nvme import NvmeStoreError, aligned_empty
 
 SHM = "/dev/shm"
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from slimtune.offload import nvme as nvme_module
-from slimtune.offload.nvme import NvmeStoreError
-from slimtune.offload.offloaded_updates import OffloadedUpdates
+from slimtune.offload.store import nvme as nvme_module
+from slimtune.offload.store.nvme import NvmeStoreError
+from slimtune.offload.updates.offloaded_updates import OffloadedUpdates
 from slimtune.optimizers import allocated_state_bytes, build_optimizer
 
 VOCAB = 256
@@ -330,7 +330,7 @@ def test_disk_too_small_fails_before_training(tmp_path, monkeypatch):
 
 
 def test_staging_groups_split_blocks_into_runs_no_larger_than_the_largest_tensor():
-    from slimtune.offload.offloaded_blocks import staging_groups
+    from slimtune.offload.updates.offloaded_blocks import staging_groups
 
     blocks = [[("embed", 100)], [("q", 30), ("k", 30), ("v", 30), ("o", 30), ("mlp", 80), ("norm", 1)],
               [("head_norm", 1), ("head", 100)]]
@@ -349,7 +349,7 @@ def test_bf16_model_one_micro_batch_equals_fp32_master_adamw_with_bf16_gradient_
     equals, bit for bit, mixed-precision AdamW in memory (fp32 masters, bf16 gradients widened, weights = masters
     cast to bf16); the staging ring is sized by the largest unit, not by a decoder layer."""
     from slimtune.finetune.offloading import offloaded_updates
-    from slimtune.offload.state_layout import align_up, planned_block_bytes
+    from slimtune.offload.updates.state_layout import align_up, planned_block_bytes
 
     data = micro_batches(4, accumulation=1)
     builder = make_builder("adamw")

@@ -133,7 +133,7 @@ def test_block_sizes_match_the_materialized_model(deep_dir, adapter, dtype, extr
         assert size.trainable_count == sum(p.numel() for _, p in block.params if p.requires_grad), block.name
         assert size.adapter_bytes == (0 if adapter == "none" else
                                       sum(stored_bytes(p) for _, p in block.params if p.requires_grad))
-        if adapter != "none" and frozen:  # what the streamer packs for a layer (offload/streamer.py)
+        if adapter != "none" and frozen:  # what the streamer packs for a layer (offload/stream/streamer.py)
             assert size.stream_bytes == flat_layout(frozen)[1], block.name
     if adapter != "none":
         assert sum(s.trainable_count for s in sizes) == model.get_nb_trainable_parameters()[0]

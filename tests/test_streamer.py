@@ -1,5 +1,5 @@
-"""Block streaming of frozen weights (offload/streamer.py): a streamed model trains and generates exactly like the
-in-memory one, the prefetch window bounds what is resident, and swap files do not outlive the engine."""
+"""Block streaming of frozen weights (offload/stream/streamer.py): a streamed model trains and generates exactly like
+the in-memory one, the prefetch window bounds what is resident, and swap files do not outlive the engine."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from slimtune.finetune.adapters import apply_adapter
 from slimtune.finetune.model import build_base_model, load_model
 from slimtune.finetune.recipe import AdapterConfig, ModelConfig
 from slimtune.offload.blocks import model_blocks
-from slimtune.offload.streamer import BlockStreamer
+from slimtune.offload.stream.streamer import BlockStreamer
 
 LAYERS = 4
 
@@ -104,7 +104,7 @@ def test_swap_file_lives_only_while_the_engine_does(base_dir, tmp_path):
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs a tmpfs at /dev/shm")
 def test_buffered_fallback_when_o_direct_is_refused(base_dir, tiny_batch, tmp_path, monkeypatch):
     """A filesystem that refuses O_DIRECT (forced here) falls back to buffered I/O with a warning; results equal."""
-    import slimtune.offload.nvme as nvme
+    import slimtune.offload.store.nvme as nvme
 
     monkeypatch.setattr(nvme, "_O_DIRECT", 0)
     expected = train(lora_model(base_dir), tiny_batch, steps=2)

@@ -1,6 +1,6 @@
-"""Zeroth-order block streaming (offload/zo_stream.py): ZOStream reproduces in-memory MeZO(noise="per_tensor") bit for
-bit (losses, weights, optimizer state, eval after flush), resident or streamed from CPU / NVMe, full-parameter or
-LoRA on a streamed frozen base, tied or untied embeddings; each streamed layer crosses the link once per step."""
+"""Zeroth-order block streaming (offload/stream/zo_stream.py): ZOStream reproduces in-memory MeZO(noise="per_tensor")
+bit for bit (losses, weights, optimizer state, eval after flush), resident or streamed from CPU / NVMe, full-parameter
+or LoRA on a streamed frozen base, tied or untied embeddings; each streamed layer crosses the link once per step."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from slimtune.offload.streamer import BlockStreamer
-from slimtune.offload.zo_stream import ZOStream
+from slimtune.offload.stream.streamer import BlockStreamer
+from slimtune.offload.stream.zo_stream import ZOStream
 from slimtune.optimizers.zeroth_order import MeZO, mezo_param_groups
 
 LAYERS, STEPS = 3, 3

@@ -16,12 +16,12 @@ from typing import Callable
 
 import torch
 
-import slimtune.offload.bnb_compat  # noqa: F401  (before peft: bitsandbytes without the kernel hub)
+import slimtune.offload.stream.bnb_compat  # noqa: F401  (before peft: bitsandbytes without the kernel hub)
 
 # isort: split
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
-from slimtune.offload.atomic_io import atomic_dir
+from slimtune.offload.store.atomic_io import atomic_dir
 
 from ..errors import CheckpointError, SlimtuneError
 from ..recipe import AdapterConfig

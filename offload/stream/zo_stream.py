@@ -4,7 +4,7 @@ ZO2 (arXiv 2503.12668; code liangyuwang/zo2) observes that MeZO needs each block
 weights only for forwards, so a streamed block can run *both* perturbed forwards back to back while it is resident
 and be updated the next time it is resident: every block then crosses the link once per step. This module does
 that on any Hugging Face decoder model (bare or peft), CPU or CUDA, with or without a
-:class:`~slimtune.offload.streamer.BlockStreamer`, and reproduces in-memory ``MeZO(noise="per_tensor")`` bit for
+:class:`~slimtune.offload.stream.streamer.BlockStreamer`, and reproduces in-memory ``MeZO(noise="per_tensor")`` bit for
 bit (``tests/test_zo_stream.py``). How:
 
 * **One forward of the batch repeated 2n times** (n = ``n_samples``). Every module that owns parameters is wrapped
@@ -49,7 +49,7 @@ from torch import nn
 
 from slimtune.optimizers.zeroth_order import MeZO, noise_like, noise_source, perturb_, projected_gradient, zo_update_
 
-from .blocks import decoder_layers, keep_torch_forwards
+from ..blocks import decoder_layers, keep_torch_forwards
 from .streamer import BlockStreamer
 
 

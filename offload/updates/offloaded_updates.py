@@ -62,7 +62,7 @@ from torch import nn
 
 from slimtune.optimizers import PerTensorOptimizer, allocated_state_bytes
 
-from .memory import return_large_frees_to_os
+from ..store.memory import return_large_frees_to_os
 from .offloaded_blocks import GradPool, build_blocks, checked_optimizer
 from .offloaded_checkpoint import load_engine, save_engine
 from .paged_state import PagedState

@@ -4,7 +4,7 @@ docs/offload-design.md, rules 3, 6, 8, 9, 13, 14, 18 and 20. How it works:
 
 * **Flat homes.** Each decoder layer's streamed tensors (its frozen weights, including bitsandbytes 4-bit codes;
   with ``stream_trainable`` all of its parameters) are packed into one contiguous, 4 KiB-aligned byte region: a
-  (pinned, on CUDA) CPU buffer, or a region of one :class:`~slimtune.offload.nvme.NvmeStore` swap file. One big
+  (pinned, on CUDA) CPU buffer, or a region of one :class:`~slimtune.offload.store.nvme.NvmeStore` swap file. One big
   copy or one big aligned read per layer, never a per-tensor swap. Small non-parameter state (bnb quant states,
   norms of other modules, LoRA weights) stays resident.
 * **A fixed ring of ``prefetch + 2`` device slots**, each the size of the largest layer, allocated once: at most
@@ -41,10 +41,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .blocks import Block, flat_layout, keep_torch_forwards, model_blocks, view_as
+from ..blocks import Block, flat_layout, keep_torch_forwards, model_blocks, view_as
+from ..store.memory import release_free_memory, return_large_frees_to_os
+from ..store.nvme import NvmeStore, aligned_empty
 from .bnb_compat import keep_training_layout, streamable_4bit
-from .memory import release_free_memory, return_large_frees_to_os
-from .nvme import NvmeStore, aligned_empty
 
 TIMELINE_EVENTS = 8192  # the timeline keeps the most recent events (a few steps of a large model), not a whole run
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic_io import atomic_dir
+from ..store.atomic_io import atomic_dir
 from .state_layout import master_views, state_views
 
 FORMAT = 1

@@ -23,7 +23,7 @@ import threading
 import time
 from concurrent.futures import Future
 
-from .nvme import NvmeStore, aligned_empty
+from ..store.nvme import NvmeStore, aligned_empty
 from .state_layout import align_up
 
 

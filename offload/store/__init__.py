@@ -1,0 +1,1 @@
+"""Storage: the NVMe block store, atomic file writes, host-memory probes."""
