@@ -88,15 +88,11 @@ def child(name: str, recipe_path: str, steps: int, json_path: str, threads: int)
         except OSError:
             was_reset = False
         trainer, run = Trainer(recipe, prep, progress=False), {"ends": []}
-        inner = trainer.optimizer_step
+        def on_step(step, began, ended, tokens):
+            run.setdefault("begin", began)
+            run["ends"].append(ended)
 
-        def timed_step(micro):
-            run.setdefault("begin", time.perf_counter())
-            out = inner(micro)
-            run["ends"].append(time.perf_counter())
-            return out
-
-        trainer.optimizer_step = timed_step
+        trainer.on_step = on_step
         run["losses"] = trainer.train().losses
         run.update(peak_rss_bytes=max(setup_peak, peak_rss()),
                    added_rss_bytes=peak_rss() - start_rss if was_reset else None,

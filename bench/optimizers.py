@@ -136,15 +136,11 @@ def child(name: str, recipe_path: str, steps: int, lr: float, json_path: str) ->
         if name == "galore-torch":
             use_galore_torch(trainer, recipe)
         run["predicted_state_bytes"] = None if name == "galore-torch" else optimizer_state_bytes(trainer.optimizer)
-        inner = trainer.optimizer_step
+        def on_step(step, began, ended, tokens):
+            run.setdefault("begin", began)
+            run["ends"].append(ended)
 
-        def timed_step(micro):
-            run.setdefault("begin", time.perf_counter())
-            out = inner(micro)
-            run["ends"].append(time.perf_counter())
-            return out
-
-        trainer.optimizer_step = timed_step
+        trainer.on_step = on_step
         run["losses"] = trainer.train().losses
         run.update(allocated_state_bytes=allocated_bytes(trainer.optimizer), peak_rss_bytes=max(setup_peak, peak_rss()),
                    added_rss_bytes=peak_rss() - start_rss if was_reset else None, lr=lr,

@@ -64,17 +64,14 @@ def peak_rss() -> int:
 def train_slimtune(recipe, prep) -> dict:
     from slimtune.finetune.trainer import Trainer
 
-    trainer, run = Trainer(recipe, prep, progress=False), {"ends": [], "tokens": []}
-    inner = trainer.optimizer_step
+    run = {"ends": [], "tokens": []}
 
-    def timed_step(micro):
-        run.setdefault("begin", time.perf_counter())
-        loss, grad_norm, tokens = inner(micro)
-        run["ends"].append(time.perf_counter())
+    def on_step(step, began, ended, tokens):
+        run.setdefault("begin", began)
+        run["ends"].append(ended)
         run["tokens"].append(tokens)
-        return loss, grad_norm, tokens
 
-    trainer.optimizer_step = timed_step
+    trainer = Trainer(recipe, prep, progress=False, on_step=on_step)
     run["losses"] = trainer.train().losses
     return run
 

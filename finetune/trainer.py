@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,8 +92,11 @@ def warmup_steps(recipe: Recipe, steps: int) -> int:
 class Trainer:
     """Runs a :class:`Recipe` on prepared components. ``train()`` returns a :class:`TrainResult`."""
 
-    def __init__(self, recipe: Recipe, prepared: Prepared, progress: bool = True):
-        self.recipe, self.p, self.progress = recipe, prepared, progress
+    def __init__(self, recipe: Recipe, prepared: Prepared, progress: bool = True,
+                 on_step: Callable[[int, float, float, int], None] | None = None):
+        """``on_step(step, began, ended, tokens)``, when given, is called after each optimizer step with its
+        ``time.perf_counter()`` bounds and input tokens (the benches time steps through it)."""
+        self.recipe, self.p, self.progress, self.on_step = recipe, prepared, progress, on_step
         t = recipe.training
         self.model, self.device = prepared.model, prepared.device
         self.pad_id = prepared.tokenizer.pad_token_id
@@ -255,7 +258,10 @@ class Trainer:
             start = time.perf_counter()
             while self.state.step < self.steps:
                 lr = self.scheduler.get_last_lr()[0]
+                began = time.perf_counter()
                 loss, grad_norm, tokens = self.optimizer_step(micro)
+                if self.on_step is not None:
+                    self.on_step(self.state.step + 1, began, time.perf_counter(), tokens)
                 if not math.isfinite(loss):
                     raise self.diverged(loss, lr)
                 self.state.step += 1

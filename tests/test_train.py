@@ -329,3 +329,19 @@ def test_train_from_a_local_model_directory_with_qlora(tmp_path):
     assert meta["quantized"] and meta["quantization"]["quant_type"] == "nf4"
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert Path(config["base_model_name_or_path"]) == base_dir.resolve()
+
+
+def test_on_step_reports_each_step_with_its_time_and_tokens(tmp_path):
+    """The seam the benches time steps through: one call per optimizer step, in order, with the step's bounds and
+    the same token count the metrics log."""
+    calls = []
+    recipe = recipe_from_dict(tiny(tmp_path, "training.max_steps=3", "data.metric=none"))
+    from slimtune.finetune.build import prepare
+
+    result = Trainer(recipe, prepare(recipe), progress=False,
+                     on_step=lambda *args: calls.append(args)).train()
+    assert [c[0] for c in calls] == [1, 2, 3] and result.steps == 3
+    assert all(began <= ended for _, began, ended, _ in calls)
+    assert all(calls[i][2] <= calls[i + 1][1] for i in range(2))
+    last = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "tokens_seen" in r][-1]
+    assert sum(c[3] for c in calls) == last["tokens_seen"]
