@@ -39,6 +39,7 @@ class InMemoryEngine:
         self.model, self.device = model, device
         self.optimizer: torch.optim.Optimizer | None = None
         self.per_layer: PerLayerUpdates | None = None
+        self.trainable = [p for p in model.parameters() if p.requires_grad]  # what global-norm clipping sees
 
     def set_optimizer(self, optimizer: torch.optim.Optimizer, per_layer: bool = False) -> None:
         """Use ``optimizer`` (per-layer mode: its updates run inside backward, through gradient hooks)."""
@@ -47,8 +48,6 @@ class InMemoryEngine:
         self.optimizer = optimizer
         self.per_layer = PerLayerUpdates(optimizer) if per_layer else None
 
-    def trainable(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ one step
     def begin_micro_batch(self, final: bool) -> None:
@@ -60,7 +59,7 @@ class InMemoryEngine:
         """Clip (unless per-layer: every gradient is already used and freed), step, zero; the pre-clip norm."""
         norm = None
         if self.per_layer is None and max_grad_norm > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.trainable(), max_grad_norm))
+            norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_grad_norm))
         # per-layer mode: step() finds no gradient left and only advances optimizer-wide counters (finish_step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -8,6 +8,13 @@ which key, file or line is wrong and what would be valid.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an upstream exception's message (its class name when empty): enough to name the cause in
+    a one-line error without a library's multi-line advice."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class SlimtuneError(Exception):
     """An error caused by the user's input; printed without a traceback."""
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, 
 from slimtune.offload.blocks import keep_torch_forwards
 from slimtune.offload.stream.bnb_compat import keep_training_layout
 
-from .errors import SlimtuneError
+from .errors import SlimtuneError, first_line
 from .paths import is_local_model
 from .recipe import ModelConfig
 
@@ -100,7 +100,7 @@ def load_model(cfg: ModelConfig, source: Path | str, device: str | torch.device,
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
-        raise SlimtuneError(f"{_source_key(cfg)}: cannot load a causal LM from {str(source)!r}: {_first_line(exc)}"
+        raise SlimtuneError(f"{_source_key(cfg)}: cannot load a causal LM from {str(source)!r}: {first_line(exc)}"
                             ) from None
     keep_torch_forwards(model)  # no hub kernels swapped in on train()/eval() (see there)
     if quantized:
@@ -141,7 +141,3 @@ def _check_source(cfg: ModelConfig, source: Path | str) -> str:
 def _source_key(cfg: ModelConfig) -> str:
     return "model.name_or_path" if cfg.name_or_path is not None else "model.architecture (base saved in the run dir)"
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -228,6 +228,7 @@ def build_offload(recipe: Recipe, model: torch.nn.Module, device: torch.device,
     """The engine the recipe's plan asks for, attached to ``model``; None when everything stays on the device.
     Raises PlanError (a SlimtuneError naming the budget and a fix) when nothing fits."""
     from slimtune.offload.stream.streamer import BlockStreamer
+    from slimtune.optimizers import ZEROTH_ORDER
 
     from .planning import plan_recipe
 
@@ -238,7 +239,7 @@ def build_offload(recipe: Recipe, model: torch.nn.Module, device: torch.device,
                          runtime_bytes=runtime_bytes)
     layers = [b for b in plan.blocks if b.name.startswith("layers.")]
     params_tier, state_tier = layers[0].params_tier, layers[0].state_tier
-    full, zeroth_order = recipe.adapter.type == "none", recipe.optimizer.name == "mezo"
+    full, zeroth_order = recipe.adapter.type == "none", recipe.optimizer.name in ZEROTH_ORDER
     off = OffloadEngine(model, device, plan)
     if full and not zeroth_order and state_tier in ("cpu", "nvme"):
         per_tensor = lambda named_masters: build_optimizer(named_masters, per_layer=True)  # noqa: E731

@@ -46,14 +46,14 @@ config) for exact numbers.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slimtune.offload.plan_inputs import BlockSize, ModelSizes
 from slimtune.offload.units import format_size
 
-from .errors import SlimtuneError
+from .errors import SlimtuneError, first_line
+from .paths import is_local_model
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -101,16 +101,15 @@ def model_config(recipe: Recipe, notes: list[str] | None = None):
     if m.revision:
         kwargs["revision"] = m.revision
     source = m.name_or_path
-    local = source.startswith(("/", ".", "~")) or os.path.exists(source)
+    local = is_local_model(source)
     if local and not (Path(source).expanduser() / "config.json").is_file():
         raise SlimtuneError(f"model.name_or_path: {source} has no config.json (give a model directory written by "
                             "save_pretrained, or a hub id)")
     try:
         return AutoConfig.from_pretrained(str(Path(source).expanduser()) if local else source, **kwargs)
     except (OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise SlimtuneError(
-            f"model.name_or_path: cannot read the config of {source!r} ({first}). Planning needs only its "
+            f"model.name_or_path: cannot read the config of {source!r} ({first_line(exc)}). Planning needs only its "
             f"config.json: run once with network access (or `huggingface-cli download {source} config.json`), "
             "or point model.name_or_path at a local directory holding it") from None
 
@@ -119,8 +118,8 @@ def _tokenizer_length(m) -> int:
     from transformers import AutoTokenizer
 
     try:
-        return len(AutoTokenizer.from_pretrained(str(Path(m.tokenizer).expanduser()) if m.tokenizer.startswith(
-            ("/", ".", "~")) else m.tokenizer))
+        source = m.tokenizer
+        return len(AutoTokenizer.from_pretrained(str(Path(source).expanduser()) if is_local_model(source) else source))
     except (OSError, ValueError) as exc:
         raise SlimtuneError(f"model.tokenizer: cannot load {m.tokenizer!r} to size the vocabulary: {exc}") from None
 
@@ -252,7 +251,7 @@ def _build(config, m):
             if k + 1 < len(choices):
                 continue
             raise SlimtuneError(f"model: cannot build {type(config).__name__} as a causal LM for planning: "
-                                f"{_first_line(exc)}") from None
+                                f"{first_line(exc)}") from None
     model.train()
     return model
 
@@ -425,7 +424,3 @@ def _count_saved(recipe, model, blocks) -> dict[str, tuple[int, int, int]]:
             h.remove()
     return [(saved[n], inputs[n], largest[n]) for n in names]
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from .errors import SlimtuneError
+from .errors import SlimtuneError, first_line
 from .paths import is_local_model
 from .recipe import ModelConfig
 
@@ -83,10 +83,6 @@ def _from_pretrained(key: str, source: str, cfg: ModelConfig):
         return AutoTokenizer.from_pretrained(str(Path(source).expanduser()) if is_local_model(source) else source,
                                              **kwargs)
     except (OSError, ValueError) as exc:
-        raise SlimtuneError(f"{key}: cannot load a tokenizer from {source!r} ({_first_line(exc)}); give a local "
+        raise SlimtuneError(f"{key}: cannot load a tokenizer from {source!r} ({first_line(exc)}); give a local "
                             "directory with tokenizer files or a hub id that is cached or reachable") from None
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -40,6 +40,7 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers.cache_utils import Cache
 
 from ..blocks import Block, flat_layout, keep_torch_forwards, model_blocks, view_as
 from ..store.memory import release_free_memory, return_large_frees_to_os
@@ -56,8 +57,6 @@ def in_backward() -> bool:
 
 def is_kv_cache(value) -> bool:
     """Whether ``value`` is a transformers key/value cache (a ``Cache``: state a layer call appends to)."""
-    from transformers.cache_utils import Cache
-
     return isinstance(value, Cache)
 
 
