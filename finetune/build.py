@@ -8,6 +8,7 @@ resumed run reuses it rather than rebuilding.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 from pathlib import Path
@@ -22,7 +23,7 @@ from .adapters import apply_adapter
 from .checkpoint import list_checkpoints
 from .data import eval_prompts, load_records, record_texts, tokenize_rows
 from .errors import SlimtuneError
-from .model import build_base_model, count_parameters, load_model, resolve_device
+from .model import build_base_model, count_parameters, load_model, quantization_config, resolve_device
 from .recipe import Recipe
 from .tokenizer import load_tokenizer
 from .trainer import Prepared
@@ -81,10 +82,21 @@ def prepare(recipe: Recipe) -> Prepared:
         else:
             source = build_base_model(m, tokenizer, t.seed, None)
 
+    plan, model, streamer = load_base(recipe, source, device)
+    try:
+        return _prepared(recipe, model, tokenizer, train_rows, eval_rows, device, run_dir, plan, streamer)
+    except BaseException:
+        if streamer is not None:
+            streamer.close()  # its swap file goes with it
+        raise
+
+
+def _prepared(recipe: Recipe, model, tokenizer, train_rows, eval_rows, device, run_dir, plan, streamer) -> Prepared:
+    t, d = recipe.training, recipe.data
     seed_everything(t.seed)  # adapter init does not depend on how much RNG the steps above consumed
-    model = load_model(m, source, device, recipe.quantized, t.gradient_checkpointing)
-    model = apply_adapter(model, recipe.adapter, recipe.quantized)
-    trainable, total = count_parameters(model)
+    with streamer.shaped() if streamer is not None else contextlib.nullcontext():
+        model = apply_adapter(model, recipe.adapter, recipe.quantized)
+        trainable, total = count_parameters(model)
 
     train_examples = tokenize_rows(train_rows, d, tokenizer)
     if not train_examples:
@@ -96,4 +108,28 @@ def prepare(recipe: Recipe) -> Prepared:
     atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     return Prepared(model=model, tokenizer=tokenizer, train_examples=train_examples, eval_examples=eval_examples,
                     eval_pairs=pairs, device=device, run_dir=run_dir, trainable_params=trainable,
-                    total_params=total)
+                    total_params=total, plan=plan, streamer=streamer)
+
+
+def load_base(recipe: Recipe, source, device: torch.device):
+    """(plan, base model, streamer). When the recipe's plan streams the decoder layers, the model is loaded layer by
+    layer straight into the streamer's homes (:mod:`.streamed_load`): it never exists whole. Otherwise it is loaded
+    whole (``from_pretrained``) and the engine streams it later if the plan says so (streamer None). The plan is made
+    before anything loads, for the engine too: one plan per run."""
+    from slimtune.offload import current_rss_bytes
+
+    from .offloading import build_streamer, layer_tiers, offload_requested, plan_offload
+    from .sizing import model_config
+    from .streamed_load import load_streamed
+
+    m, t = recipe.model, recipe.training
+    plan = None
+    if offload_requested(recipe):
+        plan = plan_offload(recipe, model_config(recipe), current_rss_bytes())
+        params_tier, state_tier = layer_tiers(plan)
+        offloaded_updates = recipe.adapter.type == "none" and state_tier in ("cpu", "nvme")  # TODO(13): masters
+        if params_tier in ("cpu", "nvme") and not offloaded_updates:
+            loaded = load_streamed(m, source, device, quantization_config(m) if recipe.quantized else None,
+                                   t.gradient_checkpointing)
+            return plan, loaded.model, build_streamer(recipe, plan, loaded.model, device, fill=loaded.fill)
+    return plan, load_model(m, source, device, recipe.quantized, t.gradient_checkpointing), None

@@ -102,9 +102,11 @@ class InMemoryEngine:
         """Stop (nothing to stop in memory)."""
 
 
-def build_engine(recipe: Recipe, model: torch.nn.Module, device: torch.device) -> InMemoryEngine:
+def build_engine(recipe: Recipe, model: torch.nn.Module, device: torch.device, plan=None,
+                 streamer=None) -> InMemoryEngine:
     """The engine the recipe's plan asks for, with its optimizer built (by the offload engine over fp32 masters when
-    the optimizer state is off the device). Raises PlanError / RecipeError before anything trains."""
+    the optimizer state is off the device). ``plan``/``streamer``: made at load time by a streamed load
+    (:func:`~.build.prepare`). Raises PlanError / RecipeError before anything trains."""
     from .offloading import build_offload, offload_requested
 
     t, o = recipe.training, recipe.optimizer
@@ -116,7 +118,7 @@ def build_engine(recipe: Recipe, model: torch.nn.Module, device: torch.device) -
         return build_optimizer(o.name, named, lr=t.learning_rate, weight_decay=t.weight_decay,
                                **{**hparams, **override})
 
-    engine = (build_offload(recipe, model, device, build) if offload_requested(recipe) else None) \
+    engine = (build_offload(recipe, model, device, build, plan, streamer) if offload_requested(recipe) else None) \
         or InMemoryEngine(model, device)
     streams_zo = o.name in ZEROTH_ORDER and getattr(engine, "streamer", None) is not None
     if streams_zo and recipe.adapter.type == "mixlora" and recipe.adapter.router_aux_loss_coef > 0:

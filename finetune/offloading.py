@@ -39,8 +39,10 @@ class OffloadEngine(InMemoryEngine):
         self._last: dict[str, float] = {}
         self._named: dict | None = None  # the model's parameters by name (on_updated runs once per update unit)
 
-    def on_updated(self, b: int, named: list[tuple[str, torch.Tensor]]) -> None:
-        """OffloadedUpdates -> new weights: streamed layers get them in their home, resident blocks in place."""
+    def on_updated(self, b: int, named: list[tuple[str, torch.Tensor, slice | None]]) -> None:
+        """OffloadedUpdates -> new weights: streamed layers get them in their home, resident blocks in place.
+        ``(name, value, rows)``: ``rows`` None for a whole parameter, else the dim-0 rows ``value`` holds (a staging
+        chunk): only those rows are written."""
         block = self.update_blocks[b]
         layer = block - 1
         if self._named is None:
@@ -48,11 +50,12 @@ class OffloadEngine(InMemoryEngine):
         params = self._named
         if self.streamer is not None and 0 <= layer < len(self.streamer.layers):
             position = {id(p): k for k, p in enumerate(self.streamer.layers[layer].params)}
-            self.streamer.write_home(layer, {position[id(params[n])]: v for n, v in named})
+            self.streamer.write_home(layer, {position[id(params[n])]: v for n, v, _ in named},
+                                     rows={position[id(params[n])]: r for n, _, r in named if r is not None})
             return
         with torch.no_grad():
-            for name, value in named:
-                params[name].data.copy_(value)
+            for name, value, rows in named:
+                (params[name].data if rows is None else params[name].data[rows]).copy_(value)
 
     # ------------------------------------------------------------------ the engine interface
     def begin_micro_batch(self, final: bool) -> None:
@@ -191,9 +194,11 @@ def runtime_rss_bytes(model: torch.nn.Module) -> int:
 
 
 def offloaded_updates(model: torch.nn.Module, build_optimizer: Callable, state_tier: str, nvme_dir: str | None,
-                      overlap: bool):
-    """The offloaded optimizer over ``model``'s trainable parameters, in units of at most its largest tensor
-    (``staging_groups``): returns the engine and, per unit, the index of the model block it belongs to."""
+                      overlap: bool, chunk_bytes: int | None = None):
+    """The offloaded optimizer over ``model``'s trainable parameters, in blocks of at most its largest tensor
+    (``staging_groups``), each staged in units of at most ``chunk_bytes`` of masters when given (element-wise
+    optimizers only: ``OPTIMIZERS[name].elementwise``): returns the engine and, per block, the index of the model
+    block it belongs to."""
     from slimtune.offload.blocks import model_blocks
     from slimtune.offload.updates.offloaded_blocks import staging_groups
     from slimtune.offload.updates.offloaded_updates import OffloadedUpdates
@@ -204,7 +209,8 @@ def offloaded_updates(model: torch.nn.Module, build_optimizer: Callable, state_t
     per_block = max(sum(b == i for b, _ in units) for i in range(len(blocks)))
     engine = OffloadedUpdates([np for block in trainable for np in block], [names for _, names in units],
                               build_optimizer, state_tier=state_tier, nvme_dir=nvme_dir, overlap=overlap,
-                              max_pending=2 * per_block)  # backward waits once two blocks' updates trail it
+                              max_pending=2 * per_block,  # backward waits once two blocks' updates trail it
+                              chunk_bytes=chunk_bytes)
     return engine, [b for b, _ in units]
 
 
@@ -223,31 +229,58 @@ def offload_requested(recipe: Recipe) -> bool:
     return bool(o.model_fields_set - {"device"}) or o.device == "cuda"
 
 
-def build_offload(recipe: Recipe, model: torch.nn.Module, device: torch.device,
-                  build_optimizer: Callable[[list], torch.optim.Optimizer]) -> OffloadEngine | None:
-    """The engine the recipe's plan asks for, attached to ``model``; None when everything stays on the device.
-    Raises PlanError (a SlimtuneError naming the budget and a fix) when nothing fits."""
+def plan_offload(recipe: Recipe, config, runtime_bytes: int):
+    """The recipe's plan for the trainer (placement only, no bandwidth measurement); the run's RNG is untouched."""
+    from .planning import plan_recipe
+
+    with torch.random.fork_rng(devices=[]):  # sizing builds stand-in tensors: keep the run's RNG stream untouched
+        return plan_recipe(recipe, config=config, bandwidths=_NOT_MEASURED, runtime_bytes=runtime_bytes)
+
+
+def layer_tiers(plan) -> tuple[str, str]:
+    """(params tier, optimizer-state tier) the plan gives the decoder layers."""
+    layers = [b for b in plan.blocks if b.name.startswith("layers.")]
+    return layers[0].params_tier, layers[0].state_tier
+
+
+def build_streamer(recipe: Recipe, plan, model: torch.nn.Module, device: torch.device,
+                   fill: Callable[[int], None] | None = None):
+    """The block streamer of ``plan`` over ``model``'s decoder layers (None when the layers stay on the device).
+    ``fill``: the streamed load's per-layer materializer; the model then has no adapter yet, so every layer
+    parameter streams (the adapter's own weights, added later, stay resident)."""
     from slimtune.offload.stream.streamer import BlockStreamer
     from slimtune.optimizers import ZEROTH_ORDER
 
-    from .planning import plan_recipe
+    params_tier, _ = layer_tiers(plan)
+    if params_tier not in ("cpu", "nvme"):
+        return None
+    o, full = recipe.offload, recipe.adapter.type == "none"
+    return BlockStreamer(model, params_tier, device, prefetch=o.prefetch, nvme_dir=o.nvme_dir,
+                         stream_trainable=full or fill is not None,
+                         writeback=full and recipe.optimizer.name in ZEROTH_ORDER, fill=fill)
+
+
+def build_offload(recipe: Recipe, model: torch.nn.Module, device: torch.device,
+                  build_optimizer: Callable[[list], torch.optim.Optimizer], plan=None,
+                  streamer=None) -> OffloadEngine | None:
+    """The engine the recipe's plan asks for, attached to ``model``; None when everything stays on the device.
+    ``plan`` and ``streamer``: made before the model was loaded (the streamed load, :mod:`.streamed_load`); else
+    planned here. Raises PlanError (a SlimtuneError naming the budget and a fix) when nothing fits."""
+    from slimtune.optimizers import ELEMENTWISE, ZEROTH_ORDER
 
     o, t = recipe.offload, recipe.training
-    runtime_bytes = runtime_rss_bytes(model)
-    with torch.random.fork_rng(devices=[]):  # sizing builds stand-in tensors: keep the run's RNG stream untouched
-        plan = plan_recipe(recipe, config=_config(model), bandwidths=_NOT_MEASURED,
-                         runtime_bytes=runtime_bytes)
-    layers = [b for b in plan.blocks if b.name.startswith("layers.")]
-    params_tier, state_tier = layers[0].params_tier, layers[0].state_tier
+    if plan is None:
+        plan = plan_offload(recipe, _config(model), runtime_rss_bytes(model))
+    params_tier, state_tier = layer_tiers(plan)
     full, zeroth_order = recipe.adapter.type == "none", recipe.optimizer.name in ZEROTH_ORDER
     off = OffloadEngine(model, device, plan)
     if full and not zeroth_order and state_tier in ("cpu", "nvme"):
         per_tensor = lambda named_masters: build_optimizer(named_masters, per_layer=True)  # noqa: E731
         off.updates, off.update_blocks = offloaded_updates(
-            model, per_tensor, state_tier, o.nvme_dir if state_tier == "nvme" else None, overlap=t.max_grad_norm == 0)
+            model, per_tensor, state_tier, o.nvme_dir if state_tier == "nvme" else None, overlap=t.max_grad_norm == 0,
+            chunk_bytes=o.staging_chunk if recipe.optimizer.name in ELEMENTWISE else None)
     if params_tier in ("cpu", "nvme"):
-        off.streamer = BlockStreamer(model, params_tier, device, prefetch=o.prefetch, nvme_dir=o.nvme_dir,
-                                     stream_trainable=full, writeback=full and zeroth_order)
+        off.streamer = streamer or build_streamer(recipe, plan, model, device)
         if off.updates is not None:
             off.updates.on_updated = off.on_updated
     if off.streamer is None and off.updates is None:

@@ -230,8 +230,17 @@ class OffloadConfig(Section):
         "auto", description="Where gradients accumulate: auto | gpu | cpu (an fp32 CPU buffer filled block by block "
                             "during backward; needs optimizer_state cpu or nvme). nvme is refused.")
     prefetch: int = Field(1, ge=1, le=8, description="Blocks fetched ahead of the one computing when params stream.")
+    staging_chunk: int = Field(
+        64 * 2**20, ge=4096,
+        description="Full fine-tuning with optimizer_state nvme/cpu and an element-wise optimizer (adamw): the "
+                    "largest staging unit of the CPU update, in bytes of fp32 master weights (same syntax as "
+                    "cpu_memory; default 64MiB). Larger tensors (embedding, LM head, big MLP weights) are updated "
+                    "in chunks of whole rows with their own state, so NVMe staging RAM is about 3 x chunk x "
+                    "(masters + state) / masters (AdamW: 3 x 3 x 64MiB = 576MiB) instead of 3 x the largest "
+                    "tensor's. GaLore, FRUGAL and SPAM update whole tensors: their floor stays the largest tensor. "
+                    "Checkpoints of the offloaded optimizer resume only with the same value.")
 
-    @field_validator("gpu_memory", "cpu_memory", mode="before")
+    @field_validator("gpu_memory", "cpu_memory", "staging_chunk", mode="before")
     @classmethod
     def _size(cls, value: Any) -> Any:
         """``auto`` stays ``auto``; any other size (20GB, 24GiB, 512MiB, bytes) becomes an int of bytes."""

@@ -139,6 +139,7 @@ def block_sizes(recipe: Recipe, config=None) -> ModelSizes:
 
     from slimtune.offload.blocks import decoder_layers, flat_layout, model_blocks
     from slimtune.offload.updates.offloaded_blocks import staging_groups
+    from slimtune.optimizers import ELEMENTWISE
 
     notes: list[str] = []
     if config is None:
@@ -159,9 +160,10 @@ def block_sizes(recipe: Recipe, config=None) -> ModelSizes:
             trainable += [(j, name.replace(f"{prefix}.1.", f"{prefix}.{j - 1}.", 1) if j > 2 else name, p.shape,
                            p.dtype) for name, p in block.params if p.requires_grad]
     state, state32 = _optimizer_state(recipe, [(n, shape, dtype) for _, n, shape, dtype in trainable])
-    units = staging_groups([[(n, shape.numel()) for j, n, shape, _ in trainable if j == i]
-                            for i in range(n_layers + 2)])
-    numel = {n: shape.numel() for _, n, shape, _ in trainable}
+    groups = staging_groups([[(n, shape.numel()) for j, n, shape, _ in trainable if j == i]
+                             for i in range(n_layers + 2)])
+    chunk = recipe.offload.staging_chunk // 4 if recipe.optimizer.name in ELEMENTWISE else None  # fp32 masters
+    units = _staging_units(recipe, groups, {n: (shape, dtype) for _, n, shape, dtype in trainable}, state32, chunk)
     small_acts = _activations(recipe, model, small or config, notes)
     acts = {j: a for a, targets in zip(small_acts, stands) for j in targets}
     tokens = t.per_device_train_batch_size * recipe.data.max_length
@@ -190,10 +192,34 @@ def block_sizes(recipe: Recipe, config=None) -> ModelSizes:
             t_bytes if recipe.adapter.type != "none" else 0, t_count, t_bytes,
             sum(state[n] for n, _ in mine), sum(state32[n] for n, _ in mine), max((s for _, s in mine), default=0),
             matmul[i], *acts[i], tokens,
-            tuple((sum(numel[n] for n in names), sum(state32[n] for n in names)) for b, names in units if b == i)))
+            tuple((count, unit_state) for b, count, unit_state in units if b == i)))
     total = sum(b.param_bytes + b.adapter_bytes for b in out)
     return ModelSizes(out, notes, source=f"{type(base).__name__}, {n_layers} layers, "
                                          f"{format_size(total)} of parameters")
+
+
+def _staging_units(recipe, groups: list[tuple[int, list[str]]], tensors: dict, state32: dict[str, int],
+                   chunk: int | None) -> list[tuple[int, int, int]]:
+    """(block, values, fp32-master state bytes) per staging unit of the offloaded update, as the engine splits
+    ``groups`` (``offloaded_blocks.staging_units``): with ``chunk`` (values per unit, element-wise optimizers) large
+    tensors become row chunks, whose state the optimizer's own ``state_bytes`` sizes on a chunk-shaped stand-in."""
+    import math
+
+    import torch
+
+    from slimtune.offload.updates.offloaded_blocks import row_slice, staging_units
+
+    pieces = []  # (block, [(name, rows, chunk shape)]) per unit
+    for b, names in groups:
+        for entries in staging_units([tensors[n][0] for n in names], chunk):
+            pieces.append((b, [(names[j], rows, row_slice(torch.empty(tensors[names[j]][0], device="meta"),
+                                                          rows).shape) for j, rows in entries]))
+    chunks = {f"{n}[{r.start}:{r.stop}]": (shape, tensors[n][1]) for _, unit in pieces for n, r, shape in unit
+              if r is not None}
+    chunk_state = _optimizer_state(recipe, [(k, shape, dtype) for k, (shape, dtype) in chunks.items()])[1]
+    return [(b, sum(math.prod(shape) for _, _, shape in unit),
+             sum(state32[n] if r is None else chunk_state[f"{n}[{r.start}:{r.stop}]"] for n, r, _ in unit))
+            for b, unit in pieces]
 
 
 def _itemsize(dtype) -> int:

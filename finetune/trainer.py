@@ -56,6 +56,8 @@ class Prepared:
     run_dir: Path
     trainable_params: int = 0
     total_params: int = 0
+    plan: Any = None      # the offload plan made before a streamed load (None: the engine plans)
+    streamer: Any = None  # the block streamer that streamed load filled (its homes hold the decoder layers)
 
 
 @dataclass
@@ -104,7 +106,12 @@ class Trainer:
         self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         # Where tensors live and how a step ends: the in-memory engine, or the offload engine the recipe's plan asks
         # for (streamed layers, offloaded optimizer state that then owns the optimizer, zeroth-order streaming).
-        self.engine = build_engine(recipe, self.model, self.device)
+        try:
+            self.engine = build_engine(recipe, self.model, self.device, prepared.plan, prepared.streamer)
+        except BaseException:
+            if prepared.streamer is not None:
+                prepared.streamer.close()  # a refusal after a streamed load: its swap file goes too
+            raise
         self.zeroth_order = recipe.optimizer.name in ZEROTH_ORDER
         self.scheduler = get_scheduler(t.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=warmup_steps(recipe, self.steps),

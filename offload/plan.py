@@ -18,7 +18,8 @@ docs/offload-design.md):
   gradient, else three blocks' worth in the params' dtype: the engine makes backward wait while two blocks' updates
   are in flight; ``gradients`` gpu: accumulated on the device and sent down once per step). fp32 masters + state
   live in ``optimizer_state``'s tier as one region per update unit (a run of a block's tensors of at most the
-  largest tensor's size, ``offloaded_blocks.staging_groups``; ``align64(masters) + state``,
+  largest tensor's size, ``offloaded_blocks.staging_groups``; for element-wise optimizers at most
+  ``offload.staging_chunk``, larger tensors as row chunks, ``staging_units``; ``align64(masters) + state``,
   :func:`.state_layout.planned_block_bytes`; on NVMe each region 4 KiB aligned, staged through 3 CPU buffers of the
   largest region: read ahead, update, write behind), and updated params go back to their home.
 * **MeZO**: no gradients, no state; streamed full-parameter weights are written back once per step.
@@ -235,7 +236,7 @@ def _evaluate(off: PlanRequest, sizes, placement, device, budgets, runtime, toke
         bd["gpu"]["adapter"] += b.adapter_bytes
         if s_tier == "gpu":
             bd["gpu"]["state"] += state
-        elif trains:  # per staging unit (offloaded_blocks.staging_groups): a region each, staged one at a time
+        elif trains:  # per staging unit (BlockSize.units: staging_groups / row chunks): a region each, staged alone
             for count, unit_state in b.units or ((b.trainable_count, b.state_bytes_fp32),):
                 region = planned_block_bytes(4 * count, [unit_state])
                 region = align_up(region, NVME_ALIGN) if s_tier == "nvme" else region

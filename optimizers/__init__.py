@@ -96,17 +96,28 @@ class OptimizerSpec:
     randomness (masks, subspaces, perturbations) takes ``seed=training.seed``. ``zeroth_order``: it takes a closure
     and runs no backward (no gradients, clipping or saved activations). ``per_layer``: it can update parameter by
     parameter inside backward (a :class:`PerTensorOptimizer` with ``per_layer=True``).
+
+    ``elementwise``: the update of every parameter is element by element given its state (AdamW: moments, decay and
+    bias correction per value, one step counter per tensor), so the update of a slice of rows with that slice's
+    state is exactly that slice of the whole update. The offloaded optimizer then stages a large tensor as row
+    chunks with their own masters and state (``offload.staging_chunk``), and its staging RAM follows the chunk size
+    instead of the largest tensor. False where a tensor's update needs all of it: GaLore projects the gradient
+    through an SVD of the whole matrix, FRUGAL picks its subspace (columns, blocks, SVD) per tensor, and SPAM draws
+    its ``density`` masks per tensor, seeded by the parameter's index in the optimizer (so splitting even its
+    dense parameters would change the masks of the others). Those keep whole-tensor units, whose floor is the
+    largest tensor (their non-projected parameters run AdamW-like math, but in the same optimizer object).
     """
 
     build: Callable[..., torch.optim.Optimizer]
     seeded: bool = False
     zeroth_order: bool = False
     per_layer: bool = True
+    elementwise: bool = False
 
 
 # Adding an optimizer: its file, an entry here, and its section in finetune/recipe_optimizers.py.
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "adamw": OptimizerSpec(build_adamw),
+    "adamw": OptimizerSpec(build_adamw, elementwise=True),
     "galore": OptimizerSpec(build_galore),
     "frugal": OptimizerSpec(build_frugal, seeded=True),
     "spam": OptimizerSpec(build_spam, seeded=True),
@@ -114,6 +125,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 }
 ZEROTH_ORDER = frozenset(name for name, spec in OPTIMIZERS.items() if spec.zeroth_order)
 SEEDED = frozenset(name for name, spec in OPTIMIZERS.items() if spec.seeded)
+ELEMENTWISE = frozenset(name for name, spec in OPTIMIZERS.items() if spec.elementwise)
 
 
 def build_optimizer(name: str, named_params: NamedParams, **hparams) -> torch.optim.Optimizer:
@@ -145,6 +157,6 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["OPTIMIZERS", "SEEDED", "ZEROTH_ORDER", "AdamW", "FRUGAL", "GaLoreAdamW", "MeZO", "OptimizerSpec",
-           "PerTensorOptimizer", "SPAM", "allocated_state_bytes", "build_optimizer", "decay_groups", "decays",
-           "optimizer_state_bytes", "split_targets"]
+__all__ = ["ELEMENTWISE", "OPTIMIZERS", "SEEDED", "ZEROTH_ORDER", "AdamW", "FRUGAL", "GaLoreAdamW", "MeZO",
+           "OptimizerSpec", "PerTensorOptimizer", "SPAM", "allocated_state_bytes", "build_optimizer", "decay_groups",
+           "decays", "optimizer_state_bytes", "split_targets"]

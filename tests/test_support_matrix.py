@@ -151,16 +151,16 @@ def test_full_training_with_streamed_weights_and_device_state_is_refused(tmp_pat
 
 def test_a_model_without_a_layer_list_is_refused_when_offloaded(tmp_path, model_dirs, monkeypatch):
     """The engine's 'no decoder layers' error reaches the user as the one-line error (exit 2), not a traceback."""
-    import slimtune.finetune.model as model_module
+    import slimtune.finetune.streamed_load as streamed_load
 
-    original = model_module.AutoModelForCausalLM.from_pretrained
+    original = streamed_load.AutoModelForCausalLM.from_config  # streamed params: the model is built from its config
 
     def odd_model(*args, **kwargs):  # a model whose config does not describe its layer list
         model = original(*args, **kwargs)
         model.config.num_hidden_layers = 7
         return model
 
-    monkeypatch.setattr(model_module.AutoModelForCausalLM, "from_pretrained", odd_model)
+    monkeypatch.setattr(streamed_load.AutoModelForCausalLM, "from_config", odd_model)
     code, text = sm.run_cli(sm.recipe(model_dirs("llama"), tmp_path / "run", "offload.params=nvme",
                                       f"offload.nvme_dir={tmp_path}"), tmp_path)
     assert code == 2 and "Traceback" not in text, text

@@ -54,7 +54,20 @@ def return_large_frees_to_os() -> None:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process since it started (getrusage ru_maxrss; KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process since it started: Linux's ``VmHWM`` (/proc/self/status), else
+    getrusage's ``ru_maxrss`` (KiB on Linux, bytes on macOS).
+
+    ``ru_maxrss`` of a process started by ``fork`` + ``exec`` keeps the forked copy's resident size (Linux records
+    the old address space's high-water mark into it at exec), so a training run launched from a large parent (a
+    bench that just wrote a checkpoint, a notebook) would report the parent's memory as its own peak. ``VmHWM`` is
+    the high-water mark of this process's own address space."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

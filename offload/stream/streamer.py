@@ -84,11 +84,14 @@ class BlockStreamer:
     ``stream_trainable``: stream every parameter of a layer (zeroth-order / full fine-tuning), not only frozen ones;
     ``writeback``: copy a released layer back to its home (its weights changed while bound, e.g. zeroth-order).
     ``on_bind(index)``: called after a layer is bound, before its compute (zeroth-order applies deferred updates).
+    ``fill(index)``: materializes layer ``index``'s parameters just before its home is built (the streamed load,
+    ``finetune/streamed_load.py``: the layer is read from the checkpoint then, so the model never exists whole).
     """
 
     def __init__(self, model: nn.Module, home: str, device: torch.device | str, prefetch: int = 1,
                  nvme_dir: str | None = None, stream_trainable: bool = False, writeback: bool = False,
-                 threads: int = 2, on_bind: Callable[[int], None] | None = None):
+                 threads: int = 2, on_bind: Callable[[int], None] | None = None,
+                 fill: Callable[[int], None] | None = None):
         if home not in ("cpu", "nvme"):
             raise ValueError(f"home must be 'cpu' or 'nvme', got {home!r}")
         if not isinstance(prefetch, int) or prefetch < 1:
@@ -99,14 +102,9 @@ class BlockStreamer:
         self.prefetch, self.writeback, self.on_bind = prefetch, writeback, on_bind
         self.cuda = self.device.type == "cuda"
         self.layers: list[_Layer] = []
-        for i, block in enumerate(model_blocks(model)[1:-1]):
-            params = [p for _, p in block.params if stream_trainable or not p.requires_grad]
-            offsets, nbytes = flat_layout(params)
-            self.layers.append(_Layer(i, block, params, offsets, nbytes))
-        self.slot_bytes = max((layer.nbytes for layer in self.layers), default=0)
         self.n_slots = prefetch + 2
         self._lock = threading.RLock()
-        self._home_pending: dict[int, tuple[torch.Tensor, set[int]]] = {}  # write_home: NVMe layers in progress
+        self._home_pending: dict[int, tuple[torch.Tensor, dict[int, list]]] = {}  # write_home: NVMe layers in progress
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="slimtune-stream")
         self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
@@ -118,8 +116,9 @@ class BlockStreamer:
         self._store: NvmeStore | None = None
         self._homes: list[torch.Tensor] = []
         return_large_frees_to_os()
-        self._build_homes(nvme_dir, threads)
+        self._build_homes(model_blocks(model)[1:-1], nvme_dir, threads, stream_trainable, fill)
         release_free_memory()  # the weights that moved home were freed: let RSS show it
+        self.slot_bytes = max((layer.nbytes for layer in self.layers), default=0)
         self._slots = [self._new_slot() for _ in range(self.n_slots)]
         self._staging = ([aligned_empty(self.slot_bytes, pin=True) for _ in range(self.n_slots)]
                          if self.cuda and home == "nvme" else None)
@@ -145,23 +144,33 @@ class BlockStreamer:
         for p, off in zip(layer.params, layer.offsets):
             view_as(out, off, p).copy_(p.data)
 
-    def _build_homes(self, nvme_dir: str | None, threads: int) -> None:
-        """Copy every streamed tensor to its home, then point the parameter at a placeholder (frees the original)."""
-        if self.home == "nvme":
-            self._store = NvmeStore(nvme_dir, capacity_bytes=sum(layer.nbytes for layer in self.layers) or None,
-                                    direct=None, threads=threads)
-            staging = aligned_empty(self.slot_bytes)
-        for layer in self.layers:
+    def _build_homes(self, blocks: list[Block], nvme_dir: str | None, threads: int, stream_trainable: bool,
+                     fill: Callable[[int], None] | None) -> None:
+        """Copy every streamed tensor of each layer to its home, then point the parameter at a placeholder (frees the
+        original). With ``fill``, each layer is materialized first, so one layer at a time exists outside its home;
+        the parameters are read after the fill (4-bit loading replaces them with new ``Params4bit`` objects)."""
+        if self.home == "nvme":  # the size of a filled layer is known only after its fill: the file grows
+            capacity = None if fill else sum(
+                flat_layout([p for _, p in b.params if stream_trainable or not p.requires_grad])[1] for b in blocks)
+            self._store = NvmeStore(nvme_dir, capacity_bytes=capacity or None, direct=None, threads=threads)
+        for i, block in enumerate(blocks):
+            if fill is not None:
+                fill(i)
+            params = [p for _, p in block.module.named_parameters() if stream_trainable or not p.requires_grad]
+            offsets, nbytes = flat_layout(params)
+            layer = _Layer(i, block, params, offsets, nbytes)
+            self.layers.append(layer)
+            buf = aligned_empty(nbytes, pin=self.cuda and self.home == "cpu")
+            if self.home == "nvme":
+                buf.zero_()
+            self._pack(layer, buf)
             if self.home == "cpu":
-                buf = aligned_empty(layer.nbytes, pin=self.cuda)
-                self._pack(layer, buf)
                 self._homes.append(buf)
             else:
-                staging.zero_()
-                self._pack(layer, staging[:layer.nbytes])
-                self._store.write(layer.index, staging[:layer.nbytes]).result()
+                self._store.write(layer.index, buf).result()
             for p in layer.params:
                 p.data = self._placeholder(p.dtype)
+            del buf
 
     def home_bytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
@@ -338,6 +347,23 @@ class BlockStreamer:
         finally:
             self.after(i)
 
+    @contextlib.contextmanager
+    def shaped(self):
+        """Unbound parameters show their real shape (a zero-stride view of one zero, no memory) inside the block, for
+        code that reads shapes but not values: peft sizes LoRA from a GPT-2 ``Conv1D``'s ``weight.shape``. Outside
+        it they point at empty placeholders again, so a stray use fails loudly."""
+        with self._lock:
+            self.release_all()
+            for layer in self.layers:
+                for p, (shape, dtype) in zip(layer.params, layer.shapes):
+                    p.data = torch.zeros((), dtype=dtype, device=self.device).expand(shape)
+            try:
+                yield
+            finally:
+                for layer in self.layers:
+                    for p in layer.params:
+                        p.data = self._placeholder(p.dtype)
+
     # ------------------------------------------------------------------ hooks
     def attach(self) -> None:
         keep_training_layout(self.model)  # bnb's CPU eval repack would replace a bound layer's slot view
@@ -430,40 +456,51 @@ class BlockStreamer:
             self._store.write(i, buf).result()
         self.stats["bytes_to_home"] += layer.nbytes
 
-    def write_home(self, i: int, values: dict[int, torch.Tensor]) -> None:
+    def write_home(self, i: int, values: dict[int, torch.Tensor], rows: dict[int, slice] | None = None) -> None:
         """Rewrite some of layer ``i``'s tensors (position in ``layers[i].params`` -> new value, cast to the param's
         dtype here) in its home, from any thread, while the layer may still be bound (an optimizer update running
         during backward). The bound copy is left alone (backward may still read it); the caller must
         :meth:`release_all` once every update of the step has landed, so the next forward fetches the new values.
+        ``rows`` (position -> dim-0 slice): the value holds only those rows of the tensor (the offloaded optimizer's
+        row chunks); its other rows are left as they are.
 
         A CPU home is written in place. An NVMe home is written once per layer, not once per call: the values are
-        cast straight into an aligned buffer of the layer, which goes to disk when every trainable tensor of the
-        layer has arrived (the offloaded optimizer updates a layer in several units), or at :meth:`release_all`
-        merged with the home's other tensors."""
-        layer = self.layers[i]
+        cast straight into an aligned buffer of the layer, which goes to disk when every row of every trainable
+        tensor of the layer has arrived (the offloaded optimizer updates a layer in several units), or at
+        :meth:`release_all` merged with the home's other tensors and rows."""
+        layer, rows = self.layers[i], rows or {}
         with self._lock:
             layer.home_ready.result()
             if self.home == "cpu":
                 buf = self._homes[i]
             else:
-                buf, got = self._home_pending.setdefault(i, (aligned_empty(layer.nbytes).zero_(), set()))
+                buf, got = self._home_pending.setdefault(i, (aligned_empty(layer.nbytes).zero_(), {}))
         for k, value in values.items():
-            shape, dtype = layer.shapes[k]
-            off = layer.offsets[k]
-            buf[off:off + shape.numel() * dtype.itemsize].view(dtype).view(shape).copy_(value)
+            view = self._home_view(buf, layer, k)
+            (view if rows.get(k) is None else view[rows[k]]).copy_(value)
         with self._lock:
             self.stats["bytes_to_home"] += sum(v.numel() * layer.shapes[k][1].itemsize for k, v in values.items())
             if self.home == "cpu":
                 return
-            got.update(values)
-            complete = all(k in got for k, p in enumerate(layer.params) if p.requires_grad)
+            for k in values:
+                got.setdefault(k, []).append(rows.get(k))
+            complete = all(not _missing_rows(got.get(k), _n_rows(layer.shapes[k][0]))
+                           for k, p in enumerate(layer.params) if p.requires_grad)
             if complete:
                 del self._home_pending[i]
         if complete:
             self._store.write(i, buf).result()
 
+    @staticmethod
+    def _home_view(buf: torch.Tensor, layer: _Layer, k: int) -> torch.Tensor:
+        """Tensor ``k`` of ``layer`` as a typed, shaped view into the layer's flat bytes ``buf``."""
+        shape, dtype = layer.shapes[k]
+        off = layer.offsets[k]
+        return buf[off:off + shape.numel() * dtype.itemsize].view(dtype).view(shape)
+
     def _flush_homes(self) -> None:  # caller holds self._lock
-        """Write the NVMe homes some of whose tensors were rewritten (the others read back from the home first)."""
+        """Write the NVMe homes some of whose tensors were rewritten (the others, and the rows of a tensor no
+        chunk rewrote, read back from the home first)."""
         pending, self._home_pending = self._home_pending, {}
         for i, (buf, got) in pending.items():
             layer = self.layers[i]
@@ -472,6 +509,9 @@ class BlockStreamer:
                 if k not in got:
                     off, n = layer.offsets[k], shape.numel() * dtype.itemsize
                     buf[off:off + n].copy_(home[off:off + n])
+                    continue
+                for part in _missing_rows(got[k], _n_rows(shape)):
+                    self._home_view(buf, layer, k)[part].copy_(self._home_view(home, layer, k)[part])
             self._store.write(i, buf).result()
 
     def counters(self) -> dict[str, float]:
@@ -485,3 +525,22 @@ class BlockStreamer:
         self._pool.shutdown(wait=True)
         if self._store is not None:
             self._store.close()
+
+
+def _missing_rows(parts: list[slice | None] | None, n_rows: int) -> list[slice]:
+    """The dim-0 row ranges of a tensor of ``n_rows`` rows that ``parts`` (written slices; None = all of it) miss."""
+    if parts is None:
+        return [slice(0, n_rows)]
+    if any(p is None for p in parts):
+        return []
+    out, at = [], 0
+    for p in sorted(parts, key=lambda p: p.start):
+        if p.start > at:
+            out.append(slice(at, p.start))
+        at = max(at, p.stop)
+    return out + ([slice(at, n_rows)] if at < n_rows else [])
+
+
+def _n_rows(shape: torch.Size) -> int:
+    """Dim-0 rows of a tensor of ``shape`` (a 0-d tensor is one row)."""
+    return shape[0] if len(shape) else 1

@@ -119,7 +119,8 @@ class ZOStream:
             raise ValueError("ZO streaming regenerates each tensor's noise on its own: build MeZO with "
                              "noise='per_tensor' (recipe: optimizer.noise: per_tensor), got "
                              f"noise={optimizer.noise!r}")
-        if streamer is not None and streamer.model is not model:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if streamer is not None and streamer.model not in (model, base):
             raise ValueError("streamer was attached to another model than the one given to ZOStream")
         self.model, self.optimizer, self.streamer = model, optimizer, streamer
         self._lm = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -1,12 +1,21 @@
-"""The offloaded optimizer's per-block bookkeeping: device params, fp32 masters, the CPU gradient buffer.
+"""The offloaded optimizer's bookkeeping: gradient blocks (device params, the CPU gradient buffer) and the staging
+units their masters and optimizer state are updated and staged in.
 
-One flat buffer per block and tier (docs/offload-design.md rule 2): the block's gradients accumulate into one
-contiguous fp32 buffer (one ``zero_()`` after the update, one norm per view for clipping), taken from a pool when its
-first gradient of the step arrives and given back after its update (:class:`GradPool`), and on the CPU tier its
-masters are one contiguous fp32 buffer whose views the optimizer updates. On the NVMe tier the masters are tensors
-with the right shape and dtype "parked" on a one-element storage (stride 0, 4 bytes) between updates, and point into a
-staging buffer during one (``master.data = view``): the optimizer keys its state and param groups by these objects, so
-they must outlive every swap.
+Two levels (docs/offload-design.md rule 25):
+
+* a **gradient block** (:class:`GradBlock`) is what the caller passes: whole parameters, in model order. Its
+  gradients accumulate into one contiguous buffer (one ``zero_()`` after the update, one norm per whole parameter
+  for clipping, so global-norm clipping sees exactly the tensors ``clip_grad_norm_`` sees), taken from a pool when
+  its first gradient of the step arrives and given back after its update (:class:`GradPool`).
+* a **staging unit** (:class:`OffloadBlock`) is what one update stages: masters + optimizer state of some of a
+  gradient block's tensors, or of a slice of whole rows of one tensor (:func:`staging_units`: element-wise
+  optimizers only). On the CPU tier its masters are one contiguous buffer whose views the optimizer updates. On the
+  NVMe tier the masters are tensors with the right shape and dtype "parked" on a one-element storage (stride 0,
+  4 bytes) between updates, and point into a staging buffer during one (``master.data = view``): the optimizer keys
+  its state and param groups by these objects, so they must outlive every swap.
+
+Without a chunk size every gradient block is one unit (the layout before chunking, and the one for optimizers that
+need whole tensors).
 """
 
 from __future__ import annotations
@@ -19,26 +28,51 @@ from torch import nn
 
 from slimtune.optimizers import PerTensorOptimizer
 
+DEFAULT_STAGING_CHUNK = 64 * 2**20  # bytes of fp32 masters per staging unit (recipe offload.staging_chunk)
+
 
 @dataclass
-class OffloadBlock:
-    """One update unit of the offloaded optimizer: its parameters, masters and where they sit in the flat order."""
+class GradBlock:
+    """What the caller calls a block: whole parameters, their CPU gradient buffer and this step's arrivals."""
     names: list[str]
     params: list[nn.Parameter]  # the model's (device) parameters
     shapes: list[torch.Size]
-    offsets: list[int]  # element offset of each parameter in the block's flat order
-    masters: list[torch.Tensor]  # what the optimizer sees (views of master_flat, or parked on NVMe)
-    master_views: list[torch.Tensor]  # cpu tier: views of master_flat; nvme: empty
-    master_flat: torch.Tensor | None
+    offsets: list[int]  # element offset of each parameter in the gradient buffer
     numel: int
-    parked: list[torch.Tensor] = field(default_factory=list)
+    units: list[int] = field(default_factory=list)  # its staging units, in order
     grad_flat: torch.Tensor | None = None  # from the GradPool while the block has gradients this step
-    grads: list[torch.Tensor] = field(default_factory=list)  # views of grad_flat
-    master_bytes: int = 0
+    grads: list[torch.Tensor] = field(default_factory=list)  # views of grad_flat, one per whole parameter
     param_dtype: torch.dtype | None = None  # the params' dtype when they all share one
     got: list[bool] = field(default_factory=list)  # a gradient arrived this step
     final: set[int] = field(default_factory=set)  # indices whose final-micro-batch gradient arrived
     submitted: bool = False
+
+
+@dataclass
+class OffloadBlock:
+    """One staging unit: masters of some of a gradient block's tensors (or rows of one), updated and staged as one.
+
+    Entry ``i`` is rows ``rows[i]`` (``None``: all of it) of parameter ``members[i]`` of gradient block
+    ``grad_block``; ``shapes[i]`` is the entry's shape, ``offsets[i]`` its element offset in the unit's flat order.
+    """
+    names: list[str]
+    params: list[nn.Parameter]  # the model's (device) parameters the entries are (rows of)
+    shapes: list[torch.Size]
+    offsets: list[int]
+    masters: list[torch.Tensor]  # what the optimizer sees (views of master_flat, or parked on NVMe)
+    master_views: list[torch.Tensor]  # cpu tier: views of master_flat; nvme: empty
+    master_flat: torch.Tensor | None
+    numel: int
+    grad_block: int = 0
+    members: list[int] = field(default_factory=list)
+    rows: list[slice | None] = field(default_factory=list)
+    parked: list[torch.Tensor] = field(default_factory=list)
+    master_bytes: int = 0
+
+
+def row_slice(t: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    """``t`` itself, or the view of its rows ``rows`` (dim-0 slice)."""
+    return t if rows is None else t[rows]
 
 
 def _empty(numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
@@ -62,7 +96,7 @@ class GradPool:
         self._free: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
         self.nbytes = 0  # held: in use + free
 
-    def take(self, blk: OffloadBlock, dtype: torch.dtype) -> None:  # caller holds the engine's lock
+    def take(self, blk: GradBlock, dtype: torch.dtype) -> None:  # caller holds the engine's lock
         free = self._free.get((blk.numel, dtype))
         if free:
             flat = free.pop()
@@ -72,19 +106,14 @@ class GradPool:
         blk.grad_flat = flat
         blk.grads = [flat[o: o + math.prod(s)].view(s) for o, s in zip(blk.offsets, blk.shapes)]
 
-    def give(self, blk: OffloadBlock) -> None:  # caller holds the engine's lock; the buffer is zero again
+    def give(self, blk: GradBlock) -> None:  # caller holds the engine's lock; the buffer is zero again
         self._free.setdefault((blk.numel, blk.grad_flat.dtype), []).append(blk.grad_flat)
         blk.grad_flat, blk.grads = None, []
 
 
-def build_blocks(named_params: list[tuple[str, nn.Parameter]], blocks: list[list[str]], dtype: torch.dtype,
-                 keep_masters: bool, pin: bool) -> list[OffloadBlock]:
-    """Check ``blocks`` against ``named_params`` (each trainable param in exactly one block) and build the buffers.
-
-    ``keep_masters`` (the cpu tier) fills the masters from the device params here; the NVMe tier writes them
-    straight to disk block by block instead.
-    """
-    named_params = list(named_params)
+def _checked_params(named_params: list[tuple[str, nn.Parameter]], blocks: list[list[str]]
+                    ) -> dict[str, nn.Parameter]:
+    """The trainable params by name, once each, every one in exactly one non-empty block (else a ValueError)."""
     params: dict[str, nn.Parameter] = {}
     seen: dict[int, str] = {}
     for name, p in named_params:
@@ -106,44 +135,115 @@ def build_blocks(named_params: list[tuple[str, nn.Parameter]], blocks: list[list
         raise ValueError("blocks must list every trainable parameter exactly once, in non-empty blocks: "
                          f"unknown {unknown[:5]}, missing {missing[:5]}, listed twice {twice[:5]}, "
                          f"empty blocks {[i for i, block in enumerate(blocks) if not block]}")
-    park = torch.zeros(1, dtype=dtype)
-    out = []
-    for block in blocks:
+    return params
+
+
+def build_blocks(named_params: list[tuple[str, nn.Parameter]], blocks: list[list[str]], dtype: torch.dtype,
+                 keep_masters: bool, pin: bool, chunk_bytes: int | None = None
+                 ) -> tuple[list[GradBlock], list[OffloadBlock]]:
+    """Check ``blocks`` against ``named_params`` (each trainable param in exactly one block) and build the gradient
+    blocks and their staging units (:func:`staging_units` with ``chunk_bytes`` of ``dtype`` masters per unit).
+
+    ``keep_masters`` (the cpu tier) fills the masters from the device params here; the NVMe tier writes them
+    straight to disk unit by unit instead.
+    """
+    params = _checked_params(list(named_params), blocks)
+    chunk = None if chunk_bytes is None else max(1, chunk_bytes // torch.empty((), dtype=dtype).element_size())
+    grad_blocks, units = [], []
+    for g, block in enumerate(blocks):
         ps = [params[n] for n in block]
         shapes = [p.shape for p in ps]
         sizes = [math.prod(s) for s in shapes]
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        numel = sum(sizes)
-        parked = [park.expand(s) for s in shapes]
-        if keep_masters:
-            master_flat = _empty(numel, dtype, pin)
-            views = [master_flat[o: o + n].view(s) for o, n, s in zip(offsets, sizes, shapes)]
-            with torch.no_grad():
-                for view, p in zip(views, ps):
-                    view.copy_(p.detach())
-            masters = [v.detach().requires_grad_(True) for v in views]
-        else:
-            master_flat, views = None, []
-            masters = []
-            for s in parked:
-                m = torch.empty(0, dtype=dtype).requires_grad_(True)
-                m.data = s
-                masters.append(m)
         dtypes = {p.dtype for p in ps}
-        out.append(OffloadBlock(list(block), ps, shapes, offsets, masters, views, master_flat, numel, parked,
-                                master_bytes=numel * park.element_size(), got=[False] * len(ps),
-                                param_dtype=dtypes.pop() if len(dtypes) == 1 else None))
+        gb = GradBlock(list(block), ps, shapes, [sum(sizes[:i]) for i in range(len(sizes))], sum(sizes),
+                       param_dtype=dtypes.pop() if len(dtypes) == 1 else None, got=[False] * len(ps))
+        for entries in staging_units(shapes, chunk):
+            gb.units.append(len(units))
+            units.append(_unit(gb, g, entries, dtype, keep_masters, pin))
+        grad_blocks.append(gb)
+    return grad_blocks, units
+
+
+def _unit(gb: GradBlock, g: int, entries: list[tuple[int, slice | None]], dtype: torch.dtype, keep_masters: bool,
+          pin: bool) -> OffloadBlock:
+    """The staging unit of gradient block ``gb`` (index ``g``) holding ``entries`` (param index, rows)."""
+    members = [j for j, _ in entries]
+    rows = [r for _, r in entries]
+    shapes = [row_slice(torch.empty(gb.shapes[j], device="meta"), r).shape for j, r in entries]
+    sizes = [math.prod(s) for s in shapes]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    numel = sum(sizes)
+    park = torch.zeros(1, dtype=dtype)
+    parked = [park.expand(s) for s in shapes]
+    if keep_masters:
+        master_flat = _empty(numel, dtype, pin)
+        views = [master_flat[o: o + n].view(s) for o, n, s in zip(offsets, sizes, shapes)]
+        with torch.no_grad():
+            for view, j, r in zip(views, members, rows):
+                view.copy_(row_slice(gb.params[j].detach(), r))
+        masters = [v.detach().requires_grad_(True) for v in views]
+    else:
+        master_flat, views, masters = None, [], []
+        for s in parked:
+            m = torch.empty(0, dtype=dtype).requires_grad_(True)
+            m.data = s
+            masters.append(m)
+    return OffloadBlock([gb.names[j] for j in members], [gb.params[j] for j in members], shapes, offsets, masters,
+                        views, master_flat, numel, g, members, rows, parked, numel * park.element_size())
+
+
+def row_chunks(shape: torch.Size | tuple[int, ...], chunk: int | None) -> list[slice | None]:
+    """A tensor of ``shape`` as staging entries of at most ``chunk`` values: ``[None]`` (whole) when it fits, has no
+    rows to split (0-d or one row), or ``chunk`` is None; else consecutive dim-0 slices of whole rows, the same
+    number of rows each but the last. A single row larger than ``chunk`` makes one-row chunks (the floor)."""
+    numel = math.prod(shape)
+    if chunk is None or numel <= chunk or len(shape) == 0 or shape[0] < 2:
+        return [None]
+    per = max(1, chunk // (numel // shape[0]))
+    return [slice(start, min(start + per, shape[0])) for start in range(0, shape[0], per)]
+
+
+def staging_units(shapes: list[torch.Size | tuple[int, ...]], chunk: int | None
+                  ) -> list[list[tuple[int, slice | None]]]:
+    """One gradient block's tensors (``shapes``, in order) as staging units of ``(tensor index, rows)`` entries.
+
+    ``chunk`` None: the block is one unit of whole tensors. Else runs of whole tensors of at most ``chunk`` values
+    (small tensors share one I/O), and each tensor larger than that split into row chunks (:func:`row_chunks`),
+    one unit each: a row slice of an element-wise update (AdamW) is exactly the update of the slice, with its own
+    state (the per-tensor step counter advances the same in every chunk). Only for optimizers whose registry entry
+    says ``elementwise``: a projected or masked tensor (GaLore, FRUGAL, SPAM's density) needs all of it at once.
+    """
+    if chunk is None:
+        return [[(j, None) for j in range(len(shapes))]]
+    out: list[list[tuple[int, slice | None]]] = []
+    run: list[tuple[int, slice | None]] = []
+    size = 0
+    for j, shape in enumerate(shapes):
+        n = math.prod(shape)
+        pieces = row_chunks(shape, chunk)
+        if run and (pieces != [None] or size + n > chunk):
+            out.append(run)
+            run, size = [], 0
+        if pieces != [None]:
+            out += [[(j, rows)] for rows in pieces]
+            continue
+        run.append((j, None))
+        size += n
+    if run:
+        out.append(run)
     return out
 
 
 def staging_groups(blocks: list[list[tuple[str, int]]]) -> list[tuple[int, list[str]]]:
     """Split each block's trainable tensors ``(name, numel)``, in order, into runs of at most as many values as the
-    model's largest tensor: ``[(block index, names)]``, the units :class:`OffloadedUpdates` updates and stages.
+    model's largest tensor: ``[(block index, names)]``, the gradient blocks :class:`OffloadedUpdates` is given.
 
     The NVMe tier stages a unit's masters + state in each of its ``threads + 2`` buffers, so RAM follows the largest
     unit. A whole decoder layer (the streaming unit) would need three layers' masters + state (AdamW: 3 x 12 bytes x
-    the layer's values); a tensor cannot be split (GaLore projects, SPAM and FRUGAL draw masks over whole tensors),
-    so the largest tensor is the floor, and the runs go up to it so small tensors (norms, biases) share one I/O.
+    the layer's values); runs go up to the largest tensor so small tensors (norms, biases) share one I/O. With a
+    chunk size (element-wise optimizers, :func:`staging_units`) each run is staged in units of at most that size;
+    without one a tensor cannot be split (GaLore projects, SPAM and FRUGAL draw masks over whole tensors), so the
+    largest tensor is the floor.
     """
     cap = max((n for block in blocks for _, n in block), default=0)
     out: list[tuple[int, list[str]]] = []

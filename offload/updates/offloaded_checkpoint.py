@@ -4,12 +4,15 @@ offloaded state explicitly, without a whole-model ``state_dict()`` in RAM).
 Layout of the directory :meth:`OffloadedUpdates.save` writes (the same for both tiers, so a run can resume on the
 other tier)::
 
-    offload.json               format, step count, update order, per block: names, shapes, state keys and
-                               non-tensor state values; every param group's non-tensor values (lr, betas, ...)
+    offload.json               format, step count, update order, per staging unit: names, shapes, rows (null:
+                               the whole parameter, else [start, stop) of a row chunk), state keys and non-tensor
+                               state values; every param group's non-tensor values (lr, betas, ...)
     groups.safetensors         tensor-valued param-group entries (SPAM's total_step / current_step counters)
-    block-00000.safetensors    "master/<i>" and "state/<i>/<key>" of block 0's parameter i, ...
+    block-00000.safetensors    "master/<i>" and "state/<i>/<key>" of unit 0's entry i, ...
 
-RAM while saving or loading: one block (its staging buffer on NVMe). The directory is written to a temporary
+One file per staging unit (a row chunk has its own masters and state), so resuming needs the same units: the same
+model, trainable parameters, blocks and ``chunk_bytes`` (``offload.staging_chunk``). RAM while saving or loading:
+one unit (its staging buffer on NVMe). The directory is written to a temporary
 sibling and renamed into place (:func:`.atomic_io.atomic_dir`, the trainer's checkpoints use the same), so a kill
 leaves the previous checkpoint intact.
 """
@@ -49,6 +52,15 @@ def _plain(value, what: str):
                      "and plain numbers (optimizers/base.py)")
 
 
+def _rows_json(rows: slice | None) -> list[int] | None:
+    return None if rows is None else [rows.start, rows.stop]
+
+
+def _units(engine) -> list[tuple[list[str], list[list[int]], list]]:
+    """Each staging unit's (names, shapes, rows as JSON): what a checkpoint must match to be loaded."""
+    return [(blk.names, [list(s) for s in blk.shapes], [_rows_json(r) for r in blk.rows]) for blk in engine.blocks]
+
+
 def _unplain(value):
     if isinstance(value, dict) and "__tuple__" in value:
         return tuple(_unplain(v) for v in value["__tuple__"])
@@ -77,6 +89,7 @@ def save_engine(engine, directory) -> None:
                 save_file(tensors, tmp / _block_file(b))
                 meta["blocks"].append({
                     "names": blk.names, "shapes": [list(s) for s in blk.shapes],
+                    "rows": [_rows_json(r) for r in blk.rows],
                     "state": [{"keys": list(s), "scalars": {k: _plain(v, f"state of {blk.names[i]!r} key {k!r}")
                                                             for k, v in s.items() if not isinstance(v, torch.Tensor)}}
                               for i, s in enumerate(states)]})
@@ -95,12 +108,13 @@ def load_engine(engine, directory) -> None:
     meta = json.loads((directory / META).read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{directory / META}: format {meta.get('format')!r}, this version reads {FORMAT}")
-    ours = [(blk.names, [list(s) for s in blk.shapes]) for blk in engine.blocks]
-    theirs = [(blk["names"], blk["shapes"]) for blk in meta["blocks"]]
+    ours = _units(engine)
+    theirs = [(blk["names"], blk["shapes"], blk.get("rows", [None] * len(blk["names"]))) for blk in meta["blocks"]]
     for b, (a, c) in enumerate(zip_longest(ours, theirs)):
         if a != c:
-            raise ValueError(f"{directory}: block {b} holds {c} but this engine's block {b} is {a}; resume with the "
-                             "same model, trainable parameters and blocks")
+            raise ValueError(f"{directory}: staging unit {b} holds {c} (names, shapes, rows) but this engine's unit "
+                             f"{b} is {a}; resume with the same model, trainable parameters, blocks and staging "
+                             "chunk size (offload.staging_chunk)")
     groups = engine.optimizer.param_groups
     if len(meta["param_groups"]) != len(groups):
         raise ValueError(f"{directory}: {len(meta['param_groups'])} param groups saved, the optimizer has "

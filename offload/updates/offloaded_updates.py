@@ -63,7 +63,7 @@ from torch import nn
 from slimtune.optimizers import PerTensorOptimizer, allocated_state_bytes
 
 from ..store.memory import return_large_frees_to_os
-from .offloaded_blocks import GradPool, build_blocks, checked_optimizer
+from .offloaded_blocks import GradPool, build_blocks, checked_optimizer, row_slice
 from .offloaded_checkpoint import load_engine, save_engine
 from .paged_state import PagedState
 from .state_layout import aliases, master_views, pack_state, plan_layout, planned_block_bytes, signature_of, state_views
@@ -79,10 +79,12 @@ class OffloadedUpdates:
     Args:
         named_params: the model's trainable parameters (on the compute device, any float dtype), each once.
         blocks: parameter names per block, in model order (embedding, layers, head); every name exactly once.
-            A block is the unit of gradient hand-off, update and NVMe I/O, and the NVMe tier stages ``threads + 2``
-            of the largest one in RAM: the trainer passes runs of at most the largest tensor
+            A block is the unit of gradient hand-off and clipping (one CPU buffer of whole-parameter gradients);
+            without ``chunk_bytes`` also of update and NVMe I/O, and the NVMe tier stages ``threads + 2`` of the
+            largest one in RAM: the trainer passes runs of at most the largest tensor
             (:func:`~.offloaded_blocks.staging_groups`, via ``finetune.offloading.offloaded_updates``), not layers.
-        build_optimizer: called once with ``[(name, master)]``; must return a first-order
+        build_optimizer: called once with ``[(name, master)]`` (a row chunk's master carries its parameter's name, so
+            name-based param groups, e.g. no decay on norms, come out the same); must return a first-order
             :class:`PerTensorOptimizer` over exactly those masters (e.g. ``build_optimizer("galore", named, ...,
             per_layer=True)``). Its param groups, LR and ``finish_step`` counters are the run's.
         state_tier: ``"cpu"`` or ``"nvme"`` (masters + state in a swap file in ``nvme_dir``).
@@ -95,13 +97,22 @@ class OffloadedUpdates:
             worker also on a CPU device, where it shares backward's cores: running updates inline in backward's
             thread measured slower on bench/offload.py (9.3 s vs 7.0 s per step), as backward then also waits
             on each unit's NVMe read and on the write of each layer's new weights.
+        chunk_bytes: stage each block in units of at most this many bytes of masters
+            (:func:`~.offloaded_blocks.staging_units`): runs of whole small tensors, and tensors larger than that
+            split into chunks of whole rows, each with its own masters and state, so the NVMe staging ring holds
+            ``threads + 2`` chunks instead of the largest tensor (a 32000 x 2048 embedding: 786 MB of AdamW masters
+            + state per buffer). Only for element-wise optimizers (``OPTIMIZERS[name].elementwise``: AdamW), whose
+            update of a row slice is the update of the slice. None (the default: this class cannot tell from a
+            builder whether its optimizer is element-wise) keeps every tensor whole; the trainer passes
+            ``offload.staging_chunk`` (64 MiB) for element-wise optimizers.
 
-    ``on_updated(block_index, [(name, master)])``, when set, is called instead of copying updated masters into the
-    device params (for params streamed from a home buffer); the masters may be views into a staging buffer, so it
-    must copy what it needs before returning.
+    ``on_updated(block_index, [(name, master, rows)])``, when set, is called instead of copying updated masters into
+    the device params (for params streamed from a home buffer), once per staging unit; ``rows`` is None when
+    ``master`` is the whole parameter, else the ``slice`` of its dim-0 rows that ``master`` holds (other rows must be
+    left alone). The masters may be views into a staging buffer, so it must copy what it needs before returning.
 
     Used by its two helper modules (:mod:`.offloaded_checkpoint`, :mod:`.paged_state`), and by nothing else:
-    ``futures`` (updates in flight), ``order`` (the blocks' update order of the last step), ``state_held`` /
+    ``futures`` (updates in flight), ``order`` (the staging units' update order of the last step), ``state_held`` /
     ``block_state_bytes`` (RAM accounting), ``lock``, ``pack`` / ``publish`` (a block's state into its staging slot,
     its masters into the model), ``note_peak`` and ``begin_step``.
     """
@@ -109,7 +120,7 @@ class OffloadedUpdates:
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], blocks: list[list[str]],
                  build_optimizer: Callable[[list[tuple[str, torch.Tensor]]], PerTensorOptimizer],
                  state_tier: str = "cpu", nvme_dir: str | None = None, master_dtype: torch.dtype = torch.float32,
-                 overlap: bool = True, threads: int = 1, max_pending: int = 2):
+                 overlap: bool = True, threads: int = 1, max_pending: int = 2, chunk_bytes: int | None = None):
         if state_tier not in TIERS:
             raise ValueError(f"state_tier must be one of {TIERS}, got {state_tier!r}")
         if (state_tier == "nvme") != (nvme_dir is not None):
@@ -124,17 +135,22 @@ class OffloadedUpdates:
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 0:
             raise ValueError(f"max_pending (updates in flight before backward waits; 0 = unbounded) must be an int "
                              f">= 0, got {max_pending!r}")
+        if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
+                                        or chunk_bytes < 1):
+            raise ValueError(f"chunk_bytes (bytes of masters per staging unit; None = whole tensors) must be an int "
+                             f">= 1 or None, got {chunk_bytes!r}")
         self.tier, self.overlap, self.threads, self.master_dtype = state_tier, overlap, threads, master_dtype
         self.max_pending = max_pending
         self.final, self.on_updated = True, None
         named_params = list(named_params)
         return_large_frees_to_os()
         pin = torch.cuda.is_available() and any(p.is_cuda for _, p in named_params)
-        self.blocks = build_blocks(named_params, blocks, master_dtype, keep_masters=state_tier == "cpu", pin=pin)
+        self.grad_blocks, self.blocks = build_blocks(named_params, blocks, master_dtype,
+                                                     keep_masters=state_tier == "cpu", pin=pin, chunk_bytes=chunk_bytes)
         self.optimizer = checked_optimizer(build_optimizer([(n, m) for blk in self.blocks
                                                              for n, m in zip(blk.names, blk.masters)]), self.blocks)
         self._group = {id(m): g for g in self.optimizer.param_groups for m in g["params"]}
-        self._where = {id(p): (b, i) for b, blk in enumerate(self.blocks) for i, p in enumerate(blk.params)}
+        self._where = {id(p): (g, j) for g, gb in enumerate(self.grad_blocks) for j, p in enumerate(gb.params)}
         self._master_at = {id(m): (b, i) for b, blk in enumerate(self.blocks) for i, m in enumerate(blk.masters)}
         self._events: list[tuple[str, float, float, str]] = []
         self.lock = threading.Lock()
@@ -143,7 +159,8 @@ class OffloadedUpdates:
         self.state_held = [0] * len(self.blocks)  # cpu tier: allocated state bytes per block
         self.steps = 0
         self.last_step: dict = {}
-        self.order = list(reversed(range(len(self.blocks))))  # backward order until a step has been observed
+        # units in backward order of their blocks until a step has been observed
+        self.order = [u for gb in reversed(self.grad_blocks) for u in gb.units]
         self._submitted: list[int] = []
         self.futures: list[Future] = []
         self.swapper: StateSwapper | None = None
@@ -154,7 +171,7 @@ class OffloadedUpdates:
             self.state_held = [self.block_state_bytes(b) for b in range(len(self.blocks))]
         self._peak = self._held_bytes()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="slimtune-update")
-        self._hooks = [p.register_post_accumulate_grad_hook(self._hook) for blk in self.blocks for p in blk.params]
+        self._hooks = [p.register_post_accumulate_grad_hook(self._hook) for gb in self.grad_blocks for p in gb.params]
         self.begin_step()
 
     # ---- construction ---------------------------------------------------------------------------------------------
@@ -162,7 +179,7 @@ class OffloadedUpdates:
         return [self.optimizer.state_bytes(m, self._group[id(m)]) for m in self.blocks[b].masters]
 
     def _init_nvme(self, nvme_dir, pin: bool) -> None:
-        """Reserve every block's region from state_bytes, then write each block's masters (and any state the
+        """Reserve every unit's region from state_bytes, then write each unit's masters (and any state the
         optimizer made at construction, e.g. SPAM's masks) through one staging buffer; nothing stays in RAM."""
         states = [[self.optimizer.state.pop(m, {}) for m in blk.masters] for blk in self.blocks]
         self.layouts = [plan_layout(blk.master_bytes, s) for blk, s in zip(self.blocks, states)]
@@ -172,8 +189,9 @@ class OffloadedUpdates:
                                     self._events, self.lock)
         for b, blk in enumerate(self.blocks):
             slot = self.swapper.acquire(b, read=False)
-            for view, p in zip(master_views(slot.buf, blk.shapes, blk.offsets, self.master_dtype), blk.params):
-                view.copy_(p.detach())
+            views = master_views(slot.buf, blk.shapes, blk.offsets, self.master_dtype)
+            for view, p, rows in zip(views, blk.params, blk.rows):
+                view.copy_(row_slice(p.detach(), rows))
             self._pack_and_release(b, slot, states[b])
         self.swapper.forget()  # written: nothing staged counts as a prefetch of the first step
 
@@ -181,27 +199,27 @@ class OffloadedUpdates:
     @torch.no_grad()
     def _hook(self, p: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        b, i = self._where[id(p)]
-        blk, grad = self.blocks[b], p.grad
-        if blk.submitted:  # its update may be running on this very buffer
-            raise RuntimeError(f"a gradient for {blk.names[i]!r} arrived after its block's update started; set "
+        g, j = self._where[id(p)]
+        gb, grad = self.grad_blocks[g], p.grad
+        if gb.submitted:  # its update may be running on this very buffer
+            raise RuntimeError(f"a gradient for {gb.names[j]!r} arrived after its block's update started; set "
                                "final=True only for the last backward of an optimizer step")
-        if blk.grad_flat is None:
+        if gb.grad_flat is None:
             single = self.overlap and self.final  # this step's only gradient for the block: no sum to widen
             if single:
                 self._backpressure()
             with self.lock:
-                self._grad_pool.take(blk, blk.param_dtype if single and blk.param_dtype else self.master_dtype)
-        blk.grads[i].add_(grad.to(device="cpu", dtype=blk.grad_flat.dtype))
+                self._grad_pool.take(gb, gb.param_dtype if single and gb.param_dtype else self.master_dtype)
+        gb.grads[j].add_(grad.to(device="cpu", dtype=gb.grad_flat.dtype))
         p.grad = None  # the device gradient is gone now: the next block's never meets it
-        blk.got[i] = True
+        gb.got[j] = True
         with self.lock:
             self._counts["grad_bytes_to_cpu"] += grad.numel() * grad.element_size()
-            self._events.append(("grad copy", t0, time.perf_counter(), blk.names[i]))
+            self._events.append(("grad copy", t0, time.perf_counter(), gb.names[j]))
         if self.final:
-            blk.final.add(i)
-            if self.overlap and len(blk.final) == len(blk.params) and not blk.submitted:
-                self._submit(b)
+            gb.final.add(j)
+            if self.overlap and len(gb.final) == len(gb.params) and not gb.submitted:
+                self._submit(g)
 
     def _backpressure(self) -> None:
         """Bound the gradient pool: a block about to take a buffer waits while ``max_pending`` updates are still
@@ -209,27 +227,43 @@ class OffloadedUpdates:
         while self.max_pending and len(pending := [f for f in self.futures if not f.done()]) >= self.max_pending:
             pending[0].result()
 
-    def _submit(self, b: int) -> None:
-        self.blocks[b].submitted = True
-        self._submitted.append(b)
-        self.futures.append(self._pool.submit(self._update_block, b))
+    def _submit(self, g: int) -> None:
+        """Queue block ``g``'s update: its staging units one after the other on a worker, then its buffer freed."""
+        self.grad_blocks[g].submitted = True
+        self._submitted.append(g)
+        self.futures.append(self._pool.submit(self._update_block, g))
         if self.swapper is not None:
             self.swapper.prefetch()
 
     # ---- one block's update ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _update_block(self, b: int) -> None:
+    def _update_block(self, g: int) -> None:
+        """Update every staging unit of block ``g`` from its gradient buffer, then give the buffer back zeroed."""
+        gb = self.grad_blocks[g]
+        for u in gb.units:
+            self._update_unit(u)
+        t0 = time.perf_counter()
+        gb.grad_flat.zero_()
+        gb.got, gb.final = [False] * len(gb.params), set()
+        with self.lock:
+            self._grad_pool.give(gb)
+            self._counts["update_seconds"] += time.perf_counter() - t0
+
+    @torch.no_grad()
+    def _update_unit(self, b: int) -> None:
         blk, opt = self.blocks[b], self.optimizer
+        gb = self.grad_blocks[blk.grad_block]
         slot = None
         if self.swapper is not None:
             slot = self.swapper.acquire(b)
             self.swapper.prefetch()
             self._stage(b, slot)
         t0 = time.perf_counter()
-        todo = [i for i, got in enumerate(blk.got) if got]
+        todo = [i for i, j in enumerate(blk.members) if gb.got[j]]
         for i in todo:
             m = blk.masters[i]
-            m.grad = blk.grads[i].to(m.dtype)  # widened per tensor when the buffer holds the params' dtype
+            # its rows of the whole parameter's gradient, widened per tensor when the buffer holds the params' dtype
+            m.grad = row_slice(gb.grads[blk.members[i]], blk.rows[i]).to(m.dtype)
             opt.update_param(m, self._group[id(m)])
             m.grad = None
         if slot is None:
@@ -247,10 +281,6 @@ class OffloadedUpdates:
             self.publish(b, views, todo)
             self._unstage(b)
             self.swapper.release(slot, b, self.layouts[b].nbytes)
-        blk.grad_flat.zero_()
-        blk.got, blk.final = [False] * len(blk.params), set()
-        with self.lock:
-            self._grad_pool.give(blk)
         t1 = time.perf_counter()  # the update's CPU time: optimizer math, packing, copies to the device
         with self.lock:
             self._counts["update_seconds"] += t1 - t0
@@ -286,15 +316,16 @@ class OffloadedUpdates:
         self.swapper.release(slot, b, self.layouts[b].nbytes)
 
     def publish(self, b: int, masters: list[torch.Tensor], which: list[int]) -> None:
-        """Updated masters -> the device params (cast to their dtype), or to ``on_updated``."""
+        """Unit ``b``'s updated masters -> their rows of the device params (cast to their dtype), or to
+        ``on_updated`` (with the caller's block index and each master's rows)."""
         blk = self.blocks[b]
         if self.on_updated is not None:
-            self.on_updated(b, [(blk.names[i], masters[i]) for i in which])
+            self.on_updated(blk.grad_block, [(blk.names[i], masters[i], blk.rows[i]) for i in which])
             return
         for i in which:
-            blk.params[i].data.copy_(masters[i])
+            row_slice(blk.params[i].data, blk.rows[i]).copy_(masters[i])
         with self.lock:
-            self._counts["param_bytes_to_device"] += sum(blk.params[i].numel() * blk.params[i].element_size()
+            self._counts["param_bytes_to_device"] += sum(masters[i].numel() * blk.params[i].element_size()
                                                          for i in which)
 
     # ---- the step -------------------------------------------------------------------------------------------------
@@ -321,17 +352,22 @@ class OffloadedUpdates:
                              "with overlap=False, or pass max_grad_norm=0")
         norm = self._clip(max_grad_norm) if max_grad_norm > 0 else None
         # overlap=False: every block now; overlap=True: blocks whose params did not all get a final gradient.
-        for b in self.order:
-            if any(self.blocks[b].got) and not self.blocks[b].submitted:
-                self._submit(b)
+        for g in self._block_order():
+            if any(self.grad_blocks[g].got) and not self.grad_blocks[g].submitted:
+                self._submit(g)
         self.wait()
         self._finish()
         self._end_step()
         return None if norm is None else float(norm)
 
+    def _block_order(self) -> list[int]:
+        """The blocks in the order their first staging unit appears in ``order`` (the expected update order)."""
+        return list(dict.fromkeys(self.blocks[u].grad_block for u in self.order))
+
     def _clip(self, max_norm: float) -> torch.Tensor:
-        """``torch.nn.utils.clip_grad_norm_`` on the CPU buffers: same norm function, coefficient and order."""
-        grads = [blk.grads[i] for blk in self.blocks for i, got in enumerate(blk.got) if got]
+        """``torch.nn.utils.clip_grad_norm_`` on the CPU buffers: same norm function, coefficient and order, over
+        whole-parameter gradients (a block's buffer holds whole parameters even when its units are row chunks)."""
+        grads = [gb.grads[j] for gb in self.grad_blocks for j, got in enumerate(gb.got) if got]
         total = torch.nn.utils.get_total_norm(grads, 2.0)
         if grads:
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
@@ -364,9 +400,10 @@ class OffloadedUpdates:
         self.last_step["timeline"] = sorted((lane, s - self._t0, e - self._t0, label)
                                             for lane, s, e, label in events)
         if self._submitted:
-            self.order = self._submitted + [b for b in self.order if b not in self._submitted]
-        for blk in self.blocks:
-            blk.submitted = False
+            done = [u for g in self._submitted for u in self.grad_blocks[g].units]
+            self.order = done + [u for u in self.order if u not in set(done)]
+        for gb in self.grad_blocks:
+            gb.submitted = False
         self.steps += 1
         self.begin_step()
 
@@ -409,7 +446,7 @@ class OffloadedUpdates:
         Gradient buffers are counted for every block: what accumulation or clipping needs (see GradPool).
         """
         masters = sum(blk.master_bytes for blk in self.blocks)
-        grads = masters  # same dtype and element count
+        grads = masters  # same dtype and element count (whole parameters per block, the units' rows in all)
         planned = [self._planned_state(b) for b in range(len(self.blocks))]
         if self.swapper is None:
             return {"cpu": grads + masters + sum(map(sum, planned)), "nvme": 0}
