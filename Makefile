@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # With one (nvidia-smi lists a GPU): pip's default CUDA build. Override with `make TORCH_SPEC=... setup`.
 TORCH_SPEC ?= $(shell if nvidia-smi -L >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
 
-.PHONY: setup quickstart test bench clean
+.PHONY: setup quickstart test gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,13 @@ quickstart: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# On a machine with an NVIDIA GPU only (not part of `make test`): every CUDA-only test (copy streams, pinned homes,
+# bitsandbytes' CUDA kernels), then the offload bench's quick model, whose table prints slimtune's ratios.
+gpu-check: setup
+	@nvidia-smi -L >/dev/null 2>&1 || { echo "make gpu-check needs an NVIDIA GPU (nvidia-smi lists none)"; exit 2; }
+	$(BIN)/python -m pytest -q -rs -k "cuda" tests
+	$(BIN)/python bench/offload.py --quick
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache

@@ -126,9 +126,7 @@ def load_base(recipe: Recipe, source, device: torch.device):
     plan = None
     if offload_requested(recipe):
         plan = plan_offload(recipe, model_config(recipe), current_rss_bytes())
-        params_tier, state_tier = layer_tiers(plan)
-        offloaded_updates = recipe.adapter.type == "none" and state_tier in ("cpu", "nvme")  # TODO(13): masters
-        if params_tier in ("cpu", "nvme") and not offloaded_updates:
+        if layer_tiers(plan)[0] in ("cpu", "nvme"):
             loaded = load_streamed(m, source, device, quantization_config(m) if recipe.quantized else None,
                                    t.gradient_checkpointing)
             return plan, loaded.model, build_streamer(recipe, plan, loaded.model, device, fill=loaded.fill)

@@ -11,7 +11,8 @@ one step path and one restore path whatever the recipe places where:
 * ``sync()``: make the model's weights current (before eval, saving, export);
 * ``save(...)`` / ``restore(path, checkpoint)``: trainable weights and optimizer state in a checkpoint;
 * ``metrics(steps)`` / ``tier_bytes()``: what the engine holds and moves, for ``metrics.jsonl``;
-* ``close(materialize)``: stop (``materialize``: first put every weight back on the device, for a full-model save).
+* ``save_model(directory)``: write the full model as a Hugging Face checkpoint (full fine-tuning's result);
+* ``close()``: stop.
 
 :func:`build_engine` builds the engine and its optimizer from a recipe.
 """
@@ -98,7 +99,11 @@ class InMemoryEngine:
         """Per-tier bytes and bytes moved per step for ``metrics.jsonl`` (none: nothing moves)."""
         return {}
 
-    def close(self, materialize: bool = False) -> None:
+    def save_model(self, directory: Path) -> None:
+        """Write the whole model to ``directory`` (``save_pretrained``: safetensors + config)."""
+        self.model.save_pretrained(directory, safe_serialization=True)
+
+    def close(self) -> None:
         """Stop (nothing to stop in memory)."""
 
 

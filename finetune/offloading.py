@@ -15,6 +15,7 @@ no offload engine at all and the loop runs the in-memory one (:class:`~.engine.I
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +25,8 @@ from .adapters import load_trainable_state_dict, trainable_state_dict
 from .checkpoint import save_checkpoint
 from .engine import InMemoryEngine
 from .recipe import Recipe
+
+STREAMED_DIR = "streamed"  # in a checkpoint: the trainable weights that live in streamed homes, as shards
 
 
 class OffloadEngine(InMemoryEngine):
@@ -82,6 +85,13 @@ class OffloadEngine(InMemoryEngine):
         if self.updates is not None:  # masters + state live in the engine: written by it, block by block
             return save_checkpoint(run_dir, state, {}, {}, scheduler, recipe, limit,
                                    extra=lambda tmp: self.updates.save(tmp / "offload"))
+        streamed = self._streamed_trainable()
+        if streamed:  # trainable weights in the homes (zeroth-order): written shard by shard, never all at once
+            self.sync()
+            resident = {n: p.detach().clone() for n, p in self.model.named_parameters()
+                        if p.requires_grad and p.numel() and n not in streamed}
+            return save_checkpoint(run_dir, state, resident, self.optimizer.state_dict(), scheduler, recipe, limit,
+                                   extra=lambda tmp: self._write_streamed(tmp / STREAMED_DIR, streamed))
         return save_checkpoint(run_dir, state, self.trainable_state_dict(trainable_state_dict),
                                self.optimizer.state_dict(), scheduler, recipe, limit)
 
@@ -91,8 +101,78 @@ class OffloadEngine(InMemoryEngine):
             if self.streamer is not None:
                 self.streamer.release_all()
             return
-        self.load_trainable_state_dict(checkpoint.trainable, load_trainable_state_dict)
+        if (path / STREAMED_DIR).is_dir():
+            self._read_streamed(path / STREAMED_DIR)
+            self._load_resident(checkpoint.trainable)
+        else:
+            self.load_trainable_state_dict(checkpoint.trainable, load_trainable_state_dict)
         self.optimizer.load_state_dict(checkpoint.optimizer)
+
+    def _load_resident(self, sd: dict[str, torch.Tensor]) -> None:
+        """The trainable weights that do not stream, strictly by name (a checkpoint of another setup is refused)."""
+        from .errors import CheckpointError
+
+        streamed = self._streamed_trainable()
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad and n not in streamed}
+        if set(params) != set(sd):
+            odd = sorted(set(params) ^ set(sd))
+            raise CheckpointError(f"the checkpoint's trainable weights do not fit this model: {len(odd)} name(s) "
+                                  f"differ ({', '.join(odd[:5])})")
+        with torch.no_grad():
+            for name, value in sd.items():
+                params[name].copy_(value)
+
+    def _streamed_trainable(self) -> dict[str, tuple[int, int]]:
+        """Trainable parameters that live in a streamed layer's home: name -> (layer, position in the layer)."""
+        if self.streamer is None:
+            return {}
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return {names[id(p)]: (i, k) for i, layer in enumerate(self.streamer.layers)
+                for k, p in enumerate(layer.params) if p.requires_grad}
+
+    def _write_streamed(self, directory: Path, streamed: dict[str, tuple[int, int]]) -> None:
+        """The streamed trainable weights as safetensors shards of about two layers, read home by home."""
+        from slimtune.offload.stream.shards import write_shards
+
+        directory.mkdir()
+        layers = self.streamer.layers
+        entries = [(n, layers[i].shapes[k][0].numel() * layers[i].shapes[k][1].itemsize)
+                   for n, (i, k) in streamed.items()]
+        cache: dict[int, list] = {}
+
+        def fetch(names: list[str]) -> dict[str, torch.Tensor]:
+            out = {}
+            for n in names:
+                i, k = streamed[n]
+                if i not in cache:
+                    cache.clear()
+                    cache[i] = [v for _, v in self.streamer.layer_tensors(i)]
+                out[n] = cache[i][k]
+            return out
+
+        write_shards(directory, entries, fetch, max(2 * max(layer.nbytes for layer in layers), 64 << 20))
+
+    def _read_streamed(self, directory: Path) -> None:
+        """Put the streamed weights of a checkpoint back into their homes, one layer at a time."""
+        from slimtune.offload.stream.shards import CheckpointShards
+
+        shards = CheckpointShards(directory, None)
+        by_layer: dict[int, list[str]] = {}
+        streamed = self._streamed_trainable()
+        for name, (i, _) in streamed.items():
+            by_layer.setdefault(i, []).append(name)
+        absent = shards.missing(list(streamed))
+        if absent or len(shards.keys) != len(streamed):
+            from .errors import CheckpointError
+
+            raise CheckpointError(f"{directory} does not hold this model's streamed weights "
+                                  f"({len(absent)} missing, e.g. {', '.join(absent[:3]) or '-'})")
+        self.streamer.release_all()
+        for i, names in by_layer.items():
+            values = shards.read(names)
+            current = self.streamer.layer_tensors(i)
+            position = {k: n for n, (_, k) in streamed.items() if streamed[n][0] == i}
+            self.streamer.write_layer(i, [values.get(position.get(k), v) for k, (_, v) in enumerate(current)])
 
     def sync(self) -> None:
         """Make the model's weights current (deferred zeroth-order updates applied): before eval, saving, export."""
@@ -171,15 +251,29 @@ class OffloadEngine(InMemoryEngine):
         self._last = now
         return record
 
-    def close(self, materialize: bool = False) -> None:
-        """Stop the engine; ``materialize`` first puts every weight back on the device (for a full-model save)."""
+    def save_model(self, directory: Path) -> None:
+        """The full model as a sharded HF checkpoint, streamed layers written from their homes one shard at a time
+        (:func:`~.streamed_save.save_streamed`): the model is never materialized."""
+        if self.streamer is None:
+            return super().save_model(directory)
+        from .streamed_save import save_streamed
+
+        self.sync()
+        if self.updates is not None:  # training is over (its checkpoint written): give back its staging and grads
+            self.updates.close()
+            self.updates = None
+        self.streamer.release_all()
+        save_streamed(self.model, self.streamer, directory)
+
+    def close(self) -> None:
+        """Stop the engine: hooks removed, swap files deleted."""
         self.sync()
         if self.zo is not None:
             self.zo.detach()
         if self.updates is not None:
             self.updates.close()
         if self.streamer is not None:
-            self.streamer.detach() if materialize else self.streamer.close()
+            self.streamer.close()
         self.streamer = self.updates = self.zo = None
 
 
@@ -194,7 +288,7 @@ def runtime_rss_bytes(model: torch.nn.Module) -> int:
 
 
 def offloaded_updates(model: torch.nn.Module, build_optimizer: Callable, state_tier: str, nvme_dir: str | None,
-                      overlap: bool, chunk_bytes: int | None = None):
+                      overlap: bool, chunk_bytes: int | None = None, initial_values: Callable | None = None):
     """The offloaded optimizer over ``model``'s trainable parameters, in blocks of at most its largest tensor
     (``staging_groups``), each staged in units of at most ``chunk_bytes`` of masters when given (element-wise
     optimizers only: ``OPTIMIZERS[name].elementwise``): returns the engine and, per block, the index of the model
@@ -210,8 +304,31 @@ def offloaded_updates(model: torch.nn.Module, build_optimizer: Callable, state_t
     engine = OffloadedUpdates([np for block in trainable for np in block], [names for _, names in units],
                               build_optimizer, state_tier=state_tier, nvme_dir=nvme_dir, overlap=overlap,
                               max_pending=2 * per_block,  # backward waits once two blocks' updates trail it
-                              chunk_bytes=chunk_bytes)
+                              chunk_bytes=chunk_bytes, initial_values=initial_values)
     return engine, [b for b, _ in units]
+
+
+def home_values(streamer) -> Callable[[list[torch.nn.Parameter]], list[torch.Tensor]]:
+    """``f(params) -> values``: the current values of parameters, read from their streamed layer's home when they
+    stream (one layer read at a time, kept until another layer is asked for), else their own data. The offloaded
+    optimizer's masters start from these after a streamed load."""
+    layer_of = {id(p): i for i, layer in enumerate(streamer.layers) for p in layer.params}
+    cached: dict[str, Any] = {"layer": None, "values": {}}
+
+    def values(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+        out = []
+        for p in params:
+            i = layer_of.get(id(p))
+            if i is None:
+                out.append(p.detach())
+                continue
+            if cached["layer"] != i:
+                cached["values"] = {id(q): v for q, v in streamer.layer_tensors(i)}
+                cached["layer"] = i
+            out.append(cached["values"][id(p)])
+        return out
+
+    return values
 
 
 def _config(model: torch.nn.Module):
@@ -276,9 +393,14 @@ def build_offload(recipe: Recipe, model: torch.nn.Module, device: torch.device,
     off = OffloadEngine(model, device, plan)
     if full and not zeroth_order and state_tier in ("cpu", "nvme"):
         per_tensor = lambda named_masters: build_optimizer(named_masters, per_layer=True)  # noqa: E731
-        off.updates, off.update_blocks = offloaded_updates(
-            model, per_tensor, state_tier, o.nvme_dir if state_tier == "nvme" else None, overlap=t.max_grad_norm == 0,
-            chunk_bytes=o.staging_chunk if recipe.optimizer.name in ELEMENTWISE else None)
+        # after a streamed load the layers' params are placeholders: real shapes while the engine is built, and
+        # the masters start from the homes
+        with streamer.shaped() if streamer is not None else contextlib.nullcontext():
+            off.updates, off.update_blocks = offloaded_updates(
+                model, per_tensor, state_tier, o.nvme_dir if state_tier == "nvme" else None,
+                overlap=t.max_grad_norm == 0,
+                chunk_bytes=o.staging_chunk if recipe.optimizer.name in ELEMENTWISE else None,
+                initial_values=home_values(streamer) if streamer is not None else None)
     if params_tier in ("cpu", "nvme"):
         off.streamer = streamer or build_streamer(recipe, plan, model, device)
         if off.updates is not None:

@@ -192,7 +192,8 @@ def block_sizes(recipe: Recipe, config=None) -> ModelSizes:
             t_bytes if recipe.adapter.type != "none" else 0, t_count, t_bytes,
             sum(state[n] for n, _ in mine), sum(state32[n] for n, _ in mine), max((s for _, s in mine), default=0),
             matmul[i], *acts[i], tokens,
-            tuple((count, unit_state) for b, count, unit_state in units if b == i)))
+            tuple((count, unit_state) for b, count, unit_state in units if b == i),
+            largest_count=max((p.numel() for _, p in block.params), default=0)))
     total = sum(b.param_bytes + b.adapter_bytes for b in out)
     return ModelSizes(out, notes, source=f"{type(base).__name__}, {n_layers} layers, "
                                          f"{format_size(total)} of parameters")

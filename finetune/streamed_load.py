@@ -52,9 +52,9 @@ class StreamedModel:
     def fill(self, i: int) -> None:
         """Materialize decoder layer ``i`` on the device from the checkpoint (the streamer then moves it home)."""
         names = [f"{self.prefix}.{i}.{n}" for n, _ in self.layers[i].named_parameters()]
-        values = self.shards.read(names)
-        for name in names:
-            self._set(name, values.pop(name))
+        self.shards.check(names)
+        for name in names:  # one tensor at a time: its shard is mapped only while it is read
+            self._set(name, self.shards.read([name])[name])
 
     def _set(self, name: str, value: torch.Tensor) -> None:
         from accelerate.utils import set_module_tensor_to_device
@@ -126,14 +126,10 @@ def load_streamed(cfg: ModelConfig, source: Path | str, device: torch.device, qu
         layer_prefix = loaded.prefix + "."
         outside = [n for n in model.state_dict() if not n.startswith(layer_prefix)]
         present = [n for n in outside if n in shards.keys]
-        absent = [n for n in shards.missing(outside) if not _tied_away(model, n)]
-        if absent:
-            shards.read(absent)  # raises, naming them
-        for name, value in shards.read(present).items():
-            loaded._set(name, value)
-        missing_in_layers = shards.missing([n for n in model.state_dict() if n.startswith(layer_prefix)])
-        if missing_in_layers:
-            shards.read(missing_in_layers)
+        shards.check([n for n in shards.missing(outside) if not _tied_away(model, n)])
+        shards.check([n for n in model.state_dict() if n.startswith(layer_prefix)])  # before any layer is read
+        for name in present:  # one tensor at a time, as the layers
+            loaded._set(name, shards.read([name])[name])
     except CheckpointError as exc:
         raise SlimtuneError(f"model.name_or_path: {exc}") from None
     model.tie_weights()

@@ -292,11 +292,13 @@ class Trainer:
             after = self.evaluate(log)
             self.save()
             adapter_dir = run_dir / "adapter"
-            # full-model runs save every weight: back on the device first. An adapter run saves only the adapter,
-            # which never left: the base stays home (materializing a 70B base streamed from NVMe at the end would
-            # need the RAM the offload avoided)
-            self.engine.close(materialize=self.recipe.adapter.type == "none")
-            save_adapter(self.model, adapter_dir, self.p.tokenizer)  # atomic: temp dir renamed into place
+            # an adapter run saves only the adapter, which never left the device; a full run saves every weight
+            # through the engine, which writes streamed layers from their homes a shard at a time (a 70B model
+            # streamed from NVMe is never materialized to be saved)
+            self.engine.sync()
+            save_adapter(self.model, adapter_dir, self.p.tokenizer,  # atomic: temp dir renamed into place
+                         write_model=self.engine.save_model if self.recipe.adapter.type == "none" else None)
+            self.engine.close()
             if o.plots:
                 write_plots(log.records, run_dir)
         finally:

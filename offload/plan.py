@@ -5,12 +5,12 @@ Semantics the engine follows (``offload/stream/streamer.py``, ``offload/updates/
 docs/offload-design.md):
 
 * **params** ``gpu``: resident on the compute device. ``cpu`` / ``nvme``: each decoder layer's base weights live in
-  one flat aligned region there (:attr:`BlockSize.stream_bytes`) and stream into a ring of ``prefetch + 2`` device
+  one flat aligned region there (:attr:`BlockSize.stream_bytes`) and stream into a ring of :func:`ring_slots` device
   slots, each the size of the largest layer; 4-bit quant state and adapter weights stay resident. Forward visits
   layers 0..L-1, backward L-1..0 with per-block recompute, so a layer is fetched twice per micro-batch (design
   rule 9), and once per MeZO step (ZO2: every perturbed forward runs while the block is resident). ``embed``
   and ``head`` always stay on the device. NVMe reads land in the device slot on a CPU device, and go through
-  ``prefetch + 2`` pinned staging buffers on CUDA.
+  as many pinned staging buffers on CUDA.
 * **LoRA / QLoRA**: adapter weights, gradients and optimizer state stay on the device under ``auto`` (they are
   tiny, rule 11); explicit placements are honoured.
 * **Offloaded update** (``optimizer_state`` cpu/nvme, update on the CPU): gradients leave the device block by block
@@ -111,12 +111,25 @@ class Plan:
     checkpointing: bool = False
     source: str = ""
     runtime_bytes: int = 0  # the process's own baseline (python, torch, data), outside every tier
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)  # load/save: peak host and device bytes
+
+    def phase_host_bytes(self) -> dict[str, int]:
+        """Predicted peak resident memory per phase of the run: ``load`` (the base read layer by layer into its
+        homes), ``train`` (:attr:`host_bytes`) and ``save`` (a full model written shard by shard)."""
+        return {"load": self.phases.get("load", {}).get("host", 0), "train": self.host_bytes,
+                "save": self.phases.get("save", {}).get("host", 0)}
 
     @property
     def host_bytes(self) -> int:
-        """Predicted peak resident memory of the process: the cpu tier, the device tier on a CPU device, and the
-        runtime baseline. This is what ``offload.cpu_memory`` bounds."""
+        """Predicted peak resident memory of the process while it trains: the cpu tier, the device tier on a CPU
+        device, and the runtime baseline. ``offload.cpu_memory`` bounds this and every other phase
+        (:meth:`phase_host_bytes`)."""
         return self.peak_bytes["cpu"] + (self.peak_bytes["gpu"] if self.device == "cpu" else 0) + self.runtime_bytes
+
+    @property
+    def run_host_bytes(self) -> int:
+        """The whole run's predicted peak resident memory: the largest phase."""
+        return max(self.phase_host_bytes().values())
 
     def problems(self) -> list[tuple[str, int, int]]:
         """(tier, needed, budget) for each budget this plan exceeds ("host" = the cpu_memory check)."""
@@ -124,8 +137,8 @@ class Plan:
         gpu, cpu, nvme = (self.budgets.get(t) for t in TIERS)
         if gpu is not None and self.peak_bytes["gpu"] > gpu:
             out.append(("gpu", self.peak_bytes["gpu"], gpu))
-        if cpu is not None and self.host_bytes > cpu:
-            out.append(("cpu", self.host_bytes, cpu))
+        if cpu is not None and self.run_host_bytes > cpu:
+            out.append(("cpu", self.run_host_bytes, cpu))
         if self.peak_bytes["nvme"] and (nvme is None or self.peak_bytes["nvme"] > nvme):
             out.append(("nvme", self.peak_bytes["nvme"], nvme or 0))
         return out
@@ -141,6 +154,13 @@ class Plan:
         from .plan_report import plot
 
         return plot(self, path)
+
+
+def ring_slots(prefetch: int, writeback: bool) -> int:
+    """Device slots of the block streamer's ring: the layer computing and ``prefetch`` fetched ahead are the most
+    ever bound (a layer is released before the next fetch needs its slot), plus one absorbing a write-back in
+    flight (zeroth-order streaming writes each perturbed layer home)."""
+    return prefetch + 1 + int(writeback)
 
 
 # ------------------------------------------------------------------------------------------------- entry point
@@ -270,9 +290,10 @@ def _evaluate(off: PlanRequest, sizes, placement, device, budgets, runtime, toke
     # buffers
     if streamed and layers:
         slot = max(b.stream_bytes for b in layers)
-        bd["gpu"]["buffers"] += (off.prefetch + 2) * slot
+        ring = ring_slots(off.prefetch, writeback=full and zo)
+        bd["gpu"]["buffers"] += ring * slot
         if p_tier == "nvme" and device == "cuda":
-            bd["cpu"]["buffers"] += (off.prefetch + 2) * slot  # pinned staging between NVMe and the card
+            bd["cpu"]["buffers"] += ring * slot  # pinned staging between NVMe and the card
         if p_tier == "nvme" and full and s_tier in ("cpu", "nvme"):
             bd["cpu"]["buffers"] += 2 * slot  # updated weights staged for their NVMe home, one per update in flight
     if regions and s_tier == "nvme":
@@ -300,8 +321,41 @@ def _evaluate(off: PlanRequest, sizes, placement, device, budgets, runtime, toke
     peaks = {tier: sum(bd[tier].values()) for tier in TIERS}
     plan = Plan(blocks, device, dict(budgets), off.prefetch, peaks, links, {}, 0.0, [], bd, {}, tokens, 0.0, ckpt,
                 runtime_bytes=runtime)
+    plan.phases = _phases(off, sizes, plan, bd, streamed)
     plan.flops_per_step = _flops(sizes, tokens, zo, full, ckpt, n_samples)
     return plan
+
+
+def _phases(off: PlanRequest, sizes, plan: Plan, bd: dict[str, dict[str, int]], streamed: bool
+            ) -> dict[str, dict[str, int]]:
+    """Peak host (and device) bytes of the phases around training, when the layers stream.
+
+    * ``load`` (``finetune/streamed_load.py``): the resident blocks and, for a cpu home, every layer's home, plus one
+      layer in flight: its tensors materialized in the model's dtype (4-bit: cast, then quantized) one by one, the
+      tensor being read twice in the checkpoint's dtype (the shard's memory-mapped pages it touched, and the copy),
+      and the packed home buffer. Nothing else exists yet (no ring, no optimizer, no activations).
+    * ``save`` (a full model, ``finetune/streamed_save.py``): after training, with the offloaded optimizer closed
+      (its staging and gradient buffers given back): the resident parameters, the cpu homes and the ring, plus one
+      shard of about two layers, the layer being read and its read buffer.
+    """
+    layers = sizes[1:-1]
+    if not streamed or not layers:
+        return {}
+    big = max(layers, key=lambda b: b.param_count)
+    largest = max(b.largest_count for b in layers) or big.param_count
+    in_flight = big.param_count * off.value_bytes + 2 * largest * off.checkpoint_value_bytes + big.stream_bytes
+    resident = sum(b.param_bytes for b in (sizes[0], sizes[-1])) + sum(b.quant_state_bytes for b in layers)
+    homes = bd["cpu"]["params"]
+    on_host = plan.device == "cpu"
+    load = {"host": plan.runtime_bytes + homes + (resident + in_flight if on_host else big.stream_bytes),
+            "gpu": 0 if on_host else resident + in_flight}
+    phases = {"load": load}
+    if off.full:
+        slot = max(b.stream_bytes for b in layers)
+        kept = bd["cpu"]["params"] + ((bd["gpu"]["params"] + bd["gpu"]["buffers"]) if on_host else 0)
+        shard = min(max(2 * slot, 64 << 20), sum(b.param_bytes for b in sizes))  # streamed_save's shard size
+        phases["save"] = {"host": plan.runtime_bytes + kept + shard + 2 * slot}
+    return phases
 
 
 def _activation_bytes(sizes, zo: bool, ckpt: bool, chunks: int = 0) -> int:
@@ -411,8 +465,13 @@ def _refusal(off: PlanRequest, plan: Plan, n_tried: int) -> str:
         elif tier == "cpu":
             tiers, where = (("cpu", "gpu"), "host memory (device + cpu tiers + runtime)") if plan.device == "cpu" \
                 else (("cpu",), "host memory (cpu tier + runtime)")
-            lines.append(f"needs {format_size(need)} of {where} ({_breakdown_text(plan, tiers)}), offload.cpu_memory "
-                         f"is {format_size(budget)}")
+            phases = plan.phase_host_bytes()
+            phase = max(phases, key=phases.get)
+            during = "" if phase == "train" else (
+                f" while it {'loads the base layer by layer' if phase == 'load' else 'saves the model'}; training "
+                f"needs {format_size(plan.host_bytes)}")
+            lines.append(f"needs {format_size(need)} of {where}{during} ({_breakdown_text(plan, tiers)}), "
+                         f"offload.cpu_memory is {format_size(budget)}")
         else:
             lines.append(f"needs {format_size(need)} in offload.nvme_dir ({_breakdown_text(plan, ('nvme',))}), "
                          f"{off.nvme_dir} has {format_size(budget)} free")

@@ -32,6 +32,7 @@ class BlockSize:
     act_largest_bytes: int    # largest single saved storage in the block
     tokens: int               # tokens in the micro-batch the activation numbers are for
     units: tuple[tuple[int, int], ...] = ()  # (values, fp32-master state bytes) per offloaded-update staging unit
+    largest_count: int = 0    # values of the block's largest base tensor (what a streamed load reads at once)
 
     @property
     def grad_bytes(self) -> int:
@@ -83,6 +84,8 @@ class PlanRequest:
     gradient_checkpointing: bool = False
     compute_dtype: str = "float32"        # dtype of the matmuls (for the FLOP-rate measurement)
     lora_on_full_precision: bool = False  # a refusal may suggest a 4-bit base
+    value_bytes: int = 2                  # bytes per value of the model's dtype (model.dtype) as loaded
+    checkpoint_value_bytes: int = 4       # ... as stored in the checkpoint (config.json's dtype; fp32 if unknown)
 
     @property
     def frozen_base(self) -> bool:

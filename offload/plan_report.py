@@ -83,6 +83,11 @@ def table(plan: Plan) -> str:
                  format_size(plan.host_bytes), "-" if budget is None else format_size(budget)]
                 + [_size(host[c]) for c in cats])
     lines += _fmt_table(["tier", "peak", "budget"] + [_CAT_HEAD[c] for c in cats], rows)
+    phases = {k: v for k, v in plan.phase_host_bytes().items() if v}
+    if len(phases) > 1:
+        lines.append("host memory by phase: " + " | ".join(f"{k} {format_size(v)}" for k, v in phases.items())
+                     + " (load: the base read layer by layer into its homes; save: the full model written shard by "
+                       "shard)")
     lines.append("")
     links = " | ".join(f"{k} {format_size(v)}" for k, v in plan.link_bytes.items())
     lines.append(f"bytes per optimizer step: {links}")

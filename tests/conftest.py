@@ -7,6 +7,7 @@ Everything is built in code, offline, in well under a second: 2 layers, hidden 6
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # No hub access in tests: fail fast instead of retrying a network that is not there. Must precede HF imports.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -88,3 +89,22 @@ def tiny_batch(tiny_tokenizer) -> dict[str, torch.Tensor]:
     assert len(ids) >= 64, "TINY_TEXTS too short for the batch"
     input_ids = torch.tensor(ids[:64]).view(4, 16)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+
+
+@pytest.fixture(scope="session")
+def sharded(tmp_path_factory):
+    """family -> a tiny model saved in fp32 shards of 30 KB, so every decoder layer straddles several files."""
+    import zoo
+    from transformers import AutoModelForCausalLM
+
+    tok, cache = zoo.tokenizer(), {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            d = zoo.build(family, tmp_path_factory.mktemp(family), tok)
+            AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).save_pretrained(d, max_shard_size="30KB")
+            (d / "model.safetensors").unlink(missing_ok=True)
+            cache[family] = d
+        return cache[family]
+
+    return get

@@ -26,9 +26,11 @@ def train(tmp_path, name, *overrides):
 
 
 def weights(result) -> dict[str, torch.Tensor]:
-    adapter = result.adapter_dir
-    path = adapter / "adapter_model.safetensors"
-    return load_file(path if path.exists() else adapter / "model.safetensors")
+    """The saved result's tensors: an adapter, or a full model (one file, or shards from the streamed save)."""
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(result.adapter_dir.glob("*.safetensors")):
+        out.update(load_file(path))
+    return out
 
 
 def assert_same_run(a, b, atol: float = 0.0):

@@ -267,9 +267,9 @@ def test_auto_placement_escalates_as_budgets_shrink(wide_sizes, tmp_path):
         except PlanError as exc:
             assert "offload.cpu_memory" in str(exc)
             break
-        assert plan.host_bytes <= cpu and plan.peak_bytes["gpu"] <= plan_gpu
+        assert plan.run_host_bytes <= cpu and plan.peak_bytes["gpu"] <= plan_gpu  # every phase: load, train, save
         seen.append(placement(plan))
-        cpu = plan.host_bytes - 1
+        cpu = plan.run_host_bytes - 1
     assert seen[-2:] == [("cpu", "cpu", "nvme"), ("nvme", "cpu", "nvme")]
     nvme = plan.breakdown["nvme"]
     assert nvme["params"] == sum(s.stream_bytes for s in sizes[1:-1]) and nvme["state"] > 0
@@ -308,7 +308,7 @@ def test_lora_streams_only_the_frozen_base(tiny_model_dir):
     plan = make_plan(r, sizes, bandwidths=BW, runtime_bytes=0)
     layers = sizes[1:-1]
     assert all(b.grads_tier == b.state_tier == b.update_on == "gpu" for b in plan.blocks)
-    assert plan.breakdown["gpu"]["buffers"] == 4 * max(s.stream_bytes for s in layers)  # prefetch + 2 slots
+    assert plan.breakdown["gpu"]["buffers"] == 3 * max(s.stream_bytes for s in layers)  # prefetch + 1 slots
     assert plan.breakdown["cpu"]["params"] == sum(s.stream_bytes for s in layers)
     assert plan.breakdown["gpu"]["params"] == sizes[0].param_bytes + sizes[-1].param_bytes + sum(
         s.quant_state_bytes for s in layers)
@@ -339,7 +339,7 @@ def test_cuda_placement_stages_nvme_reads_in_pinned_host_buffers(tiny_model_dir,
     sizes = block_sizes(r)
     plan = make_plan(r, sizes, bandwidths=BW, runtime_bytes=123)
     slot, stream = max(s.stream_bytes for s in sizes[1:-1]), sum(s.stream_bytes for s in sizes[1:-1])
-    assert plan.breakdown["cpu"]["buffers"] == plan.breakdown["gpu"]["buffers"] == 3 * slot
+    assert plan.breakdown["cpu"]["buffers"] == plan.breakdown["gpu"]["buffers"] == 2 * slot  # prefetch 1 + 1
     assert plan.link_bytes["nvme->cpu"] == plan.link_bytes["cpu->gpu"] == 2 * stream
     assert plan.host_bytes == plan.peak_bytes["cpu"] + 123  # the card's memory is not host memory
     assert plan.step_terms["gpu<->cpu"] == pytest.approx(2 * stream / BW["cpu->gpu"])

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import zoo
 
 from slimtune.finetune.errors import SlimtuneError
 from slimtune.finetune.model import quantization_config
@@ -22,24 +21,6 @@ from slimtune.offload.stream.streamer import BlockStreamer
 
 FAMILIES = ["llama", "mistral", "qwen2", "gemma2", "gpt_neox", "opt"]
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
-    """family -> a tiny model saved in fp32 shards of 30 KB, so every decoder layer straddles several files."""
-    from transformers import AutoModelForCausalLM
-
-    tok, cache = zoo.tokenizer(), {}
-
-    def get(family: str) -> Path:
-        if family not in cache:
-            d = zoo.build(family, tmp_path_factory.mktemp(family), tok)
-            AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).save_pretrained(d, max_shard_size="30KB")
-            (d / "model.safetensors").unlink(missing_ok=True)
-            cache[family] = d
-        return cache[family]
-
-    return get
 
 
 def _reference(directory: Path, quantized: bool):
@@ -132,10 +113,14 @@ LOAD_PEAK = textwrap.dedent("""
     import accelerate, transformers.models.llama.modeling_llama  # code both modes load, before the baseline
     from transformers import AutoModelForCausalLM
     directory, nvme, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    cfg = ModelConfig(name_or_path=str(directory), dtype="bfloat16")
+    if mode == "streamed":  # the skeleton's Python objects (modules, configs) are the runtime's, not the weights'
+        skeleton = load_streamed(cfg, directory, torch.device("cpu"))
+        del skeleton
+        import gc; gc.collect()
     base = current_rss_bytes()
     if mode == "streamed":
-        loaded = load_streamed(ModelConfig(name_or_path=str(directory), dtype="bfloat16"), directory,
-                               torch.device("cpu"))
+        loaded = load_streamed(cfg, directory, torch.device("cpu"))
         streamer = BlockStreamer(loaded.model, "nvme", "cpu", nvme_dir=nvme, stream_trainable=True, fill=loaded.fill)
         streamer.close()
     else:
@@ -169,6 +154,8 @@ def test_loading_holds_a_layer_not_the_model(tmp_path):
     streamed = out["streamed"]["peak"] - out["streamed"]["base"]
     whole = out["whole"]["peak"] - out["whole"]["base"]
     assert whole > 0.9 * model_bytes, (whole, model_bytes)  # the contrast: from_pretrained holds every weight
+    predicted = _planned_load_bytes(directory, tmp_path)  # the plan's load phase (runtime 0: the baseline above)
+    assert streamed <= 1.10 * predicted, (streamed, predicted)
     # one layer read in fp32 (2 bf16 layers) + its bf16 cast + the packed home buffer: 4 layers of bf16, plus the
     # allocator's and I/O threads' slack (measured: about 5 layers in all, on a 24-layer model)
     assert streamed < resident_bytes + 7 * layer_bytes, (streamed / layer_bytes, model_bytes / layer_bytes)
@@ -207,3 +194,19 @@ def _write_random_shards(directory: Path, config, shards: int) -> None:
         weight_map.update(dict.fromkeys(tensors, name))
         del tensors
     (directory / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _planned_load_bytes(directory: Path, tmp_path: Path) -> int:
+    """The host bytes the plan predicts for loading ``directory`` streamed to NVMe in bf16 on the CPU."""
+    from test_train import tiny
+
+    from slimtune.finetune.planning import plan_recipe
+    from slimtune.finetune.recipe import recipe_from_dict
+
+    data = tiny(tmp_path, "model.dtype=bfloat16", "offload.device=cpu", "offload.params=nvme",
+                f"offload.nvme_dir={tmp_path}", "offload.cpu_memory=100GB")
+    data["model"] = {"name_or_path": str(directory), "dtype": "bfloat16"}
+    plan = plan_recipe(recipe_from_dict(data), bandwidths={k: 1e9 for k in ("cpu->gpu", "gpu->cpu", "nvme->cpu",
+                                                                            "cpu->nvme", "memcpy", "flops")},
+                       runtime_bytes=0)
+    return plan.phases["load"]["host"]

@@ -91,12 +91,13 @@ def load_trainable_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor
             params[name].copy_(value)
 
 
-def save_adapter(model: torch.nn.Module, out_dir: Path, tokenizer) -> None:
+def save_adapter(model: torch.nn.Module, out_dir: Path, tokenizer, write_model=None) -> None:
     """Write a loadable result to ``out_dir`` (atomically: a temp dir renamed into place).
 
     lora/qlora: peft format (``adapter_config.json`` + ``adapter_model.safetensors``) + tokenizer + ``slimtune.json``.
     mixlora: the official MixLoRA format (see :mod:`.mixlora_io`) + tokenizer + ``slimtune.json``.
-    none: the full model (``save_pretrained``, safetensors) + tokenizer + ``slimtune.json``.
+    none: the full model (``write_model(dir)`` when given -- the engine's streamed save --, else
+    ``save_pretrained``; safetensors) + tokenizer + ``slimtune.json``.
     """
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     quantized = bool(getattr(base, "is_loaded_in_4bit", False))
@@ -114,6 +115,8 @@ def save_adapter(model: torch.nn.Module, out_dir: Path, tokenizer) -> None:
     with atomic_dir(out_dir) as tmp:
         if mixlora:
             save_mixlora(model, tmp)
+        elif write_model is not None:
+            write_model(tmp)
         else:
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -81,23 +81,29 @@ class CheckpointShards:
     """A local checkpoint directory read by model names: :meth:`read` returns the named tensors, one shard open at a
     time. ``model`` (usually on the meta device) gives the names and the key mapping."""
 
-    def __init__(self, directory: Path, model: torch.nn.Module):
+    def __init__(self, directory: Path, model: torch.nn.Module | None):
+        """``model`` None: the checkpoint's keys are the model's names (a slimtune checkpoint of streamed layers)."""
         self.directory = Path(directory)
         self.files = checkpoint_files(self.directory)
-        self.keys = model_names(model, list(self.files))  # model name -> checkpoint key
+        # model name -> checkpoint key
+        self.keys = model_names(model, list(self.files)) if model is not None else {k: k for k in self.files}
         self.bytes_read = 0
 
     def missing(self, names: list[str]) -> list[str]:
         """The names among ``names`` the checkpoint has no tensor for."""
         return [n for n in names if n not in self.keys]
 
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The tensors of ``names`` (model names), in the checkpoint's dtype, on the CPU."""
+    def check(self, names: list[str]) -> None:
+        """Raise :class:`CheckpointError` naming the first of ``names`` the checkpoint lacks."""
         absent = self.missing(names)
         if absent:
             more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
             raise CheckpointError(f"{self.directory}: the checkpoint has no tensor for {', '.join(absent[:3])}{more} "
                                   "(from_pretrained would initialize them randomly; the streamed load refuses)")
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors of ``names`` (model names), in the checkpoint's dtype, on the CPU."""
+        self.check(names)
         by_file: dict[Path, list[str]] = defaultdict(list)
         for name in names:
             by_file[self.files[self.keys[name]]].append(name)
@@ -108,3 +114,41 @@ class CheckpointShards:
                     out[name] = f.get_tensor(self.keys[name])
                     self.bytes_read += out[name].numel() * out[name].element_size()
         return out
+
+
+def shard_plan(entries: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """``(name, nbytes)`` in order -> consecutive groups of at most ``max_shard_bytes`` each (a tensor larger than
+    that gets a shard of its own), the way ``save_pretrained(max_shard_size=...)`` splits a state dict."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in entries:
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return [s for s in shards if s]
+
+
+def write_shards(directory: Path, entries: list[tuple[str, int]], fetch, max_shard_bytes: int,
+                 metadata: dict | None = None) -> list[Path]:
+    """Write a sharded safetensors checkpoint (``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``,
+    the layout ``save_pretrained`` writes) into ``directory``, one shard in memory at a time: ``fetch(names)``
+    returns that shard's tensors (CPU). ``entries``: ``(name, nbytes)`` in the order to write."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    groups = shard_plan(entries, max_shard_bytes)
+    weight_map: dict[str, str] = {}
+    files = []
+    for k, names in enumerate(groups):
+        name = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = fetch(names)
+        save_file({n: tensors[n].contiguous() for n in names}, directory / name, metadata={"format": "pt"})
+        del tensors
+        weight_map.update(dict.fromkeys(names, name))
+        files.append(directory / name)
+    total = sum(nbytes for _, nbytes in entries)
+    index = {"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}
+    (directory / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return files

@@ -7,8 +7,9 @@ docs/offload-design.md, rules 3, 6, 8, 9, 13, 14, 18 and 20. How it works:
   (pinned, on CUDA) CPU buffer, or a region of one :class:`~slimtune.offload.store.nvme.NvmeStore` swap file. One big
   copy or one big aligned read per layer, never a per-tensor swap. Small non-parameter state (bnb quant states,
   norms of other modules, LoRA weights) stays resident.
-* **A fixed ring of ``prefetch + 2`` device slots**, each the size of the largest layer, allocated once: at most
-  ``prefetch + 1`` layers are bound (computing + prefetched), one more slot absorbs a write-back. No buffer is ever
+* **A fixed ring of ``prefetch + 1`` device slots** (+1 with write-back), each the size of the largest layer,
+  allocated once: at most ``prefetch + 1`` layers are bound (computing + prefetched), one more slot absorbs a
+  write-back (zeroth-order). No buffer is ever
   held by a cache policy it does not own (DeepSpeed's "Not enough buffers", #3062). While a layer is not bound its
   parameters point at an empty placeholder, so nothing can silently use a stale copy (and a use fails loudly).
 * **A static schedule.** Decoder layers run 0..L-1 forward, then L-1..0 in backward, each recomputed under
@@ -43,6 +44,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache
 
 from ..blocks import Block, flat_layout, keep_torch_forwards, model_blocks, view_as
+from ..plan import ring_slots
 from ..store.memory import release_free_memory, return_large_frees_to_os
 from ..store.nvme import NvmeStore, aligned_empty
 from .bnb_compat import keep_training_layout, streamable_4bit
@@ -102,7 +104,7 @@ class BlockStreamer:
         self.prefetch, self.writeback, self.on_bind = prefetch, writeback, on_bind
         self.cuda = self.device.type == "cuda"
         self.layers: list[_Layer] = []
-        self.n_slots = prefetch + 2
+        self.n_slots = ring_slots(prefetch, writeback)
         self._lock = threading.RLock()
         self._home_pending: dict[int, tuple[torch.Tensor, dict[int, list]]] = {}  # write_home: NVMe layers in progress
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="slimtune-stream")

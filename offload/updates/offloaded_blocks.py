@@ -21,6 +21,7 @@ need whole tensors).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -139,13 +140,13 @@ def _checked_params(named_params: list[tuple[str, nn.Parameter]], blocks: list[l
 
 
 def build_blocks(named_params: list[tuple[str, nn.Parameter]], blocks: list[list[str]], dtype: torch.dtype,
-                 keep_masters: bool, pin: bool, chunk_bytes: int | None = None
-                 ) -> tuple[list[GradBlock], list[OffloadBlock]]:
+                 initial_values: Callable[[list[nn.Parameter]], list[torch.Tensor]], keep_masters: bool, pin: bool,
+                 chunk_bytes: int | None = None) -> tuple[list[GradBlock], list[OffloadBlock]]:
     """Check ``blocks`` against ``named_params`` (each trainable param in exactly one block) and build the gradient
     blocks and their staging units (:func:`staging_units` with ``chunk_bytes`` of ``dtype`` masters per unit).
 
-    ``keep_masters`` (the cpu tier) fills the masters from the device params here; the NVMe tier writes them
-    straight to disk unit by unit instead.
+    ``keep_masters`` (the cpu tier) fills the masters here from ``initial_values(params)`` (the device params, or
+    the streamed layers' homes); the NVMe tier writes them straight to disk unit by unit instead.
     """
     params = _checked_params(list(named_params), blocks)
     chunk = None if chunk_bytes is None else max(1, chunk_bytes // torch.empty((), dtype=dtype).element_size())
@@ -159,14 +160,15 @@ def build_blocks(named_params: list[tuple[str, nn.Parameter]], blocks: list[list
                        param_dtype=dtypes.pop() if len(dtypes) == 1 else None, got=[False] * len(ps))
         for entries in staging_units(shapes, chunk):
             gb.units.append(len(units))
-            units.append(_unit(gb, g, entries, dtype, keep_masters, pin))
+            units.append(_unit(gb, g, entries, dtype, initial_values if keep_masters else None, pin))
         grad_blocks.append(gb)
     return grad_blocks, units
 
 
-def _unit(gb: GradBlock, g: int, entries: list[tuple[int, slice | None]], dtype: torch.dtype, keep_masters: bool,
-          pin: bool) -> OffloadBlock:
-    """The staging unit of gradient block ``gb`` (index ``g``) holding ``entries`` (param index, rows)."""
+def _unit(gb: GradBlock, g: int, entries: list[tuple[int, slice | None]], dtype: torch.dtype,
+          initial_values: Callable[[list[nn.Parameter]], list[torch.Tensor]] | None, pin: bool) -> OffloadBlock:
+    """The staging unit of gradient block ``gb`` (index ``g``) holding ``entries`` (param index, rows); its masters
+    filled from ``initial_values`` when given (the cpu tier), else parked (the NVMe tier writes them)."""
     members = [j for j, _ in entries]
     rows = [r for _, r in entries]
     shapes = [row_slice(torch.empty(gb.shapes[j], device="meta"), r).shape for j, r in entries]
@@ -175,12 +177,12 @@ def _unit(gb: GradBlock, g: int, entries: list[tuple[int, slice | None]], dtype:
     numel = sum(sizes)
     park = torch.zeros(1, dtype=dtype)
     parked = [park.expand(s) for s in shapes]
-    if keep_masters:
+    if initial_values is not None:
         master_flat = _empty(numel, dtype, pin)
         views = [master_flat[o: o + n].view(s) for o, n, s in zip(offsets, sizes, shapes)]
         with torch.no_grad():
-            for view, j, r in zip(views, members, rows):
-                view.copy_(row_slice(gb.params[j].detach(), r))
+            for view, value, r in zip(views, initial_values([gb.params[j] for j in members]), rows):
+                view.copy_(row_slice(value, r))
         masters = [v.detach().requires_grad_(True) for v in views]
     else:
         master_flat, views, masters = None, [], []

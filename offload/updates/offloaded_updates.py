@@ -105,6 +105,10 @@ class OffloadedUpdates:
             update of a row slice is the update of the slice. None (the default: this class cannot tell from a
             builder whether its optimizer is element-wise) keeps every tensor whole; the trainer passes
             ``offload.staging_chunk`` (64 MiB) for element-wise optimizers.
+        initial_values: ``f(params) -> values`` (CPU tensors, same shapes) the masters start from, called once per
+            staging unit; default: the parameters' own data. A streamed load passes the values in the layers'
+            homes (the parameters are shape-only stand-ins then), so masters are written unit by unit straight to
+            the NVMe tier without the model ever existing whole.
 
     ``on_updated(block_index, [(name, master, rows)])``, when set, is called instead of copying updated masters into
     the device params (for params streamed from a home buffer), once per staging unit; ``rows`` is None when
@@ -120,7 +124,8 @@ class OffloadedUpdates:
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], blocks: list[list[str]],
                  build_optimizer: Callable[[list[tuple[str, torch.Tensor]]], PerTensorOptimizer],
                  state_tier: str = "cpu", nvme_dir: str | None = None, master_dtype: torch.dtype = torch.float32,
-                 overlap: bool = True, threads: int = 1, max_pending: int = 2, chunk_bytes: int | None = None):
+                 overlap: bool = True, threads: int = 1, max_pending: int = 2, chunk_bytes: int | None = None,
+                 initial_values: Callable[[list[nn.Parameter]], list[torch.Tensor]] | None = None):
         if state_tier not in TIERS:
             raise ValueError(f"state_tier must be one of {TIERS}, got {state_tier!r}")
         if (state_tier == "nvme") != (nvme_dir is not None):
@@ -145,7 +150,8 @@ class OffloadedUpdates:
         named_params = list(named_params)
         return_large_frees_to_os()
         pin = torch.cuda.is_available() and any(p.is_cuda for _, p in named_params)
-        self.grad_blocks, self.blocks = build_blocks(named_params, blocks, master_dtype,
+        self.initial_values = initial_values or (lambda params: [p.detach() for p in params])
+        self.grad_blocks, self.blocks = build_blocks(named_params, blocks, master_dtype, self.initial_values,
                                                      keep_masters=state_tier == "cpu", pin=pin, chunk_bytes=chunk_bytes)
         self.optimizer = checked_optimizer(build_optimizer([(n, m) for blk in self.blocks
                                                              for n, m in zip(blk.names, blk.masters)]), self.blocks)
@@ -190,8 +196,8 @@ class OffloadedUpdates:
         for b, blk in enumerate(self.blocks):
             slot = self.swapper.acquire(b, read=False)
             views = master_views(slot.buf, blk.shapes, blk.offsets, self.master_dtype)
-            for view, p, rows in zip(views, blk.params, blk.rows):
-                view.copy_(row_slice(p.detach(), rows))
+            for view, value, rows in zip(views, self.initial_values(blk.params), blk.rows):
+                view.copy_(row_slice(value, rows))
             self._pack_and_release(b, slot, states[b])
         self.swapper.forget()  # written: nothing staged counts as a prefetch of the first step
 
