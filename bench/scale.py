@@ -50,7 +50,8 @@ KINDS = {  # kind -> (bf16 weights as a multiple of the budget, recipe overrides
                                 "staging_chunk": "8MiB"}}),
     "galore": (1.0, {"adapter": {"type": "none"}, "optimizer": {"name": "galore", "rank": 64},
                      "training": {"max_grad_norm": 0.0, "learning_rate": 1e-5},
-                     "offload": {"params": "nvme", "optimizer_state": "nvme", "gradients": "cpu"}}),
+                     "offload": {"params": "nvme", "optimizer_state": "nvme", "gradients": "cpu",
+                                 "staging_chunk": "8MiB"}}),
 }
 
 CHILD = r"""
@@ -105,7 +106,8 @@ def write_model(directory: Path, layers: int, weights: bool = True, shard_bytes:
 
     directory.mkdir(parents=True, exist_ok=True)
     config = LlamaConfig(num_hidden_layers=layers, dtype="bfloat16", **WIDTH)
-    texts = [json.loads(line)["instruction"] for line in (ROOT / "configs/data/quickstart.jsonl").open()][:2000]
+    rows = [json.loads(line) for line in (ROOT / "configs/data/quickstart.jsonl").open()]
+    texts = [" ".join(str(v) for v in row.values()) for row in rows]
     tok = train_tokenizer(texts, 1024)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, \
         tok.pad_token_id
@@ -167,7 +169,7 @@ def recipe(model_dir: Path, run_dir: Path, nvme: Path, budget: int, kind: str, s
         "model": {"name_or_path": str(model_dir), "dtype": "bfloat16"},
         "adapter": {"type": "lora", "r": 8, "alpha": 16},
         "data": {"path": str(ROOT / "configs/data/quickstart.jsonl"), "format": "alpaca", "max_samples": 64,
-                 "val_size": 0, "max_length": 64, "metric": "none"},
+                 "val_size": 0, "max_length": 128, "metric": "none"},
         "training": {"learning_rate": 1e-4, "per_device_train_batch_size": 1, "max_steps": steps, "seed": 0,
                      "bf16": False},
         "offload": {"device": "cpu", "cpu_memory": budget, "nvme_dir": str(nvme)},
@@ -249,7 +251,6 @@ def cpu_name() -> str:
 
 
 def main() -> None:
-    from slimtune.offload import current_rss_bytes
     from slimtune.offload.units import format_size, parse_bytes
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -287,11 +288,20 @@ def main() -> None:
             r["peak_over_budget"] = round(r["peak_rss_bytes"] / budget, 3) if r["peak_rss_bytes"] else None
             print(json.dumps(r), flush=True)
             rows.append(r)
-    runtime = current_rss_bytes()
+    runtime = _runtime_bytes()
     depth = [{"kind": kind, **{f"min_budget_{n}": smallest_budget(kind, n, work, runtime) for n in (16, 32)}}
              for kind in args.only]
     shutil.rmtree(work, ignore_errors=True)
     report(rows, depth, machine, budget)
+
+
+def _runtime_bytes() -> int:
+    """A fresh process's resident memory once slimtune's training stack is imported: the plan's runtime for the
+    depth table (a real run adds its data and tokenizer, a few MB here)."""
+    code = ("import torch, transformers, peft, slimtune.cli.main, slimtune.finetune.build, slimtune.finetune.trainer;"
+            "from slimtune.offload import current_rss_bytes; print(current_rss_bytes())")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                              check=True).stdout.split()[-1])
 
 
 def _ram() -> int:

@@ -82,22 +82,7 @@ def prepare(recipe: Recipe) -> Prepared:
         else:
             source = build_base_model(m, tokenizer, t.seed, None)
 
-    plan, model, streamer = load_base(recipe, source, device)
-    try:
-        return _prepared(recipe, model, tokenizer, train_rows, eval_rows, device, run_dir, plan, streamer)
-    except BaseException:
-        if streamer is not None:
-            streamer.close()  # its swap file goes with it
-        raise
-
-
-def _prepared(recipe: Recipe, model, tokenizer, train_rows, eval_rows, device, run_dir, plan, streamer) -> Prepared:
-    t, d = recipe.training, recipe.data
-    seed_everything(t.seed)  # adapter init does not depend on how much RNG the steps above consumed
-    with streamer.shaped() if streamer is not None else contextlib.nullcontext():
-        model = apply_adapter(model, recipe.adapter, recipe.quantized)
-        trainable, total = count_parameters(model)
-
+    # the data is checked before the model loads: a bad dataset fails in seconds, not after a 70B load
     train_examples = tokenize_rows(train_rows, d, tokenizer)
     if not train_examples:
         raise SlimtuneError(f"data.path {d.path}: no training example is left after tokenization and truncation "
@@ -105,6 +90,16 @@ def _prepared(recipe: Recipe, model, tokenizer, train_rows, eval_rows, device, r
     eval_examples = tokenize_rows(eval_rows, d, tokenizer) if eval_rows is not None else None
     pairs = eval_prompts(eval_rows, d, tokenizer, d.metric_samples) if (eval_rows is not None and
                                                                         d.metric != "none") else []
+    plan, model, streamer = load_base(recipe, source, device)
+    try:
+        seed_everything(t.seed)  # adapter init does not depend on how much RNG the steps above consumed
+        with streamer.shaped() if streamer is not None else contextlib.nullcontext():
+            model = apply_adapter(model, recipe.adapter, recipe.quantized)
+            trainable, total = count_parameters(model)
+    except BaseException:
+        if streamer is not None:
+            streamer.close()  # its swap file goes with it
+        raise
     atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     return Prepared(model=model, tokenizer=tokenizer, train_examples=train_examples, eval_examples=eval_examples,
                     eval_pairs=pairs, device=device, run_dir=run_dir, trainable_params=trainable,

@@ -288,11 +288,12 @@ def runtime_rss_bytes(model: torch.nn.Module) -> int:
 
 
 def offloaded_updates(model: torch.nn.Module, build_optimizer: Callable, state_tier: str, nvme_dir: str | None,
-                      overlap: bool, chunk_bytes: int | None = None, initial_values: Callable | None = None):
+                      overlap: bool, chunk_bytes: int | None = None, initial_values: Callable | None = None,
+                      chunk_names: set[str] | None = None):
     """The offloaded optimizer over ``model``'s trainable parameters, in blocks of at most its largest tensor
-    (``staging_groups``), each staged in units of at most ``chunk_bytes`` of masters when given (element-wise
-    optimizers only: ``OPTIMIZERS[name].elementwise``): returns the engine and, per block, the index of the model
-    block it belongs to."""
+    (``staging_groups``), each staged in units of at most ``chunk_bytes`` of masters when given, splitting only the
+    ``chunk_names`` tensors in rows (the optimizer's element-wise ones, ``elementwise_params``): returns the engine
+    and, per block, the index of the model block it belongs to."""
     from slimtune.offload.blocks import model_blocks
     from slimtune.offload.updates.offloaded_blocks import staging_groups
     from slimtune.offload.updates.offloaded_updates import OffloadedUpdates
@@ -304,7 +305,7 @@ def offloaded_updates(model: torch.nn.Module, build_optimizer: Callable, state_t
     engine = OffloadedUpdates([np for block in trainable for np in block], [names for _, names in units],
                               build_optimizer, state_tier=state_tier, nvme_dir=nvme_dir, overlap=overlap,
                               max_pending=2 * per_block,  # backward waits once two blocks' updates trail it
-                              chunk_bytes=chunk_bytes, initial_values=initial_values)
+                              chunk_bytes=chunk_bytes, chunk_names=chunk_names, initial_values=initial_values)
     return engine, [b for b, _ in units]
 
 
@@ -383,7 +384,7 @@ def build_offload(recipe: Recipe, model: torch.nn.Module, device: torch.device,
     """The engine the recipe's plan asks for, attached to ``model``; None when everything stays on the device.
     ``plan`` and ``streamer``: made before the model was loaded (the streamed load, :mod:`.streamed_load`); else
     planned here. Raises PlanError (a SlimtuneError naming the budget and a fix) when nothing fits."""
-    from slimtune.optimizers import ELEMENTWISE, ZEROTH_ORDER
+    from slimtune.optimizers import ZEROTH_ORDER, elementwise_params
 
     o, t = recipe.offload, recipe.training
     if plan is None:
@@ -396,11 +397,12 @@ def build_offload(recipe: Recipe, model: torch.nn.Module, device: torch.device,
         # after a streamed load the layers' params are placeholders: real shapes while the engine is built, and
         # the masters start from the homes
         with streamer.shaped() if streamer is not None else contextlib.nullcontext():
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            chunkable = elementwise_params(recipe.optimizer.name, named, recipe.optimizer.model_dump())
             off.updates, off.update_blocks = offloaded_updates(
                 model, per_tensor, state_tier, o.nvme_dir if state_tier == "nvme" else None,
-                overlap=t.max_grad_norm == 0,
-                chunk_bytes=o.staging_chunk if recipe.optimizer.name in ELEMENTWISE else None,
-                initial_values=home_values(streamer) if streamer is not None else None)
+                overlap=t.max_grad_norm == 0, chunk_bytes=o.staging_chunk if chunkable else None,
+                chunk_names=chunkable, initial_values=home_values(streamer) if streamer is not None else None)
     if params_tier in ("cpu", "nvme"):
         off.streamer = streamer or build_streamer(recipe, plan, model, device)
         if off.updates is not None:

@@ -139,7 +139,7 @@ def block_sizes(recipe: Recipe, config=None) -> ModelSizes:
 
     from slimtune.offload.blocks import decoder_layers, flat_layout, model_blocks
     from slimtune.offload.updates.offloaded_blocks import staging_groups
-    from slimtune.optimizers import ELEMENTWISE
+    from slimtune.optimizers import elementwise_params
 
     notes: list[str] = []
     if config is None:
@@ -162,8 +162,12 @@ def block_sizes(recipe: Recipe, config=None) -> ModelSizes:
     state, state32 = _optimizer_state(recipe, [(n, shape, dtype) for _, n, shape, dtype in trainable])
     groups = staging_groups([[(n, shape.numel()) for j, n, shape, _ in trainable if j == i]
                              for i in range(n_layers + 2)])
-    chunk = recipe.offload.staging_chunk // 4 if recipe.optimizer.name in ELEMENTWISE else None  # fp32 masters
-    units = _staging_units(recipe, groups, {n: (shape, dtype) for _, n, shape, dtype in trainable}, state32, chunk)
+    chunkable = elementwise_params(recipe.optimizer.name, [(n, torch.empty(shape, device="meta").requires_grad_())
+                                                           for _, n, shape, _ in trainable],
+                                   recipe.optimizer.model_dump())
+    chunk = recipe.offload.staging_chunk // 4 if chunkable else None  # values of fp32 masters per unit
+    units = _staging_units(recipe, groups, {n: (shape, dtype) for _, n, shape, dtype in trainable}, state32, chunk,
+                           chunkable)
     small_acts = _activations(recipe, model, small or config, notes)
     acts = {j: a for a, targets in zip(small_acts, stands) for j in targets}
     tokens = t.per_device_train_batch_size * recipe.data.max_length
@@ -200,10 +204,11 @@ def block_sizes(recipe: Recipe, config=None) -> ModelSizes:
 
 
 def _staging_units(recipe, groups: list[tuple[int, list[str]]], tensors: dict, state32: dict[str, int],
-                   chunk: int | None) -> list[tuple[int, int, int]]:
+                   chunk: int | None, chunkable: set[str]) -> list[tuple[int, int, int]]:
     """(block, values, fp32-master state bytes) per staging unit of the offloaded update, as the engine splits
-    ``groups`` (``offloaded_blocks.staging_units``): with ``chunk`` (values per unit, element-wise optimizers) large
-    tensors become row chunks, whose state the optimizer's own ``state_bytes`` sizes on a chunk-shaped stand-in."""
+    ``groups`` (``offloaded_blocks.staging_units``): with ``chunk`` (values per unit) large ``chunkable`` tensors
+    (the optimizer's element-wise ones) become row chunks, whose state the optimizer's own ``state_bytes`` sizes on
+    a chunk-shaped stand-in."""
     import math
 
     import torch
@@ -212,7 +217,7 @@ def _staging_units(recipe, groups: list[tuple[int, list[str]]], tensors: dict, s
 
     pieces = []  # (block, [(name, rows, chunk shape)]) per unit
     for b, names in groups:
-        for entries in staging_units([tensors[n][0] for n in names], chunk):
+        for entries in staging_units([tensors[n][0] for n in names], chunk, [n in chunkable for n in names]):
             pieces.append((b, [(names[j], rows, row_slice(torch.empty(tensors[names[j]][0], device="meta"),
                                                           rows).shape) for j, rows in entries]))
     chunks = {f"{n}[{r.start}:{r.stop}]": (shape, tensors[n][1]) for _, unit in pieces for n, r, shape in unit

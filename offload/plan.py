@@ -221,6 +221,8 @@ def _candidates(off: PlanRequest) -> list[tuple[str, str, str]]:
             s = "cpu"  # the update runs where the state is (an explicit gpu + cpu pair is a recipe error)
         if not off.frozen_base and p != "gpu" and s == "gpu":
             s = "cpu"  # streamed weights live in ring slots: their update must write the home, so it runs on the CPU
+        if not off.frozen_base and s != "gpu":
+            g = "cpu"  # the offloaded optimizer's hooks move every gradient to the CPU as backward produces it
         if "nvme" in (p, s) and not off.nvme_dir:
             continue
         if (p, g, s) not in out:
@@ -272,8 +274,8 @@ def _evaluate(off: PlanRequest, sizes, placement, device, budgets, runtime, toke
         per_layer = off.per_layer and ga == 1  # each gradient freed by its own update
         if g_tier == "gpu":
             bd["gpu"]["grads"] += max(grads) if per_layer else sum(grads)
-        else:
-            bd["gpu"]["grads"] += 2 * max(grads)  # one block's being produced, one being copied out
+        else:  # one being produced; on CUDA one more still being copied out on the mover's stream
+            bd["gpu"]["grads"] += (2 if device == "cuda" else 1) * max(grads)
         if update_on == "cpu":
             fp32 = [4 * b.trainable_count for b in trainable]
             # Accumulation / a global norm keep every block's gradients (fp32 sums); otherwise a unit holds its
@@ -282,7 +284,12 @@ def _evaluate(off: PlanRequest, sizes, placement, device, budgets, runtime, toke
             # produced + 2 pending blocks.
             whole = g_tier == "cpu" and (ga > 1 or off.max_grad_norm > 0)
             narrow = ga == 1 and off.max_grad_norm == 0
-            bd["cpu"]["grads"] += sum(fp32) if whole else 3 * max(grads if narrow else fp32)
+            held = grads if narrow else fp32
+            # CPU buffers are freed after their update: the block being filled + the two pending, consecutive in
+            # backward; pinned ones (CUDA) stay pooled, the largest three
+            three = (max(sum(held[i:i + 3]) for i in range(max(1, len(held) - 2))) if device == "cpu"
+                     else 3 * max(held))
+            bd["cpu"]["grads"] += sum(fp32) if whole else three
             links["gpu->cpu"] += sum(grads) * (ga if g_tier == "cpu" else 1)
             # updated params that live on the device go back up: adapters, and resident base weights
             links["cpu->gpu"] += sum(b.trainable_bytes for b, bp in zip(sizes, blocks)

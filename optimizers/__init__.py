@@ -97,35 +97,56 @@ class OptimizerSpec:
     and runs no backward (no gradients, clipping or saved activations). ``per_layer``: it can update parameter by
     parameter inside backward (a :class:`PerTensorOptimizer` with ``per_layer=True``).
 
-    ``elementwise``: the update of every parameter is element by element given its state (AdamW: moments, decay and
-    bias correction per value, one step counter per tensor), so the update of a slice of rows with that slice's
-    state is exactly that slice of the whole update. The offloaded optimizer then stages a large tensor as row
-    chunks with their own masters and state (``offload.staging_chunk``), and its staging RAM follows the chunk size
-    instead of the largest tensor. False where a tensor's update needs all of it: GaLore projects the gradient
-    through an SVD of the whole matrix, FRUGAL picks its subspace (columns, blocks, SVD) per tensor, and SPAM draws
-    its ``density`` masks per tensor, seeded by the parameter's index in the optimizer (so splitting even its
-    dense parameters would change the masks of the others). Those keep whole-tensor units, whose floor is the
-    largest tensor (their non-projected parameters run AdamW-like math, but in the same optimizer object).
+    ``elementwise(named_params, hparams) -> names``: the parameters whose update is element by element given their
+    state (AdamW: moments, decay and bias correction per value, one step counter per tensor), so the update of a
+    slice of rows with that slice's state is exactly that slice of the whole update. The offloaded optimizer then
+    stages such a tensor as row chunks with their own masters and state (``offload.staging_chunk``), and its
+    staging RAM follows the chunk size instead of the largest tensor. Not for a tensor whose update needs all of
+    it: GaLore projects the gradient through an SVD of the whole matrix (its non-projected parameters -- the
+    embedding and LM head, the largest tensors -- run plain AdamW and are element-wise with 32-bit moments; 8-bit
+    moments are quantized in blocks that run across rows), FRUGAL picks its subspace per tensor and seeds it by
+    the parameter's index, and SPAM draws its ``density`` masks seeded by the parameter's index (so splitting any
+    of their parameters would change the draws of the others). Those keep whole-tensor units, whose floor is the
+    largest tensor. None: no parameter is element-wise.
     """
 
     build: Callable[..., torch.optim.Optimizer]
     seeded: bool = False
     zeroth_order: bool = False
     per_layer: bool = True
-    elementwise: bool = False
+    elementwise: Callable[[list, dict], set[str]] | None = None
+
+
+def _all_params(named_params: list, hparams: dict) -> set[str]:
+    return {n for n, _ in named_params}
+
+
+def _galore_unprojected(named_params: list, hparams: dict) -> set[str]:
+    """GaLore's plain-AdamW parameters (not projected), when its moments are 32-bit."""
+    if hparams.get("state_bits", 32) != 32:
+        return set()
+    _, rest = split_targets(named_params, hparams.get("target_modules", ("attn", "mlp")))
+    return {n for n, _ in rest}
 
 
 # Adding an optimizer: its file, an entry here, and its section in finetune/recipe_optimizers.py.
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "adamw": OptimizerSpec(build_adamw, elementwise=True),
-    "galore": OptimizerSpec(build_galore),
+    "adamw": OptimizerSpec(build_adamw, elementwise=_all_params),
+    "galore": OptimizerSpec(build_galore, elementwise=_galore_unprojected),
     "frugal": OptimizerSpec(build_frugal, seeded=True),
     "spam": OptimizerSpec(build_spam, seeded=True),
     "mezo": OptimizerSpec(build_mezo, seeded=True, zeroth_order=True, per_layer=False),
 }
 ZEROTH_ORDER = frozenset(name for name, spec in OPTIMIZERS.items() if spec.zeroth_order)
 SEEDED = frozenset(name for name, spec in OPTIMIZERS.items() if spec.seeded)
-ELEMENTWISE = frozenset(name for name, spec in OPTIMIZERS.items() if spec.elementwise)
+ELEMENTWISE = frozenset(name for name, spec in OPTIMIZERS.items() if spec.elementwise is not None)
+
+
+def elementwise_params(name: str, named_params: NamedParams, hparams: dict) -> set[str]:
+    """Names among ``named_params`` whose update under optimizer ``name`` (with ``hparams``, the recipe's section)
+    is element-wise: the offloaded optimizer may stage them in row chunks (see :class:`OptimizerSpec`)."""
+    spec = OPTIMIZERS[name]
+    return set() if spec.elementwise is None else spec.elementwise(list(named_params), dict(hparams))
 
 
 def build_optimizer(name: str, named_params: NamedParams, **hparams) -> torch.optim.Optimizer:
@@ -159,4 +180,4 @@ def __getattr__(name: str):
 
 __all__ = ["ELEMENTWISE", "OPTIMIZERS", "SEEDED", "ZEROTH_ORDER", "AdamW", "FRUGAL", "GaLoreAdamW", "MeZO",
            "OptimizerSpec", "PerTensorOptimizer", "SPAM", "allocated_state_bytes", "build_optimizer", "decay_groups",
-           "decays", "optimizer_state_bytes", "split_targets"]
+           "decays", "elementwise_params", "optimizer_state_bytes", "split_targets"]

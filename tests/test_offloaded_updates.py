@@ -398,9 +398,13 @@ CHUNK = 5000  # bytes of fp32 masters: 1250 values, i.e. 39 rows of the 256 x 32
 
 def chunked_engine(model, tier: str, tmp_path, chunk: int | None = CHUNK, name: str = "adamw",
                    overlap: bool = True) -> OffloadedUpdates:
-    return OffloadedUpdates(list(model.named_parameters()), block_names(model), make_builder(name),
+    """The engine over ``model`` with the chunk size, splitting the tensors the registry calls element-wise."""
+    from slimtune.optimizers import elementwise_params
+
+    named = list(model.named_parameters())
+    return OffloadedUpdates(named, block_names(model), make_builder(name),
                             state_tier=tier, nvme_dir=str(tmp_path) if tier == "nvme" else None, overlap=overlap,
-                            chunk_bytes=chunk)
+                            chunk_bytes=chunk, chunk_names=elementwise_params(name, named, HPARAMS[name]))
 
 
 def assert_chunked(engine, chunk: int = CHUNK) -> None:
@@ -516,35 +520,49 @@ def test_chunked_resume_equals_uninterrupted(tmp_path, tier):
     assert_same("adamw", first + rest, fresh, ref_losses, ref_weights)
 
 
-def test_only_elementwise_optimizers_are_chunked(tmp_path):
-    """The registry decides: AdamW's update is element-wise per tensor; GaLore (projection), FRUGAL (subspace) and
-    SPAM (masks seeded per parameter index) keep whole tensors, and the planner's units for them ignore the chunk."""
+def test_only_elementwise_parameters_are_chunked(tmp_path):
+    """The registry decides per parameter: every AdamW tensor is element-wise; GaLore's unprojected ones (embedding,
+    head, norms) run plain AdamW and are, its projected matrices are not (nor FRUGAL's or SPAM's, whose draws are
+    seeded by parameter index); the planner's units follow."""
     from test_train import tiny
 
     from slimtune.finetune.recipe import recipe_from_dict
     from slimtune.finetune.sizing import block_sizes
-    from slimtune.optimizers import ELEMENTWISE, OPTIMIZERS
+    from slimtune.optimizers import ELEMENTWISE, elementwise_params
 
-    assert ELEMENTWISE == {name for name, spec in OPTIMIZERS.items() if spec.elementwise} == {"adamw"}
+    assert ELEMENTWISE == {"adamw", "galore"}
+    named = list(tiny_llama().named_parameters())
+    assert elementwise_params("adamw", named, HPARAMS["adamw"]) == {n for n, _ in named}
+    galore = elementwise_params("galore", named, HPARAMS["galore"])
+    assert "model.embed_tokens.weight" in galore and not any("proj" in n for n in galore)
+    assert elementwise_params("galore", named, {**HPARAMS["galore"], "state_bits": 8}) == set()
+    assert elementwise_params("frugal", named, {}) == elementwise_params("spam", named, {}) == set()
     units = {}
-    for name in ("adamw", "galore"):
+    for name in ("adamw", "galore", "frugal"):
         for chunk in ("4096", "1GiB"):
             recipe = recipe_from_dict(tiny(tmp_path, "adapter.type=none", f"optimizer.name={name}",
                                            f"offload.staging_chunk={chunk}"))
             units[name, chunk] = [b.units for b in block_sizes(recipe)]
-    assert units["galore", "4096"] == units["galore", "1GiB"]
+    assert units["frugal", "4096"] == units["frugal", "1GiB"]
     assert units["adamw", "4096"] != units["adamw", "1GiB"]
     assert max(n for block in units["adamw", "4096"] for n, _ in block) <= 1024
+    # GaLore: the embedding is split in row chunks; the projected layer matrices stay whole units, above the chunk
+    assert units["galore", "4096"][0] != units["galore", "1GiB"][0]
+    assert max(n for n, _ in units["galore", "4096"][0]) <= 1024
+    largest_matrix = max(p.numel() for n, p in named if "proj" in n)
+    assert max(n for block in units["galore", "4096"][1:-1] for n, _ in block) == largest_matrix > 1024
 
 
-def test_galore_ignores_no_chunk_and_equals_in_memory_whole(tmp_path, references):
-    """GaLore through the engine without a chunk size (what build_offload passes it): every unit holds whole
-    tensors and the run equals the in-memory one."""
+def test_galore_chunks_its_unprojected_tensors_and_equals_in_memory(tmp_path, references):
+    """GaLore through the engine with a tiny chunk: the embedding is staged in row chunks, every projected matrix
+    whole, and the run equals the in-memory one."""
     data, refs = references
     ref_losses, _, ref_weights, _ = refs["galore"]
     model = tiny_llama()
-    with chunked_engine(model, "nvme", tmp_path, chunk=None, name="galore") as engine:
-        assert all(rows is None for blk in engine.blocks for rows in blk.rows)
+    with chunked_engine(model, "nvme", tmp_path, name="galore") as engine:
+        rows = {n: r for blk in engine.blocks for n, r in zip(blk.names, blk.rows)}
+        assert rows["model.embed_tokens.weight"] is not None
+        assert all(r is None for n, r in rows.items() if "proj" in n)
         losses, _ = offloaded_steps(model, engine, data)
     assert_same("galore", losses, model, ref_losses, ref_weights)
 
@@ -570,3 +588,27 @@ def test_streamed_full_training_with_chunks_equals_in_memory(tmp_path, monkeypat
                 f"offload.nvme_dir={tmp_path}", "offload.staging_chunk=4096")
     assert any(seen) and not all(seen)  # row chunks and whole tensors both reached the homes
     assert_same_run(expected, got, atol=2e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA path: gradients leave on a copy stream (GPU only)")
+@pytest.mark.parametrize("accumulate", [False, True], ids=["one-micro-batch", "accumulated"])
+def test_cuda_gradients_leave_on_a_copy_stream_and_equal_in_memory(tmp_path, accumulate):
+    """On CUDA the hook queues each gradient's copy on the mover's stream into pinned memory (no synchronizing
+    .to("cpu") in backward); straight into the buffer for a single micro-batch, through pinned staging summed by a
+    worker when micro-batches accumulate. Same weights as AdamW in memory on the card."""
+    data = [[ids.cuda() for ids in group] for group in micro_batches(3)]
+    if not accumulate:
+        data = [group[:1] for group in data]
+    ref = tiny_llama().cuda()
+    optimizer = make_builder("adamw")(list(ref.named_parameters()))
+    for group in data:
+        backward(ref, group)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model = tiny_llama().cuda()
+    with new_engine(model, "adamw", "nvme", tmp_path) as engine:
+        offloaded_steps(model, engine, data)
+        assert engine.grad_mover.stream is not None and all(gb.grad_flat is None for gb in engine.grad_blocks)
+        assert (engine.grad_mover.staging_bytes > 0) == accumulate
+    for (name, a), b in zip(ref.named_parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)

@@ -113,7 +113,7 @@ def test_buffered_fallback_when_o_direct_is_refused(base_dir, tiny_batch, tmp_pa
         warnings.simplefilter("always")
         streamer = BlockStreamer(model, "nvme", "cpu", nvme_dir=str(tmp_path))
     assert any("O_DIRECT" in str(w.message) for w in caught)
-    assert streamer._store.direct is False
+    assert streamer.store.direct is False
     assert train(model, tiny_batch, steps=2)[:3] == expected[:3]
     streamer.close()
 

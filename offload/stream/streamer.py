@@ -48,6 +48,7 @@ from ..plan import ring_slots
 from ..store.memory import release_free_memory, return_large_frees_to_os
 from ..store.nvme import NvmeStore, aligned_empty
 from .bnb_compat import keep_training_layout, streamable_4bit
+from .homes import HomeAccess
 
 TIMELINE_EVENTS = 8192  # the timeline keeps the most recent events (a few steps of a large model), not a whole run
 
@@ -80,7 +81,7 @@ class _Layer:
         self.bound = False
 
 
-class BlockStreamer:
+class BlockStreamer(HomeAccess):
     """Keeps only the layers in the prefetch window on ``device``; the rest live in ``home`` ("cpu" or "nvme").
 
     ``stream_trainable``: stream every parameter of a layer (zeroth-order / full fine-tuning), not only frozen ones;
@@ -105,8 +106,7 @@ class BlockStreamer:
         self.cuda = self.device.type == "cuda"
         self.layers: list[_Layer] = []
         self.n_slots = ring_slots(prefetch, writeback)
-        self._lock = threading.RLock()
-        self._home_pending: dict[int, tuple[torch.Tensor, dict[int, list]]] = {}  # write_home: NVMe layers in progress
+        self.lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="slimtune-stream")
         self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
@@ -115,8 +115,8 @@ class BlockStreamer:
         self.timeline: deque[tuple[str, float, float, str]] = deque(maxlen=TIMELINE_EVENTS)
         self.t0 = time.perf_counter()  # the timeline's zero
         self._backward_from: dict[int, float] = {}  # layer -> start of its recompute in the running backward
-        self._store: NvmeStore | None = None
-        self._homes: list[torch.Tensor] = []
+        self.store: NvmeStore | None = None
+        self.cpu_homes: list[torch.Tensor] = []
         return_large_frees_to_os()
         self._build_homes(model_blocks(model)[1:-1], nvme_dir, threads, stream_trainable, fill)
         release_free_memory()  # the weights that moved home were freed: let RSS show it
@@ -154,7 +154,7 @@ class BlockStreamer:
         if self.home == "nvme":  # the size of a filled layer is known only after its fill: the file grows
             capacity = None if fill else sum(
                 flat_layout([p for _, p in b.params if stream_trainable or not p.requires_grad])[1] for b in blocks)
-            self._store = NvmeStore(nvme_dir, capacity_bytes=capacity or None, direct=None, threads=threads)
+            self.store = NvmeStore(nvme_dir, capacity_bytes=capacity or None, direct=None, threads=threads)
         for i, block in enumerate(blocks):
             if fill is not None:
                 fill(i)
@@ -167,9 +167,9 @@ class BlockStreamer:
                 buf.zero_()
             self._pack(layer, buf)
             if self.home == "cpu":
-                self._homes.append(buf)
+                self.cpu_homes.append(buf)
             else:
-                self._store.write(layer.index, buf).result()
+                self.store.write(layer.index, buf).result()
             for p in layer.params:
                 p.data = self._placeholder(p.dtype)
             del buf
@@ -215,9 +215,9 @@ class BlockStreamer:
             home_ready.result()
             t = time.perf_counter()
             if self.cuda:
-                src = self._homes[layer.index] if self.home == "cpu" else self._staging[slot][:layer.nbytes]
+                src = self.cpu_homes[layer.index] if self.home == "cpu" else self._staging[slot][:layer.nbytes]
                 if self.home == "nvme":
-                    self._store.read(layer.index, src).result()
+                    self.store.read(layer.index, src).result()
                 with torch.cuda.stream(self._copy_stream):
                     if event_before is not None:
                         self._copy_stream.wait_event(event_before)
@@ -227,9 +227,9 @@ class BlockStreamer:
                 self.record_event("fetch", t, f"layer {layer.index}")
                 return event
             if self.home == "cpu":
-                dst.copy_(self._homes[layer.index])
+                dst.copy_(self.cpu_homes[layer.index])
             else:
-                self._store.read(layer.index, dst).result()
+                self.store.read(layer.index, dst).result()
             self.record_event("fetch", t, f"layer {layer.index}")
             return None
 
@@ -274,14 +274,14 @@ class BlockStreamer:
         src = self._slots[slot][:layer.nbytes]
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self._slot_event[slot])  # pragma: no cover - GPU
-            host = self._homes[layer.index] if self.home == "cpu" else self._staging[slot][:layer.nbytes]
+            host = self.cpu_homes[layer.index] if self.home == "cpu" else self._staging[slot][:layer.nbytes]
             host.copy_(src)  # synchronous D2H on this I/O thread's stream
             src = host
         if self.home == "cpu":
             if not self.cuda:
-                self._homes[layer.index].copy_(src)
+                self.cpu_homes[layer.index].copy_(src)
         else:
-            self._store.write(layer.index, src).result()
+            self.store.write(layer.index, src).result()
         self.record_event("write", t, f"layer {layer.index}")
 
     # ------------------------------------------------------------------ the schedule
@@ -303,7 +303,7 @@ class BlockStreamer:
 
     def acquire(self, i: int, recompute: bool = False) -> None:
         """Bind layer ``i`` (waiting for its prefetch, or fetching it now) and prefetch the window after it."""
-        with self._lock:
+        with self.lock:
             backward = in_backward()
             self._backward_done()  # a layer whose input needed no gradient: its backward ended before this
             window = self._window(i, backward, recompute)
@@ -322,7 +322,7 @@ class BlockStreamer:
 
     def after(self, i: int, recompute: bool = False) -> None:
         """Layer ``i`` finished its forward: release it unless backward still needs it or it is next again."""
-        with self._lock:
+        with self.lock:
             if in_backward():
                 return  # the recompute's saved tensors view this slot until the layer's backward is done
             if recompute and i == len(self.layers) - 1:
@@ -332,13 +332,13 @@ class BlockStreamer:
     def release_all(self) -> None:
         """Unbind every layer, wait for write-backs and write partly rewritten homes (after backward, before
         eval/saving)."""
-        with self._lock:
+        with self.lock:
             self._backward_done()
             for layer in self.layers:
                 self._release(layer)
             for f in self._slot_free:
                 f.result()
-            self._flush_homes()
+            self.flush_home_writes()
 
     @contextlib.contextmanager
     def bound(self, i: int):
@@ -354,7 +354,7 @@ class BlockStreamer:
         """Unbound parameters show their real shape (a zero-stride view of one zero, no memory) inside the block, for
         code that reads shapes but not values: peft sizes LoRA from a GPT-2 ``Conv1D``'s ``weight.shape``. Outside
         it they point at empty placeholders again, so a stray use fails loudly."""
-        with self._lock:
+        with self.lock:
             self.release_all()
             for layer in self.layers:
                 for p, (shape, dtype) in zip(layer.params, layer.shapes):
@@ -428,121 +428,14 @@ class BlockStreamer:
                 p.data = value.to(self.device)
         self.close()
 
-    def _read_home(self, layer: _Layer) -> torch.Tensor:
-        """The layer's current bytes (a CPU tensor), from its home."""
-        layer.home_ready.result()
-        if self.home == "cpu":
-            return self._homes[layer.index]
-        buf = aligned_empty(layer.nbytes)
-        self._store.read(layer.index, buf).result()
-        return buf
-
-    def layer_tensors(self, i: int) -> list[tuple[nn.Parameter, torch.Tensor]]:
-        """(parameter, CPU copy of its current value) for layer ``i``: checkpoints and exports read through this."""
-        layer = self.layers[i]
-        buf = self._read_home(layer)
-        return [(p, buf[off:off + s.numel() * d.itemsize].view(d).view(s).clone())
-                for p, off, (s, d) in zip(layer.params, layer.offsets, layer.shapes)]
-
-    def write_layer(self, i: int, values: list[torch.Tensor]) -> None:
-        """Replace layer ``i``'s streamed tensors (in ``self.layers[i].params`` order) in its home, e.g. after an
-        optimizer update or a checkpoint load. The layer must not be bound."""
-        layer = self.layers[i]
-        if layer.slot is not None:
-            raise RuntimeError(f"layer {i} is bound; release it before rewriting its home")
-        layer.home_ready.result()
-        buf = self._homes[i] if self.home == "cpu" else aligned_empty(layer.nbytes).zero_()
-        for value, off, (shape, dtype) in zip(values, layer.offsets, layer.shapes):
-            buf[off:off + shape.numel() * dtype.itemsize].view(dtype).view(shape).copy_(value)
-        if self.home == "nvme":
-            self._store.write(i, buf).result()
-        self.stats["bytes_to_home"] += layer.nbytes
-
-    def write_home(self, i: int, values: dict[int, torch.Tensor], rows: dict[int, slice] | None = None) -> None:
-        """Rewrite some of layer ``i``'s tensors (position in ``layers[i].params`` -> new value, cast to the param's
-        dtype here) in its home, from any thread, while the layer may still be bound (an optimizer update running
-        during backward). The bound copy is left alone (backward may still read it); the caller must
-        :meth:`release_all` once every update of the step has landed, so the next forward fetches the new values.
-        ``rows`` (position -> dim-0 slice): the value holds only those rows of the tensor (the offloaded optimizer's
-        row chunks); its other rows are left as they are.
-
-        A CPU home is written in place. An NVMe home is written once per layer, not once per call: the values are
-        cast straight into an aligned buffer of the layer, which goes to disk when every row of every trainable
-        tensor of the layer has arrived (the offloaded optimizer updates a layer in several units), or at
-        :meth:`release_all` merged with the home's other tensors and rows."""
-        layer, rows = self.layers[i], rows or {}
-        with self._lock:
-            layer.home_ready.result()
-            if self.home == "cpu":
-                buf = self._homes[i]
-            else:
-                buf, got = self._home_pending.setdefault(i, (aligned_empty(layer.nbytes).zero_(), {}))
-        for k, value in values.items():
-            view = self._home_view(buf, layer, k)
-            (view if rows.get(k) is None else view[rows[k]]).copy_(value)
-        with self._lock:
-            self.stats["bytes_to_home"] += sum(v.numel() * layer.shapes[k][1].itemsize for k, v in values.items())
-            if self.home == "cpu":
-                return
-            for k in values:
-                got.setdefault(k, []).append(rows.get(k))
-            complete = all(not _missing_rows(got.get(k), _n_rows(layer.shapes[k][0]))
-                           for k, p in enumerate(layer.params) if p.requires_grad)
-            if complete:
-                del self._home_pending[i]
-        if complete:
-            self._store.write(i, buf).result()
-
-    @staticmethod
-    def _home_view(buf: torch.Tensor, layer: _Layer, k: int) -> torch.Tensor:
-        """Tensor ``k`` of ``layer`` as a typed, shaped view into the layer's flat bytes ``buf``."""
-        shape, dtype = layer.shapes[k]
-        off = layer.offsets[k]
-        return buf[off:off + shape.numel() * dtype.itemsize].view(dtype).view(shape)
-
-    def _flush_homes(self) -> None:  # caller holds self._lock
-        """Write the NVMe homes some of whose tensors were rewritten (the others, and the rows of a tensor no
-        chunk rewrote, read back from the home first)."""
-        pending, self._home_pending = self._home_pending, {}
-        for i, (buf, got) in pending.items():
-            layer = self.layers[i]
-            home = self._read_home(layer)
-            for k, (shape, dtype) in enumerate(layer.shapes):
-                if k not in got:
-                    off, n = layer.offsets[k], shape.numel() * dtype.itemsize
-                    buf[off:off + n].copy_(home[off:off + n])
-                    continue
-                for part in _missing_rows(got[k], _n_rows(shape)):
-                    self._home_view(buf, layer, k)[part].copy_(self._home_view(home, layer, k)[part])
-            self._store.write(i, buf).result()
-
     def counters(self) -> dict[str, float]:
         """Cumulative bytes per link and NVMe counters, for metrics.jsonl."""
         out = dict(self.stats)
-        if self._store is not None:
-            out["nvme_read_bytes"], out["nvme_write_bytes"] = self._store.bytes_read, self._store.bytes_written
+        if self.store is not None:
+            out["nvme_read_bytes"], out["nvme_write_bytes"] = self.store.bytes_read, self.store.bytes_written
         return out
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        if self._store is not None:
-            self._store.close()
-
-
-def _missing_rows(parts: list[slice | None] | None, n_rows: int) -> list[slice]:
-    """The dim-0 row ranges of a tensor of ``n_rows`` rows that ``parts`` (written slices; None = all of it) miss."""
-    if parts is None:
-        return [slice(0, n_rows)]
-    if any(p is None for p in parts):
-        return []
-    out, at = [], 0
-    for p in sorted(parts, key=lambda p: p.start):
-        if p.start > at:
-            out.append(slice(at, p.start))
-        at = max(at, p.stop)
-    return out + ([slice(at, n_rows)] if at < n_rows else [])
-
-
-def _n_rows(shape: torch.Size) -> int:
-    """Dim-0 rows of a tensor of ``shape`` (a 0-d tensor is one row)."""
-    return shape[0] if len(shape) else 1
+        if self.store is not None:
+            self.store.close()

@@ -47,6 +47,13 @@ class GradBlock:
     got: list[bool] = field(default_factory=list)  # a gradient arrived this step
     final: set[int] = field(default_factory=set)  # indices whose final-micro-batch gradient arrived
     submitted: bool = False
+    moving: list = field(default_factory=list)  # futures of gradients still on their way into grad_flat (CUDA)
+
+    def landed(self) -> None:
+        """Wait until every gradient moved into this block's buffer has arrived."""
+        for f in self.moving:
+            f.result()
+        self.moving.clear()
 
 
 @dataclass
@@ -88,8 +95,10 @@ class GradPool:
     micro-batch it is only the blocks whose gradients are complete but not yet applied, so gradient RAM follows
     how far the updates trail backward instead of the model size. A buffer that receives exactly one gradient per
     value (one micro-batch) can hold it in the parameters' own dtype (bf16: half of fp32, and exact, since the
-    update widens it to the master's dtype); sums of micro-batches take the master dtype. Buffers stay in the pool
-    (pinned buffers are slow to allocate on CUDA), so the pool's size is the peak.
+    update widens it to the master's dtype); sums of micro-batches take the master dtype. Pinned buffers (CUDA)
+    stay in the pool, since pinning is slow, so the pool's size is the peak of each size; plain CPU buffers are
+    freed when given back (zeroed pages are cheap to get again), so a model whose embedding and layers differ in size
+    does not keep a buffer of each size between steps.
     """
 
     def __init__(self, pin: bool):
@@ -108,7 +117,10 @@ class GradPool:
         blk.grads = [flat[o: o + math.prod(s)].view(s) for o, s in zip(blk.offsets, blk.shapes)]
 
     def give(self, blk: GradBlock) -> None:  # caller holds the engine's lock; the buffer is zero again
-        self._free.setdefault((blk.numel, blk.grad_flat.dtype), []).append(blk.grad_flat)
+        if self.pin:
+            self._free.setdefault((blk.numel, blk.grad_flat.dtype), []).append(blk.grad_flat)
+        else:
+            self.nbytes -= blk.grad_flat.nbytes
         blk.grad_flat, blk.grads = None, []
 
 
@@ -141,9 +153,11 @@ def _checked_params(named_params: list[tuple[str, nn.Parameter]], blocks: list[l
 
 def build_blocks(named_params: list[tuple[str, nn.Parameter]], blocks: list[list[str]], dtype: torch.dtype,
                  initial_values: Callable[[list[nn.Parameter]], list[torch.Tensor]], keep_masters: bool, pin: bool,
-                 chunk_bytes: int | None = None) -> tuple[list[GradBlock], list[OffloadBlock]]:
+                 chunk_bytes: int | None = None, chunk_names: set[str] | None = None
+                 ) -> tuple[list[GradBlock], list[OffloadBlock]]:
     """Check ``blocks`` against ``named_params`` (each trainable param in exactly one block) and build the gradient
-    blocks and their staging units (:func:`staging_units` with ``chunk_bytes`` of ``dtype`` masters per unit).
+    blocks and their staging units (:func:`staging_units` with ``chunk_bytes`` of ``dtype`` masters per unit; only
+    the tensors in ``chunk_names`` are split in rows, all when None).
 
     ``keep_masters`` (the cpu tier) fills the masters here from ``initial_values(params)`` (the device params, or
     the streamed layers' homes); the NVMe tier writes them straight to disk unit by unit instead.
@@ -158,7 +172,8 @@ def build_blocks(named_params: list[tuple[str, nn.Parameter]], blocks: list[list
         dtypes = {p.dtype for p in ps}
         gb = GradBlock(list(block), ps, shapes, [sum(sizes[:i]) for i in range(len(sizes))], sum(sizes),
                        param_dtype=dtypes.pop() if len(dtypes) == 1 else None, got=[False] * len(ps))
-        for entries in staging_units(shapes, chunk):
+        splittable = None if chunk_names is None else [n in chunk_names for n in block]
+        for entries in staging_units(shapes, chunk, splittable):
             gb.units.append(len(units))
             units.append(_unit(gb, g, entries, dtype, initial_values if keep_masters else None, pin))
         grad_blocks.append(gb)
@@ -205,15 +220,16 @@ def row_chunks(shape: torch.Size | tuple[int, ...], chunk: int | None) -> list[s
     return [slice(start, min(start + per, shape[0])) for start in range(0, shape[0], per)]
 
 
-def staging_units(shapes: list[torch.Size | tuple[int, ...]], chunk: int | None
-                  ) -> list[list[tuple[int, slice | None]]]:
+def staging_units(shapes: list[torch.Size | tuple[int, ...]], chunk: int | None,
+                  splittable: list[bool] | None = None) -> list[list[tuple[int, slice | None]]]:
     """One gradient block's tensors (``shapes``, in order) as staging units of ``(tensor index, rows)`` entries.
 
     ``chunk`` None: the block is one unit of whole tensors. Else runs of whole tensors of at most ``chunk`` values
     (small tensors share one I/O), and each tensor larger than that split into row chunks (:func:`row_chunks`),
     one unit each: a row slice of an element-wise update (AdamW) is exactly the update of the slice, with its own
-    state (the per-tensor step counter advances the same in every chunk). Only for optimizers whose registry entry
-    says ``elementwise``: a projected or masked tensor (GaLore, FRUGAL, SPAM's density) needs all of it at once.
+    state (the per-tensor step counter advances the same in every chunk). Only the tensors ``splittable`` marks
+    (all when None): the registry's ``elementwise`` parameters; a projected or masked tensor (GaLore's targets,
+    FRUGAL, SPAM's density) needs all of it at once and is a unit of its own when larger than ``chunk``.
     """
     if chunk is None:
         return [[(j, None) for j in range(len(shapes))]]
@@ -222,7 +238,7 @@ def staging_units(shapes: list[torch.Size | tuple[int, ...]], chunk: int | None
     size = 0
     for j, shape in enumerate(shapes):
         n = math.prod(shape)
-        pieces = row_chunks(shape, chunk)
+        pieces = row_chunks(shape, chunk) if splittable is None or splittable[j] else [None]
         if run and (pieces != [None] or size + n > chunk):
             out.append(run)
             run, size = [], 0

@@ -63,6 +63,7 @@ from torch import nn
 from slimtune.optimizers import PerTensorOptimizer, allocated_state_bytes
 
 from ..store.memory import return_large_frees_to_os
+from .grad_mover import GradMover
 from .offloaded_blocks import GradPool, build_blocks, checked_optimizer, row_slice
 from .offloaded_checkpoint import load_engine, save_engine
 from .paged_state import PagedState
@@ -105,6 +106,8 @@ class OffloadedUpdates:
             update of a row slice is the update of the slice. None (the default: this class cannot tell from a
             builder whether its optimizer is element-wise) keeps every tensor whole; the trainer passes
             ``offload.staging_chunk`` (64 MiB) for element-wise optimizers.
+        chunk_names: with ``chunk_bytes``, the parameters that may be split in rows (the registry's
+            ``elementwise`` ones: all of AdamW's, GaLore's unprojected ones); None: all.
         initial_values: ``f(params) -> values`` (CPU tensors, same shapes) the masters start from, called once per
             staging unit; default: the parameters' own data. A streamed load passes the values in the layers'
             homes (the parameters are shape-only stand-ins then), so masters are written unit by unit straight to
@@ -125,6 +128,7 @@ class OffloadedUpdates:
                  build_optimizer: Callable[[list[tuple[str, torch.Tensor]]], PerTensorOptimizer],
                  state_tier: str = "cpu", nvme_dir: str | None = None, master_dtype: torch.dtype = torch.float32,
                  overlap: bool = True, threads: int = 1, max_pending: int = 2, chunk_bytes: int | None = None,
+                 chunk_names: set[str] | None = None,
                  initial_values: Callable[[list[nn.Parameter]], list[torch.Tensor]] | None = None):
         if state_tier not in TIERS:
             raise ValueError(f"state_tier must be one of {TIERS}, got {state_tier!r}")
@@ -152,7 +156,8 @@ class OffloadedUpdates:
         pin = torch.cuda.is_available() and any(p.is_cuda for _, p in named_params)
         self.initial_values = initial_values or (lambda params: [p.detach() for p in params])
         self.grad_blocks, self.blocks = build_blocks(named_params, blocks, master_dtype, self.initial_values,
-                                                     keep_masters=state_tier == "cpu", pin=pin, chunk_bytes=chunk_bytes)
+                                                     keep_masters=state_tier == "cpu", pin=pin, chunk_bytes=chunk_bytes,
+                                                     chunk_names=chunk_names)
         self.optimizer = checked_optimizer(build_optimizer([(n, m) for blk in self.blocks
                                                              for n, m in zip(blk.names, blk.masters)]), self.blocks)
         self._group = {id(m): g for g in self.optimizer.param_groups for m in g["params"]}
@@ -161,6 +166,8 @@ class OffloadedUpdates:
         self._events: list[tuple[str, float, float, str]] = []
         self.lock = threading.Lock()
         self._grad_pool = GradPool(pin)
+        cuda = next((p.device for _, p in named_params if p.is_cuda), None)
+        self.grad_mover = GradMover(cuda if cuda is not None else torch.device("cpu"))
         self._counts = {"grad_bytes_to_cpu": 0, "param_bytes_to_device": 0, "update_seconds": 0.0}
         self.state_held = [0] * len(self.blocks)  # cpu tier: allocated state bytes per block
         self.steps = 0
@@ -216,8 +223,9 @@ class OffloadedUpdates:
                 self._backpressure()
             with self.lock:
                 self._grad_pool.take(gb, gb.param_dtype if single and gb.param_dtype else self.master_dtype)
-        gb.grads[j].add_(grad.to(device="cpu", dtype=gb.grad_flat.dtype))
-        p.grad = None  # the device gradient is gone now: the next block's never meets it
+                self.note_peak(0)  # CPU buffers are freed after their update: the peak is when one is taken
+        gb.moving.append(self.grad_mover.move(grad, gb.grads[j], fresh=not gb.got[j]))  # CUDA: queued, not waited
+        p.grad = None  # the device gradient is gone now (CUDA: once its copy ran): the next block's never meets it
         gb.got[j] = True
         with self.lock:
             self._counts["grad_bytes_to_cpu"] += grad.numel() * grad.element_size()
@@ -246,6 +254,7 @@ class OffloadedUpdates:
     def _update_block(self, g: int) -> None:
         """Update every staging unit of block ``g`` from its gradient buffer, then give the buffer back zeroed."""
         gb = self.grad_blocks[g]
+        gb.landed()
         for u in gb.units:
             self._update_unit(u)
         t0 = time.perf_counter()
@@ -373,6 +382,8 @@ class OffloadedUpdates:
     def _clip(self, max_norm: float) -> torch.Tensor:
         """``torch.nn.utils.clip_grad_norm_`` on the CPU buffers: same norm function, coefficient and order, over
         whole-parameter gradients (a block's buffer holds whole parameters even when its units are row chunks)."""
+        for gb in self.grad_blocks:
+            gb.landed()
         grads = [gb.grads[j] for gb in self.grad_blocks for j, got in enumerate(gb.got) if got]
         total = torch.nn.utils.get_total_norm(grads, 2.0)
         if grads:
@@ -486,6 +497,7 @@ class OffloadedUpdates:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        self.grad_mover.close()
         self._pool.shutdown(wait=True)
         if self.swapper is not None:
             self.swapper.close()
