@@ -259,7 +259,11 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", choices=list(KINDS), default=list(KINDS))
     ap.add_argument("--dir", default=str(ROOT / "bench" / ".scale"), help="models, runs and swap files (NVMe)")
     ap.add_argument("--no-whole", action="store_true", help="skip today's whole-load contrast runs")
+    ap.add_argument("--report", action="store_true", help="only re-render bench/results/scale.* from scale.json")
     args = ap.parse_args()
+    if args.report:
+        saved = json.loads((RESULTS / "scale.json").read_text())
+        return report(saved["rows"], saved["depth"], saved["machine"], saved["budget"])
     budget, work = parse_bytes(args.budget), Path(args.dir)
     work.mkdir(parents=True, exist_ok=True)
     machine = f"{cpu_name()}, {__import__('os').cpu_count()} cores, {format_size(_ram(), binary=True)} RAM"
@@ -292,7 +296,23 @@ def main() -> None:
     depth = [{"kind": kind, **{f"min_budget_{n}": smallest_budget(kind, n, work, runtime) for n in (16, 32)}}
              for kind in args.only]
     shutil.rmtree(work, ignore_errors=True)
+    rows, depth = merged(rows, depth, machine, budget)
     report(rows, depth, machine, budget)
+
+
+def merged(rows: list[dict], depth: list[dict], machine: str, budget: int) -> tuple[list[dict], list[dict]]:
+    """This run's rows and depth entries, with those of the other row kinds from the last results file of the same
+    machine and budget (``--only`` reruns some rows; the table keeps one line per kind, in KINDS order)."""
+    path = RESULTS / "scale.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("machine") == machine and old.get("budget") == budget:
+            ran = {r["kind"] for r in rows}
+            rows = [r for r in old["rows"] if r["kind"] not in ran] + rows
+            depth = [d for d in old["depth"] if d["kind"] not in ran] + depth
+    order = list(KINDS)
+    return (sorted(rows, key=lambda r: (order.index(r["kind"]), r["mode"] != "slimtune")),
+            sorted(depth, key=lambda d: order.index(d["kind"])))
 
 
 def _runtime_bytes() -> int:
@@ -322,7 +342,9 @@ def report(rows: list[dict], depth: list[dict], machine: str, budget: int) -> No
         def cells(r):
             if not r:
                 return ["-", "-", "-", "-"]
-            outcome = "trains" if r["exit"] == 0 else f"exit {r['exit']}: {r.get('error', '')[:80]}"
+            error = r.get("error", "")
+            outcome = ("trains" if r["exit"] == 0 else "refused by the plan after loading" if "no placement fits"
+                       in error else f"exit {r['exit']}: {error[:80]}")
             peak = r.get("peak_rss_bytes")
             return [outcome, format_size(peak) if peak else "-", f"{r['peak_over_budget']:.2f}" if peak else "-",
                     str(r.get("step_s", "-"))]

@@ -57,6 +57,7 @@ LINKS = ("cpu->gpu", "gpu->cpu", "nvme->cpu", "cpu->nvme")
 CATEGORIES = ("params", "adapter", "grads", "state", "master", "activations", "buffers")
 BANDWIDTH_KEYS = LINKS + ("memcpy", "flops")
 AUTO_FRACTION = 0.9    # auto budgets leave 10% head room (allocator fragmentation, CUDA context, the OS)
+BNB_QUANTIZE_BYTES_PER_VALUE = 20  # bitsandbytes 0.50's CPU quantize_4bit temporaries (backends/default/ops.py)
 STATE_STAGING = 3      # CPU staging buffers of the NVMe state ring (state_swapper: workers + 2, one worker)
 NVME_ALIGN = 4096
 FULL_ORDER = (("gpu", "gpu", "gpu"), ("gpu", "gpu", "cpu"), ("gpu", "cpu", "cpu"), ("cpu", "cpu", "cpu"),
@@ -338,9 +339,10 @@ def _phases(off: PlanRequest, sizes, plan: Plan, bd: dict[str, dict[str, int]], 
     """Peak host (and device) bytes of the phases around training, when the layers stream.
 
     * ``load`` (``finetune/streamed_load.py``): the resident blocks and, for a cpu home, every layer's home, plus one
-      layer in flight: its tensors materialized in the model's dtype (4-bit: cast, then quantized) one by one, the
-      tensor being read twice in the checkpoint's dtype (the shard's memory-mapped pages it touched, and the copy),
-      and the packed home buffer. Nothing else exists yet (no ring, no optimizer, no activations).
+      layer in flight: its tensors materialized in the model's dtype one by one (4-bit: held as codes, the tensor
+      being quantized cast and run through bitsandbytes' quantize temporaries), the tensor being read twice in the
+      checkpoint's dtype (the shard's memory-mapped pages it touched, and the copy), and the packed home buffer.
+      Nothing else exists yet (no ring, no optimizer, no activations).
     * ``save`` (a full model, ``finetune/streamed_save.py``): after training, with the offloaded optimizer closed
       (its staging and gradient buffers given back): the resident parameters, the cpu homes and the ring, plus one
       shard of about two layers, the layer being read and its read buffer.
@@ -350,7 +352,12 @@ def _phases(off: PlanRequest, sizes, plan: Plan, bd: dict[str, dict[str, int]], 
         return {}
     big = max(layers, key=lambda b: b.param_count)
     largest = max(b.largest_count for b in layers) or big.param_count
-    in_flight = big.param_count * off.value_bytes + 2 * largest * off.checkpoint_value_bytes + big.stream_bytes
+    read = 2 * largest * off.checkpoint_value_bytes  # the tensor being read: mapped pages + its copy
+    if big.quant_state_bytes:  # 4-bit: the layer is held as codes; the tensor being quantized is cast to model.dtype
+        # and goes through bitsandbytes' torch quantize (fp32 copy, |x|, scaled, clamped, int32 codes: ~20 B/value)
+        in_flight = 2 * big.stream_bytes + read + largest * (off.value_bytes + BNB_QUANTIZE_BYTES_PER_VALUE)
+    else:
+        in_flight = big.param_count * off.value_bytes + read + big.stream_bytes
     resident = sum(b.param_bytes for b in (sizes[0], sizes[-1])) + sum(b.quant_state_bytes for b in layers)
     homes = bd["cpu"]["params"]
     on_host = plan.device == "cpu"

@@ -154,15 +154,20 @@ model = prepared.model
 config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
 trainer = Trainer(recipe, prepared, progress=False)
 trainer.evaluate(None)  # warm: the first forward's kernel workspaces belong to the runtime, not to the plan
-# runtime = RSS minus what the engine says it holds (device tier, cpu tier): libraries, data, workspaces. Sampled
-# over 0.2 s, its highest: the heap's trimming (malloc_trim, freed arenas) makes one reading dip by ~50 MB
-held = trainer.engine.tier_bytes()
-import time
-rss = 0
-for _ in range(20):
-    rss = max(rss, current_rss_bytes())
-    time.sleep(0.01)
-runtime = rss - held["gpu_tier_bytes"] - held["cpu_tier_bytes"]
+# runtime = RSS minus what the engine says it holds (device tier, cpu tier): libraries, data, workspaces. Its
+# highest over a second eval: one reading between them dips by ~60 MB when the heap was just trimmed (malloc_trim)
+import threading, time
+held, rss, done = trainer.engine.tier_bytes(), [current_rss_bytes()], threading.Event()
+def sample():
+    while not done.is_set():
+        rss.append(current_rss_bytes())
+        time.sleep(0.005)
+sampler = threading.Thread(target=sample)
+sampler.start()
+trainer.evaluate(None)
+done.set()
+sampler.join()
+runtime = max(rss) - held["gpu_tier_bytes"] - held["cpu_tier_bytes"]
 plan = plan_recipe(recipe, config=config, bandwidths=_NOT_MEASURED, runtime_bytes=runtime)
 with open("/proc/self/clear_refs", "w") as f:  # peak RSS from here on: the run, not setup's transient copies
     f.write("5")

@@ -15,14 +15,14 @@ import textwrap
 import pytest
 import torch
 from test_offload_train import assert_same_run
-from test_streamed_load import _streamed
+from test_streamed_load import FAMILIES, _streamed
 from test_train import tiny, write_recipe
 
 from slimtune.finetune import load_recipe, train
 from slimtune.finetune.streamed_save import save_streamed
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "gpt_neox"])  # tied head, untied head, another layout
+@pytest.mark.parametrize("family", FAMILIES)
 def test_streamed_save_reloads_to_the_engine_weights_exactly(sharded, tmp_path, family):
     from transformers import AutoModelForCausalLM
 
@@ -50,6 +50,18 @@ def test_streamed_save_reloads_to_the_engine_weights_exactly(sharded, tmp_path, 
         assert got[name].dtype == value.dtype and torch.equal(got[name].detach(), value), name
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert (reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight) == tied
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_after_a_streamed_load_equals_training_after_from_pretrained(sharded, tmp_path, family):
+    """QLoRA with its 4-bit base streamed from NVMe (loaded layer by layer from 30 KB shards) against QLoRA on the
+    base from_pretrained loads whole: the same losses and adapter weights (support_matrix.compare, atol 1e-5).
+    The support matrix's lora_nvme / galore_nvme / mezo_nvme cells check the same for the other adapters."""
+    import support_matrix as sm
+
+    qlora = ("adapter.type=qlora", "training.max_steps=2")
+    outcome = sm.compare(sharded(family), tmp_path, (*qlora, "offload.params=nvme"), qlora)
+    assert outcome.status == "trains", outcome.detail
 
 
 KILLED = textwrap.dedent("""

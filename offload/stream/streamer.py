@@ -173,6 +173,8 @@ class BlockStreamer(HomeAccess):
             for p in layer.params:
                 p.data = self._placeholder(p.dtype)
             del buf
+            if fill is not None:  # the fill's transients (bnb's 4-bit quantization: many small ones) leave now
+                release_free_memory()
 
     def home_bytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
