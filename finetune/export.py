@@ -88,7 +88,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, do_sample:
 
 
 def merge_adapter(adapter_dir: Path, out_dir: Path, dtype: str = "float32", device: str = "cpu",
-                  base: str | None = None) -> Path:
+                  base: str | None = None, stream: bool | None = None) -> Path:
     """Merge a LoRA/QLoRA adapter into its base and save a plain model (safetensors + tokenizer) to ``out_dir``.
 
     LoRA: base in full precision + adapter, ``merge_and_unload``.
@@ -106,6 +106,10 @@ def merge_adapter(adapter_dir: Path, out_dir: Path, dtype: str = "float32", devi
     ``device`` is where the 4-bit base is quantized on load; use the training device (e.g. cuda) to reproduce its
     quantization bit for bit. Dequantized layers are moved to the CPU as they are made; the output is on disk.
     ``base`` overrides the adapter's recorded base (hub id or directory), e.g. when the base dir has moved.
+
+    ``stream`` (default: when the base is a safetensors checkpoint and ``device`` is the CPU): merge one decoder
+    layer at a time (:func:`~.streamed_merge.merge_streamed`: the same output, bit for bit, without the base in
+    memory); the output is then sharded like ``save_pretrained(max_shard_size=...)``.
 
     MixLoRA adapters are refused: the router picks different LoRA experts per token, so no dense weight matrix
     reproduces the adapted model.
@@ -130,27 +134,55 @@ def merge_adapter(adapter_dir: Path, out_dir: Path, dtype: str = "float32", devi
     model_cfg, source = _base_config(adapter_dir, adapter_cfg, meta, base, False)
     if not quantized:
         model_cfg.dtype = dtype
+    if stream is None:
+        stream = str(device) == "cpu" and _safetensors_base(source)
+    tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else source
+    merged_meta = {"adapter_type": "none", "quantized": False, "quantization": None, "dtype": dtype,
+                   "merged_from": str(adapter_dir.resolve()), "merged_into_dequantized_4bit_base": quantized}
+    if stream:
+        from .streamed_merge import merge_streamed
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        with atomic_dir(out_dir) as tmp:
+            merge_streamed(adapter_dir, tmp, model_cfg, source, dtype, quantized)
+            tokenizer.save_pretrained(tmp)
+            (tmp / METADATA_FILE).write_text(json.dumps(merged_meta, indent=2) + "\n")
+        return out_dir
     model = _load_base(adapter_dir, model_cfg, source, device if quantized else "cpu", quantized)
     if quantized:
         dequantize_model(model, DTYPES[dtype], torch.device("cpu"))
     model = model.to(device="cpu", dtype=DTYPES[dtype])
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged.config.use_cache = True
-    tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else source
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / METADATA_FILE).write_text(json.dumps({
-            "adapter_type": "none", "quantized": False, "quantization": None, "dtype": dtype,
-            "merged_from": str(adapter_dir.resolve()), "merged_into_dequantized_4bit_base": quantized,
-        }, indent=2) + "\n")
+        (tmp / METADATA_FILE).write_text(json.dumps(merged_meta, indent=2) + "\n")
     return out_dir
+
+
+def _safetensors_base(source: str) -> bool:
+    """Whether ``source`` is a local safetensors checkpoint (what the streamed merge reads; a hub id merges whole
+    unless asked)."""
+    path = Path(source).expanduser()
+    return path.is_dir() and any(path.glob("model*.safetensors*"))
 
 
 def dequantize_model(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
     """Replace every bitsandbytes ``Linear4bit`` with an ``nn.Linear`` holding ``dequant(W4)`` in ``dtype``, and
     drop the model's quantization markers so ``save_pretrained`` writes a plain model."""
+    dequantize_linears(model, dtype, device)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_loaded_in_4bit = False
+    model.hf_quantizer = None
+    model.quantization_method = None
+
+
+def dequantize_linears(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    """Replace every bitsandbytes ``Linear4bit`` under ``model`` (any module) with an ``nn.Linear`` holding
+    ``dequant(W4)`` (``bitsandbytes.functional.dequantize_4bit``) in ``dtype``."""
     import bitsandbytes.functional as bnbF
 
     for name, module in list(model.named_modules()):
@@ -165,11 +197,6 @@ def dequantize_model(model: torch.nn.Module, dtype: torch.dtype, device: torch.d
                 linear.bias.copy_(module.bias)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.is_loaded_in_4bit = False
-    model.hf_quantizer = None
-    model.quantization_method = None
 
 
 def _base_config(directory: Path, adapter_cfg: dict, meta: dict, base: str | None, trust_remote_code: bool

@@ -132,6 +132,7 @@ class OffloadEngine(InMemoryEngine):
 
     def _write_streamed(self, directory: Path, streamed: dict[str, tuple[int, int]]) -> None:
         """The streamed trainable weights as safetensors shards of about two layers, read home by home."""
+        from slimtune.offload.plan import shard_bytes
         from slimtune.offload.stream.shards import write_shards
 
         directory.mkdir()
@@ -150,7 +151,7 @@ class OffloadEngine(InMemoryEngine):
                 out[n] = cache[i][k]
             return out
 
-        write_shards(directory, entries, fetch, max(2 * max(layer.nbytes for layer in layers), 64 << 20))
+        write_shards(directory, entries, fetch, shard_bytes(max(layer.nbytes for layer in layers)))
 
     def _read_streamed(self, directory: Path) -> None:
         """Put the streamed weights of a checkpoint back into their homes, one layer at a time."""

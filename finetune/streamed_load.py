@@ -126,7 +126,7 @@ def load_streamed(cfg: ModelConfig, source: Path | str, device: torch.device, qu
         layer_prefix = loaded.prefix + "."
         outside = [n for n in model.state_dict() if not n.startswith(layer_prefix)]
         present = [n for n in outside if n in shards.keys]
-        shards.check([n for n in shards.missing(outside) if not _tied_away(model, n)])
+        shards.check([n for n in shards.missing(outside) if not tied_away(model, n)])
         shards.check([n for n in model.state_dict() if n.startswith(layer_prefix)])  # before any layer is read
         for name in present:  # one tensor at a time, as the layers
             loaded._set(name, shards.read([name])[name])
@@ -148,7 +148,7 @@ def load_streamed(cfg: ModelConfig, source: Path | str, device: torch.device, qu
     return loaded
 
 
-def _tied_away(model: PreTrainedModel, name: str) -> bool:
+def tied_away(model: PreTrainedModel, name: str) -> bool:
     """Whether ``name`` is a weight ``tie_weights`` sets from another one (the LM head of a tied model)."""
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     return name in tied

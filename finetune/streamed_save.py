@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from slimtune.offload.plan import shard_bytes
 from slimtune.offload.stream.shards import write_shards
 
 
@@ -28,7 +29,7 @@ def save_streamed(model: torch.nn.Module, streamer, directory: Path) -> list[Pat
         if id(p) not in seen:
             seen.add(id(p))
             params[name] = p
-    saved_as = _saved_names(model, {n: shapes.get(id(p), (p.shape, p.dtype)) for n, p in params.items()})
+    saved_as = saved_names(model, {n: shapes.get(id(p), (p.shape, p.dtype)) for n, p in params.items()})
     params = {saved_as[n]: p for n, p in params.items()}
     entries = []
     for name, p in params.items():
@@ -55,11 +56,10 @@ def save_streamed(model: torch.nn.Module, streamer, directory: Path) -> list[Pat
     model.config.save_pretrained(directory)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(directory)
-    # about two layers per shard: bounded by the layer, not the model (save_pretrained's default is 50 GB)
-    return write_shards(directory, entries, fetch, max(2 * layer_bytes, 64 << 20))
+    return write_shards(directory, entries, fetch, shard_bytes(layer_bytes))
 
 
-def _saved_names(model: torch.nn.Module, shapes: dict[str, tuple[torch.Size, torch.dtype]]) -> dict[str, str]:
+def saved_names(model: torch.nn.Module, shapes: dict[str, tuple[torch.Size, torch.dtype]]) -> dict[str, str]:
     """Model name -> the name ``save_pretrained`` writes it under: transformers reverts its load-time key renames
     (``core_model_loading.revert_weight_conversion``, e.g. GPT-NeoX's ``embed_out`` is saved as ``lm_head``). Run
     on shape-only tensors; an architecture whose save would *convert* tensors (fuse or split them) is refused."""

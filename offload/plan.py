@@ -157,6 +157,13 @@ class Plan:
         return plot(self, path)
 
 
+def shard_bytes(layer_bytes: int) -> int:
+    """The shard size of a streamed save: about two decoder layers. Held twice while a shard is written (the
+    tensors, and safetensors' serialized copy), so it is bounded by the layer, not the model (``save_pretrained``'s
+    default is 50 GB)."""
+    return max(2 * layer_bytes, 1 << 20)
+
+
 def ring_slots(prefetch: int, writeback: bool) -> int:
     """Device slots of the block streamer's ring: the layer computing and ``prefetch`` fetched ahead are the most
     ever bound (a layer is released before the next fetch needs its slot), plus one absorbing a write-back in
@@ -345,7 +352,8 @@ def _phases(off: PlanRequest, sizes, plan: Plan, bd: dict[str, dict[str, int]], 
       Nothing else exists yet (no ring, no optimizer, no activations).
     * ``save`` (a full model, ``finetune/streamed_save.py``): after training, with the offloaded optimizer closed
       (its staging and gradient buffers given back): the resident parameters, the cpu homes and the ring, plus one
-      shard of about two layers, the layer being read and its read buffer.
+      shard of about two layers twice (its tensors and safetensors' serialized copy), the layer being read and its
+      read buffer.
     """
     layers = sizes[1:-1]
     if not streamed or not layers:
@@ -367,8 +375,9 @@ def _phases(off: PlanRequest, sizes, plan: Plan, bd: dict[str, dict[str, int]], 
     if off.full:
         slot = max(b.stream_bytes for b in layers)
         kept = bd["cpu"]["params"] + ((bd["gpu"]["params"] + bd["gpu"]["buffers"]) if on_host else 0)
-        shard = min(max(2 * slot, 64 << 20), sum(b.param_bytes for b in sizes))  # streamed_save's shard size
-        phases["save"] = {"host": plan.runtime_bytes + kept + shard + 2 * slot}
+        shard = min(shard_bytes(slot), sum(b.param_bytes for b in sizes))  # streamed_save's shard size
+        # the shard's tensors and safetensors' serialized copy of them, the layer being read and its read buffer
+        phases["save"] = {"host": plan.runtime_bytes + kept + 2 * shard + 2 * slot}
     return phases
 
 

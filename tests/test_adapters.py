@@ -264,8 +264,8 @@ def test_merge_lora_equals_the_adapter_model(tmp_path, tiny_dir_config, tiny_mod
     model = _adapted(tiny_dir_config, tiny_model_dir)
     _randomize_lora(model)
     save_adapter(model, tmp_path / "adapter", tiny_tokenizer)
-    merged_dir = merge_adapter(tmp_path / "adapter", tmp_path / "merged")
-    assert (merged_dir / "model.safetensors").is_file() and not (merged_dir / "adapter_config.json").exists()
+    merged_dir = merge_adapter(tmp_path / "adapter", tmp_path / "merged")  # streamed: a local safetensors base
+    assert (merged_dir / "model.safetensors.index.json").is_file() and not (merged_dir / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert not any("lora" in n for n, _ in merged.named_parameters())
     adapter_logits = _logits(model)
