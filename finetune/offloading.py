@@ -85,15 +85,16 @@ class OffloadEngine(InMemoryEngine):
         if self.updates is not None:  # masters + state live in the engine: written by it, block by block
             return save_checkpoint(run_dir, state, {}, {}, scheduler, recipe, limit,
                                    extra=lambda tmp: self.updates.save(tmp / "offload"))
+        self.sync()  # deferred zeroth-order updates land first
         streamed = self._streamed_trainable()
-        if streamed:  # trainable weights in the homes (zeroth-order): written shard by shard, never all at once
-            self.sync()
-            resident = {n: p.detach().clone() for n, p in self.model.named_parameters()
-                        if p.requires_grad and p.numel() and n not in streamed}
-            return save_checkpoint(run_dir, state, resident, self.optimizer.state_dict(), scheduler, recipe, limit,
-                                   extra=lambda tmp: self._write_streamed(tmp / STREAMED_DIR, streamed))
-        return save_checkpoint(run_dir, state, self.trainable_state_dict(trainable_state_dict),
-                               self.optimizer.state_dict(), scheduler, recipe, limit)
+        if not streamed:
+            return save_checkpoint(run_dir, state, trainable_state_dict(self.model), self.optimizer.state_dict(),
+                                   scheduler, recipe, limit)
+        # trainable weights in the homes (zeroth-order): written shard by shard, never all at once
+        resident = {n: p.detach().clone() for n, p in self.model.named_parameters()
+                    if p.requires_grad and p.numel() and n not in streamed}
+        return save_checkpoint(run_dir, state, resident, self.optimizer.state_dict(), scheduler, recipe, limit,
+                               extra=lambda tmp: self._write_streamed(tmp / STREAMED_DIR, streamed))
 
     def restore(self, path: Path, checkpoint) -> None:
         if self.updates is not None:
@@ -105,7 +106,7 @@ class OffloadEngine(InMemoryEngine):
             self._read_streamed(path / STREAMED_DIR)
             self._load_resident(checkpoint.trainable)
         else:
-            self.load_trainable_state_dict(checkpoint.trainable, load_trainable_state_dict)
+            load_trainable_state_dict(self.model, checkpoint.trainable)
         self.optimizer.load_state_dict(checkpoint.optimizer)
 
     def _load_resident(self, sd: dict[str, torch.Tensor]) -> None:
@@ -132,26 +133,16 @@ class OffloadEngine(InMemoryEngine):
 
     def _write_streamed(self, directory: Path, streamed: dict[str, tuple[int, int]]) -> None:
         """The streamed trainable weights as safetensors shards of about two layers, read home by home."""
-        from slimtune.offload.plan import shard_bytes
+        from slimtune.offload.plan_phases import shard_bytes
         from slimtune.offload.stream.shards import write_shards
 
         directory.mkdir()
-        layers = self.streamer.layers
+        layers, reader = self.streamer.layers, self.streamer.reader()
         entries = [(n, layers[i].shapes[k][0].numel() * layers[i].shapes[k][1].itemsize)
                    for n, (i, k) in streamed.items()]
-        cache: dict[int, list] = {}
-
-        def fetch(names: list[str]) -> dict[str, torch.Tensor]:
-            out = {}
-            for n in names:
-                i, k = streamed[n]
-                if i not in cache:
-                    cache.clear()
-                    cache[i] = [v for _, v in self.streamer.layer_tensors(i)]
-                out[n] = cache[i][k]
-            return out
-
-        write_shards(directory, entries, fetch, shard_bytes(max(layer.nbytes for layer in layers)))
+        param = {n: layers[i].params[k] for n, (i, k) in streamed.items()}
+        write_shards(directory, entries, lambda names: {n: reader(param[n]) for n in names},
+                     shard_bytes(max(layer.nbytes for layer in layers)))
 
     def _read_streamed(self, directory: Path) -> None:
         """Put the streamed weights of a checkpoint back into their homes, one layer at a time."""
@@ -170,10 +161,10 @@ class OffloadEngine(InMemoryEngine):
                                   f"({len(absent)} missing, e.g. {', '.join(absent[:3]) or '-'})")
         self.streamer.release_all()
         for i, names in by_layer.items():
-            values = shards.read(names)
-            current = self.streamer.layer_tensors(i)
-            position = {k: n for n, (_, k) in streamed.items() if streamed[n][0] == i}
-            self.streamer.write_layer(i, [values.get(position.get(k), v) for k, (_, v) in enumerate(current)])
+            layer = [v for _, v in self.streamer.layer_tensors(i)]  # frozen tensors of the layer stay as they are
+            for name, value in shards.read(names).items():
+                layer[streamed[name][1]] = value
+            self.streamer.write_layer(i, layer)
 
     def sync(self) -> None:
         """Make the model's weights current (deferred zeroth-order updates applied): before eval, saving, export."""
@@ -185,33 +176,6 @@ class OffloadEngine(InMemoryEngine):
         from slimtune.offload.stream.zo_stream import ZOStream
 
         self.zo = ZOStream(self.model, optimizer, self.streamer)
-
-    # ------------------------------------------------------------------ weights through the engine
-    def trainable_state_dict(self, fallback: Callable[[Any], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Trainable weights by name: streamed ones read from their home, the rest as the adapter code returns."""
-        self.sync()  # (with OffloadedUpdates the trainer saves the engine's masters instead, see Trainer.save)
-        if self.streamer is None or not any(p.requires_grad for layer in self.streamer.layers for p in layer.params):
-            return fallback(self.model)
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        out = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad and p.numel()}
-        for i in range(len(self.streamer.layers)):
-            for p, value in self.streamer.layer_tensors(i):
-                if p.requires_grad:
-                    out[names[id(p)]] = value
-        return out
-
-    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor], fallback: Callable[[Any, dict], None]) -> None:
-        if self.streamer is None:
-            return fallback(self.model, sd)
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        streamed = set()
-        self.streamer.release_all()
-        for i, layer in enumerate(self.streamer.layers):
-            if any(names[id(p)] in sd for p in layer.params):
-                current = self.streamer.layer_tensors(i)
-                self.streamer.write_layer(i, [sd.get(names[id(p)], value) for p, value in current])
-                streamed.update(names[id(p)] for p in layer.params)
-        fallback(self.model, {k: v for k, v in sd.items() if k not in streamed})
 
     # ------------------------------------------------------------------ accounting
     def tier_bytes(self) -> dict[str, int]:
@@ -312,25 +276,10 @@ def offloaded_updates(model: torch.nn.Module, build_optimizer: Callable, state_t
 
 def home_values(streamer) -> Callable[[list[torch.nn.Parameter]], list[torch.Tensor]]:
     """``f(params) -> values``: the current values of parameters, read from their streamed layer's home when they
-    stream (one layer read at a time, kept until another layer is asked for), else their own data. The offloaded
+    stream (:meth:`~slimtune.offload.stream.homes.HomeAccess.reader`), else their own data. The offloaded
     optimizer's masters start from these after a streamed load."""
-    layer_of = {id(p): i for i, layer in enumerate(streamer.layers) for p in layer.params}
-    cached: dict[str, Any] = {"layer": None, "values": {}}
-
-    def values(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-        out = []
-        for p in params:
-            i = layer_of.get(id(p))
-            if i is None:
-                out.append(p.detach())
-                continue
-            if cached["layer"] != i:
-                cached["values"] = {id(q): v for q, v in streamer.layer_tensors(i)}
-                cached["layer"] = i
-            out.append(cached["values"][id(p)])
-        return out
-
-    return values
+    reader = streamer.reader()
+    return lambda params: [reader(p) if p in reader else p.detach() for p in params]
 
 
 def _config(model: torch.nn.Module):

@@ -31,6 +31,7 @@ import torch
 import slimtune.offload.stream.bnb_compat  # noqa: F401  (bitsandbytes without the kernel hub, before transformers')
 
 # isort: split
+from accelerate.utils import set_module_tensor_to_device
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from slimtune.offload.blocks import decoder_layers, keep_torch_forwards
@@ -57,8 +58,6 @@ class StreamedModel:
             self._set(name, self.shards.read([name])[name])
 
     def _set(self, name: str, value: torch.Tensor) -> None:
-        from accelerate.utils import set_module_tensor_to_device
-
         module_name, _, leaf = name.rpartition(".")
         module = self.model.get_submodule(module_name)
         old = getattr(module, leaf)

@@ -30,7 +30,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
-from slimtune.offload.plan import shard_bytes
+from slimtune.offload.plan_phases import shard_bytes
 from slimtune.offload.store.memory import release_free_memory, return_large_frees_to_os
 from slimtune.offload.stream.shards import write_shards
 

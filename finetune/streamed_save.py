@@ -15,13 +15,12 @@ from pathlib import Path
 
 import torch
 
-from slimtune.offload.plan import shard_bytes
+from slimtune.offload.plan_phases import shard_bytes
 from slimtune.offload.stream.shards import write_shards
 
 
 def save_streamed(model: torch.nn.Module, streamer, directory: Path) -> list[Path]:
     """Write ``model`` (its streamed layers read from ``streamer``'s homes) as a sharded HF checkpoint."""
-    streamed = {id(p): i for i, layer in enumerate(streamer.layers) for p in layer.params}
     shapes = {id(p): s for layer in streamer.layers for p, s in zip(layer.params, layer.shapes)}
     seen: set[int] = set()
     params: dict[str, torch.Tensor] = {}
@@ -36,21 +35,10 @@ def save_streamed(model: torch.nn.Module, streamer, directory: Path) -> list[Pat
         shape, dtype = shapes.get(id(p), (p.shape, p.dtype))
         entries.append((name, shape.numel() * dtype.itemsize))
     layer_bytes = max((layer.nbytes for layer in streamer.layers), default=0)
-    cache: dict[int, dict[int, torch.Tensor]] = {}
+    reader = streamer.reader()  # shards follow the layer order: each home read once
 
     def fetch(names: list[str]) -> dict[str, torch.Tensor]:
-        out = {}
-        for name in names:
-            p = params[name]
-            i = streamed.get(id(p))
-            if i is None:
-                out[name] = p.detach().cpu()
-                continue
-            if i not in cache:
-                cache.clear()  # one layer read at a time (shards follow the layer order)
-                cache[i] = {id(q): v for q, v in streamer.layer_tensors(i)}
-            out[name] = cache[i][id(p)]
-        return out
+        return {n: reader(params[n]) if params[n] in reader else params[n].detach().cpu() for n in names}
 
     directory = Path(directory)
     model.config.save_pretrained(directory)

@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING
 
 from .errors import OffloadError
 from .plan_inputs import PlanRequest
+from .plan_messages import plan_notes, refusal
+from .plan_phases import phases, ring_slots
 from .units import format_size
 
 if TYPE_CHECKING:
@@ -57,15 +59,11 @@ LINKS = ("cpu->gpu", "gpu->cpu", "nvme->cpu", "cpu->nvme")
 CATEGORIES = ("params", "adapter", "grads", "state", "master", "activations", "buffers")
 BANDWIDTH_KEYS = LINKS + ("memcpy", "flops")
 AUTO_FRACTION = 0.9    # auto budgets leave 10% head room (allocator fragmentation, CUDA context, the OS)
-BNB_QUANTIZE_BYTES_PER_VALUE = 20  # bitsandbytes 0.50's CPU quantize_4bit temporaries (backends/default/ops.py)
 STATE_STAGING = 3      # CPU staging buffers of the NVMe state ring (state_swapper: workers + 2, one worker)
 NVME_ALIGN = 4096
 FULL_ORDER = (("gpu", "gpu", "gpu"), ("gpu", "gpu", "cpu"), ("gpu", "cpu", "cpu"), ("cpu", "cpu", "cpu"),
               ("cpu", "cpu", "nvme"), ("nvme", "cpu", "nvme"))  # (params, gradients, optimizer_state)
 FROZEN_ORDER = (("gpu", "gpu", "gpu"), ("cpu", "gpu", "gpu"), ("nvme", "gpu", "gpu"))
-_LABELS = {"params": "params", "adapter": "adapter weights", "grads": "gradients", "state": "optimizer state",
-           "master": "fp32 masters", "activations": "activations", "buffers": "buffers", "runtime": "runtime"}
-
 
 class PlanError(OffloadError):
     """A configuration that cannot fit: the message has the numbers and a suggestion; ``plan`` is the closest try."""
@@ -157,20 +155,6 @@ class Plan:
         return plot(self, path)
 
 
-def shard_bytes(layer_bytes: int) -> int:
-    """The shard size of a streamed save: about two decoder layers. Held twice while a shard is written (the
-    tensors, and safetensors' serialized copy), so it is bounded by the layer, not the model (``save_pretrained``'s
-    default is 50 GB)."""
-    return max(2 * layer_bytes, 1 << 20)
-
-
-def ring_slots(prefetch: int, writeback: bool) -> int:
-    """Device slots of the block streamer's ring: the layer computing and ``prefetch`` fetched ahead are the most
-    ever bound (a layer is released before the next fetch needs its slot), plus one absorbing a write-back in
-    flight (zeroth-order streaming writes each perturbed layer home)."""
-    return prefetch + 1 + int(writeback)
-
-
 # ------------------------------------------------------------------------------------------------- entry point
 def make_plan(request: PlanRequest, sizes: list[BlockSize], bandwidths: dict[str, float] | None = None,
               runtime_bytes: int | None = None) -> Plan:
@@ -210,8 +194,8 @@ def make_plan(request: PlanRequest, sizes: list[BlockSize], bandwidths: dict[str
     else:
         closest = min(tried, key=lambda p: max(need / max(budget, 1) for _, need, budget in p.problems()))
         closest.notes, closest.source = notes, getattr(sizes, "source", "")
-        raise PlanError(_refusal(request, closest, len(tried)), closest)
-    plan.notes = notes + _notes(request, plan)
+        raise PlanError(refusal(request, closest, len(tried)), closest)
+    plan.notes = notes + plan_notes(request, plan)
     plan.source = getattr(sizes, "source", "")
     _bound(request, plan, sizes, bandwidths)
     return plan
@@ -336,49 +320,9 @@ def _evaluate(off: PlanRequest, sizes, placement, device, budgets, runtime, toke
     peaks = {tier: sum(bd[tier].values()) for tier in TIERS}
     plan = Plan(blocks, device, dict(budgets), off.prefetch, peaks, links, {}, 0.0, [], bd, {}, tokens, 0.0, ckpt,
                 runtime_bytes=runtime)
-    plan.phases = _phases(off, sizes, plan, bd, streamed)
+    plan.phases = phases(off, sizes, plan, bd, streamed)
     plan.flops_per_step = _flops(sizes, tokens, zo, full, ckpt, n_samples)
     return plan
-
-
-def _phases(off: PlanRequest, sizes, plan: Plan, bd: dict[str, dict[str, int]], streamed: bool
-            ) -> dict[str, dict[str, int]]:
-    """Peak host (and device) bytes of the phases around training, when the layers stream.
-
-    * ``load`` (``finetune/streamed_load.py``): the resident blocks and, for a cpu home, every layer's home, plus one
-      layer in flight: its tensors materialized in the model's dtype one by one (4-bit: held as codes, the tensor
-      being quantized cast and run through bitsandbytes' quantize temporaries), the tensor being read twice in the
-      checkpoint's dtype (the shard's memory-mapped pages it touched, and the copy), and the packed home buffer.
-      Nothing else exists yet (no ring, no optimizer, no activations).
-    * ``save`` (a full model, ``finetune/streamed_save.py``): after training, with the offloaded optimizer closed
-      (its staging and gradient buffers given back): the resident parameters, the cpu homes and the ring, plus one
-      shard of about two layers twice (its tensors and safetensors' serialized copy), the layer being read and its
-      read buffer.
-    """
-    layers = sizes[1:-1]
-    if not streamed or not layers:
-        return {}
-    big = max(layers, key=lambda b: b.param_count)
-    largest = max(b.largest_count for b in layers) or big.param_count
-    read = 2 * largest * off.checkpoint_value_bytes  # the tensor being read: mapped pages + its copy
-    if big.quant_state_bytes:  # 4-bit: the layer is held as codes; the tensor being quantized is cast to model.dtype
-        # and goes through bitsandbytes' torch quantize (fp32 copy, |x|, scaled, clamped, int32 codes: ~20 B/value)
-        in_flight = 2 * big.stream_bytes + read + largest * (off.value_bytes + BNB_QUANTIZE_BYTES_PER_VALUE)
-    else:
-        in_flight = big.param_count * off.value_bytes + read + big.stream_bytes
-    resident = sum(b.param_bytes for b in (sizes[0], sizes[-1])) + sum(b.quant_state_bytes for b in layers)
-    homes = bd["cpu"]["params"]
-    on_host = plan.device == "cpu"
-    load = {"host": plan.runtime_bytes + homes + (resident + in_flight if on_host else big.stream_bytes),
-            "gpu": 0 if on_host else resident + in_flight}
-    phases = {"load": load}
-    if off.full:
-        slot = max(b.stream_bytes for b in layers)
-        kept = bd["cpu"]["params"] + ((bd["gpu"]["params"] + bd["gpu"]["buffers"]) if on_host else 0)
-        shard = min(shard_bytes(slot), sum(b.param_bytes for b in sizes))  # streamed_save's shard size
-        # the shard's tensors and safetensors' serialized copy of them, the layer being read and its read buffer
-        phases["save"] = {"host": plan.runtime_bytes + kept + 2 * shard + 2 * slot}
-    return phases
 
 
 def _activation_bytes(sizes, zo: bool, ckpt: bool, chunks: int = 0) -> int:
@@ -462,83 +406,6 @@ def _check_nvme_dir(path: str) -> None:
     if not os.access(d, os.W_OK | os.X_OK):
         raise PlanError(f"offload.nvme_dir: {d} is not writable by this user; set offload.nvme_dir to a directory "
                         "you can write to")
-
-
-# ------------------------------------------------------------------------------------------------- messages
-def _breakdown_text(plan: Plan, tiers: tuple[str, ...]) -> str:
-    items: dict[str, int] = {}
-    for tier in tiers:
-        for cat, n in plan.breakdown[tier].items():
-            items[cat] = items.get(cat, 0) + n
-    if "cpu" in tiers:
-        items["runtime"] = plan.runtime_bytes
-    parts = [f"{_LABELS[c]} {format_size(n)}" for c, n in sorted(items.items(), key=lambda kv: -kv[1]) if n]
-    return ", ".join(parts)
-
-
-def _refusal(off: PlanRequest, plan: Plan, n_tried: int) -> str:
-    """What the closest plan needs, per budget it exceeds, and what to change."""
-    p_tier, g_tier, s_tier = plan.blocks[1].params_tier, plan.blocks[0].grads_tier, plan.blocks[0].state_tier
-    full = not off.frozen_base
-    lines = []
-    for tier, need, budget in plan.problems():
-        if tier == "gpu":
-            lines.append(f"needs {format_size(need)} on the {plan.device} device ({_breakdown_text(plan, ('gpu',))}), "
-                         f"offload.gpu_memory is {format_size(budget)}")
-        elif tier == "cpu":
-            tiers, where = (("cpu", "gpu"), "host memory (device + cpu tiers + runtime)") if plan.device == "cpu" \
-                else (("cpu",), "host memory (cpu tier + runtime)")
-            phases = plan.phase_host_bytes()
-            phase = max(phases, key=phases.get)
-            during = "" if phase == "train" else (
-                f" while it {'loads the base layer by layer' if phase == 'load' else 'saves the model'}; training "
-                f"needs {format_size(plan.host_bytes)}")
-            lines.append(f"needs {format_size(need)} of {where}{during} ({_breakdown_text(plan, tiers)}), "
-                         f"offload.cpu_memory is {format_size(budget)}")
-        else:
-            lines.append(f"needs {format_size(need)} in offload.nvme_dir ({_breakdown_text(plan, ('nvme',))}), "
-                         f"{off.nvme_dir} has {format_size(budget)} free")
-    fixed = [f"offload.{k}: {getattr(off, k)}" for k in ("params", "gradients", "optimizer_state")
-             if getattr(off, k) != "auto"]
-    fixes = []
-    if fixed:
-        fixes.append(f"set {' / '.join(fixed)} to auto (or another tier) so the planner can move it")
-    if not off.nvme_dir:
-        what = "optimizer state and params" if full else "params"
-        fixes.append(f"set offload.nvme_dir (a local NVMe/SSD directory) so {what} can move to NVMe")
-    over = {tier for tier, _, _ in plan.problems()}
-    if "gpu" in over or (plan.device == "cpu" and "cpu" in over):
-        fixes.append("lower training.per_device_train_batch_size or data.max_length"
-                     + ("" if plan.checkpointing else ", or set training.gradient_checkpointing: true")
-                     + (", lower offload.prefetch" if off.prefetch > 1 and p_tier != "gpu" else "")
-                     + (", or use adapter.type qlora (a 4-bit base)" if off.lora_on_full_precision else ""))
-    fixes += [f"raise offload.{'gpu_memory' if t == 'gpu' else 'cpu_memory'}" for t in ("gpu", "cpu") if t in over]
-    if "nvme" in over:
-        fixes.append("free space there or point offload.nvme_dir at a larger disk")
-    placed = f"params {p_tier}, gradients {g_tier}, optimizer state {s_tier}"
-    return (f"no placement fits ({n_tried} tried; the closest, {placed}, " + "; and ".join(lines)
-            + "). To fix: " + "; or ".join(fixes))
-
-
-def _notes(off: PlanRequest, plan: Plan) -> list[str]:
-    notes = []
-    streamed = plan.blocks[1].params_tier != "gpu"
-    if streamed and not off.gradient_checkpointing and not off.zeroth_order:
-        notes.append("streamed layers are recomputed in backward (per-block activation checkpointing), whatever "
-                     "training.gradient_checkpointing says")
-    if not streamed and off.prefetch > 1:
-        notes.append(f"offload.prefetch {off.prefetch} is unused: no layer streams")
-    if not off.full and plan.blocks[0].state_tier != "gpu":
-        adapter = sum(b.state_bytes + b.master_bytes for b in plan.blocks)
-        notes.append(f"adapter state off the device ({format_size(adapter)}): keeping it on the GPU would be faster "
-                     "(offload.optimizer_state auto)")
-    notes.append("activations and FLOPs assume full rows: micro-batches of per_device_train_batch_size x "
-                 "data.max_length tokens (padded: the attention mask is counted); shorter data needs less")
-    if plan.blocks[0].state_tier == "nvme":
-        written = plan.link_bytes["cpu->nvme"]
-        notes.append(f"NVMe writes {format_size(written)} per step ({format_size(written * 1000)} per 1000 steps): "
-                     "mind the drive's rated TBW")
-    return notes
 
 
 # ------------------------------------------------------------------------------------------------- step time

@@ -45,6 +45,10 @@ class HomeAccess:
         return [(p, buf[off:off + s.numel() * d.itemsize].view(d).view(s).clone())
                 for p, off, (s, d) in zip(layer.params, layer.offsets, layer.shapes)]
 
+    def reader(self) -> HomeReader:
+        """Values of streamed parameters from their homes, one layer read at a time (see :class:`HomeReader`)."""
+        return HomeReader(self)
+
     def write_layer(self, i: int, values: list[torch.Tensor]) -> None:
         """Replace layer ``i``'s streamed tensors (in ``self.layers[i].params`` order) in its home, e.g. after an
         optimizer update or a checkpoint load. The layer must not be bound."""
@@ -119,6 +123,28 @@ class HomeAccess:
                 for part in _missing_rows(got[k], _n_rows(shape)):
                     self._home_view(buf, layer, k)[part].copy_(self._home_view(home, layer, k)[part])
             self.store.write(i, buf).result()
+
+
+class HomeReader:
+    """``reader(param)``: a streamed parameter's current value (a CPU copy) from its layer's home; ``param in
+    reader``: whether it streams. The last layer read is kept, so reading parameters in layer order (a streamed
+    save, a checkpoint, the optimizer's initial masters) reads each home once and holds one layer."""
+
+    def __init__(self, homes: HomeAccess):
+        self.homes = homes
+        self.where = {id(p): (i, k) for i, layer in enumerate(homes.layers) for k, p in enumerate(layer.params)}
+        self.layer: int | None = None
+        self.values: list[torch.Tensor] = []
+
+    def __contains__(self, param: nn.Parameter) -> bool:
+        return id(param) in self.where
+
+    def __call__(self, param: nn.Parameter) -> torch.Tensor:
+        i, k = self.where[id(param)]
+        if i != self.layer:
+            self.values, self.layer = [], None  # the previous layer goes before the next one is read
+            self.values, self.layer = [v for _, v in self.homes.layer_tensors(i)], i
+        return self.values[k]
 
 
 def _missing_rows(parts: list[slice | None] | None, n_rows: int) -> list[slice]:

@@ -44,7 +44,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache
 
 from ..blocks import Block, flat_layout, keep_torch_forwards, model_blocks, view_as
-from ..plan import ring_slots
+from ..plan_phases import ring_slots
 from ..store.memory import release_free_memory, return_large_frees_to_os
 from ..store.nvme import NvmeStore, aligned_empty
 from .bnb_compat import keep_training_layout, streamable_4bit

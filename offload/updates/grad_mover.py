@@ -13,8 +13,8 @@ lesson). :class:`GradMover` instead:
   the buffer (widened to fp32 for sums) once the copy's event has fired.
 * **CPU device**: the gradient is added into its buffer at once (a memcpy; nothing to overlap).
 
-Each :meth:`move` returns a future; whoever reads a buffer (a block's update, global-norm clipping) waits for the
-futures of its gradients first.
+Each :meth:`move` on CUDA returns a future; whoever reads a buffer (a block's update, global-norm clipping) waits
+for the futures of its gradients first.
 """
 
 from __future__ import annotations
@@ -23,12 +23,6 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
-
-
-def _done() -> Future:
-    f: Future = Future()
-    f.set_result(None)
-    return f
 
 
 class GradMover:
@@ -43,11 +37,12 @@ class GradMover:
         self._lock = threading.Lock()
         self.staging_bytes = 0  # pinned staging allocated (kept for reuse: pinned allocations are slow)
 
-    def move(self, grad: torch.Tensor, dst: torch.Tensor, fresh: bool) -> Future:
-        """Add ``grad`` into ``dst`` (a CPU view; ``fresh``: it holds zeros, nothing summed yet this step)."""
+    def move(self, grad: torch.Tensor, dst: torch.Tensor, fresh: bool) -> Future | None:
+        """Add ``grad`` into ``dst`` (a CPU view; ``fresh``: it holds zeros, nothing summed yet this step). Returns
+        the future of a transfer still under way (CUDA), None when it is done (CPU)."""
         if not self.cuda:
             dst.add_(grad.to(device="cpu", dtype=dst.dtype))
-            return _done()
+            return None
         direct = fresh and dst.dtype == grad.dtype and dst.is_pinned()  # pragma: no cover - CUDA only
         compute = torch.cuda.current_stream(grad.device)  # pragma: no cover - CUDA only
         with torch.cuda.stream(self.stream):  # pragma: no cover - CUDA only

@@ -278,6 +278,12 @@ def staging_groups(blocks: list[list[tuple[str, int]]]) -> list[tuple[int, list[
     return out
 
 
+def check_int(what: str, value, low: int) -> None:
+    """A ValueError naming ``what`` unless ``value`` is an int (not a bool) >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{what} must be an int >= {low}, got {value!r}")
+
+
 def checked_optimizer(optimizer, blocks: list[OffloadBlock]) -> PerTensorOptimizer:
     """The optimizer must be first-order per-tensor and own exactly the masters it was given."""
     if not isinstance(optimizer, PerTensorOptimizer):

@@ -64,7 +64,7 @@ from slimtune.optimizers import PerTensorOptimizer, allocated_state_bytes
 
 from ..store.memory import return_large_frees_to_os
 from .grad_mover import GradMover
-from .offloaded_blocks import GradPool, build_blocks, checked_optimizer, row_slice
+from .offloaded_blocks import GradPool, build_blocks, check_int, checked_optimizer, row_slice
 from .offloaded_checkpoint import load_engine, save_engine
 from .paged_state import PagedState
 from .state_layout import aliases, master_views, pack_state, plan_layout, planned_block_bytes, signature_of, state_views
@@ -94,29 +94,22 @@ class OffloadedUpdates:
             float16 accepted).
         overlap: update blocks during backward as their gradients complete; False defers every update to
             :meth:`step` (required for global-norm clipping).
-        threads: worker threads running block updates (the NVMe ring holds ``threads + 2`` staging buffers). A
-            worker also on a CPU device, where it shares backward's cores: running updates inline in backward's
-            thread measured slower on bench/offload.py (9.3 s vs 7.0 s per step), as backward then also waits
-            on each unit's NVMe read and on the write of each layer's new weights.
+        threads: worker threads running block updates (the NVMe ring holds ``threads + 2`` staging buffers); a
+            worker on a CPU device too: updates inline in backward measured slower (bench/offload.py, 9.3 vs 7.0 s).
         chunk_bytes: stage each block in units of at most this many bytes of masters
-            (:func:`~.offloaded_blocks.staging_units`): runs of whole small tensors, and tensors larger than that
-            split into chunks of whole rows, each with its own masters and state, so the NVMe staging ring holds
-            ``threads + 2`` chunks instead of the largest tensor (a 32000 x 2048 embedding: 786 MB of AdamW masters
-            + state per buffer). Only for element-wise optimizers (``OPTIMIZERS[name].elementwise``: AdamW), whose
-            update of a row slice is the update of the slice. None (the default: this class cannot tell from a
-            builder whether its optimizer is element-wise) keeps every tensor whole; the trainer passes
-            ``offload.staging_chunk`` (64 MiB) for element-wise optimizers.
-        chunk_names: with ``chunk_bytes``, the parameters that may be split in rows (the registry's
-            ``elementwise`` ones: all of AdamW's, GaLore's unprojected ones); None: all.
+            (:func:`~.offloaded_blocks.staging_units`): runs of whole small tensors, and the ``chunk_names`` tensors
+            larger than that as chunks of whole rows, each with its own masters and state, so the staging ring holds
+            ``threads + 2`` chunks, not the largest tensor. None (default): every tensor whole.
+        chunk_names: the parameters whose update is element-wise (``slimtune.optimizers.elementwise_params``), the
+            only ones a row chunk may split; None: all.
         initial_values: ``f(params) -> values`` (CPU tensors, same shapes) the masters start from, called once per
             staging unit; default: the parameters' own data. A streamed load passes the values in the layers'
             homes (the parameters are shape-only stand-ins then), so masters are written unit by unit straight to
             the NVMe tier without the model ever existing whole.
 
-    ``on_updated(block_index, [(name, master, rows)])``, when set, is called instead of copying updated masters into
-    the device params (for params streamed from a home buffer), once per staging unit; ``rows`` is None when
-    ``master`` is the whole parameter, else the ``slice`` of its dim-0 rows that ``master`` holds (other rows must be
-    left alone). The masters may be views into a staging buffer, so it must copy what it needs before returning.
+    ``on_updated(block_index, [(name, master, rows)])``, when set, replaces copying updated masters into the device
+    params (params streamed from a home), once per staging unit; ``rows``: None for the whole parameter, else the
+    dim-0 ``slice`` ``master`` holds. The masters may view a staging buffer: copy before returning.
 
     Used by its two helper modules (:mod:`.offloaded_checkpoint`, :mod:`.paged_state`), and by nothing else:
     ``futures`` (updates in flight), ``order`` (the staging units' update order of the last step), ``state_held`` /
@@ -139,15 +132,10 @@ class OffloadedUpdates:
             raise ValueError(f"master_dtype must be one of {MASTER_DTYPES}, got {master_dtype}")
         if not isinstance(overlap, bool):
             raise ValueError(f"overlap must be True or False, got {overlap!r}")
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads (update worker threads) must be an int >= 1, got {threads!r}")
-        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 0:
-            raise ValueError(f"max_pending (updates in flight before backward waits; 0 = unbounded) must be an int "
-                             f">= 0, got {max_pending!r}")
-        if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
-                                        or chunk_bytes < 1):
-            raise ValueError(f"chunk_bytes (bytes of masters per staging unit; None = whole tensors) must be an int "
-                             f">= 1 or None, got {chunk_bytes!r}")
+        check_int("threads (update worker threads)", threads, 1)
+        check_int("max_pending (updates in flight before backward waits; 0 = unbounded)", max_pending, 0)
+        if chunk_bytes is not None:
+            check_int("chunk_bytes (bytes of masters per staging unit; None = whole tensors)", chunk_bytes, 1)
         self.tier, self.overlap, self.threads, self.master_dtype = state_tier, overlap, threads, master_dtype
         self.max_pending = max_pending
         self.final, self.on_updated = True, None
@@ -224,7 +212,9 @@ class OffloadedUpdates:
             with self.lock:
                 self._grad_pool.take(gb, gb.param_dtype if single and gb.param_dtype else self.master_dtype)
                 self.note_peak(0)  # CPU buffers are freed after their update: the peak is when one is taken
-        gb.moving.append(self.grad_mover.move(grad, gb.grads[j], fresh=not gb.got[j]))  # CUDA: queued, not waited
+        moving = self.grad_mover.move(grad, gb.grads[j], fresh=not gb.got[j])  # CUDA: queued, not waited
+        if moving is not None:
+            gb.moving.append(moving)
         p.grad = None  # the device gradient is gone now (CUDA: once its copy ran): the next block's never meets it
         gb.got[j] = True
         with self.lock:
