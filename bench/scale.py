@@ -19,7 +19,8 @@ Peak RSS is the child's own high-water mark (``VmHWM``, printed at exit: the who
 ratio to the budget (goal <= 1.10). Step time = the run's training seconds / steps.
 
 A second table gives, per row kind, the smallest ``offload.cpu_memory`` the plan accepts for 16 and 32 layers of
-the same width (bisection on the planner, no weights): host memory must not grow with depth.
+the same width (bisection on the planner, no weights; ``--depth-only`` runs just this): host memory must not grow
+with depth, and the table names the plan items that do.
 
 Writes bench/results/scale.{md,json,png}. Needs ~2.5x the largest checkpoint of free disk in ``--dir``.
 """
@@ -213,8 +214,10 @@ def run(kind: str, mode: str, model_dir: Path, work: Path, budget: int, steps: i
     return out
 
 
-def smallest_budget(kind: str, layers: int, work: Path, runtime: int, resolution: int = 16 << 20) -> int | None:
-    """The smallest offload.cpu_memory (to ``resolution``) the plan accepts for ``layers`` layers of WIDTH."""
+def smallest_budget(kind: str, layers: int, work: Path, runtime: int, resolution: int = 1 << 20
+                    ) -> tuple[int | None, dict[str, int]]:
+    """The smallest offload.cpu_memory (to ``resolution``) the plan accepts for ``layers`` layers of WIDTH, and that
+    plan's host memory by item (params, grads, activations, ...: device + cpu tiers, the train phase)."""
     from slimtune.finetune.planning import plan_recipe
     from slimtune.finetune.recipe import recipe_from_dict
     from slimtune.offload.plan import PlanError
@@ -223,21 +226,21 @@ def smallest_budget(kind: str, layers: int, work: Path, runtime: int, resolution
     write_model(model_dir, layers, weights=False)
     bandwidths = {k: 1e9 for k in ("cpu->gpu", "gpu->cpu", "nvme->cpu", "cpu->nvme", "memcpy", "flops")}
 
-    def fits(budget: int) -> bool:
+    def plan(budget: int):
         data = recipe(model_dir, work / "plan-run", work, budget, kind, 2)
         try:
-            plan_recipe(recipe_from_dict(data), bandwidths=bandwidths, runtime_bytes=runtime)
-            return True
+            return plan_recipe(recipe_from_dict(data), bandwidths=bandwidths, runtime_bytes=runtime)
         except PlanError:
-            return False
+            return None
 
     lo, hi = runtime, 64 << 30
-    if not fits(hi):
-        return None
+    if plan(hi) is None:
+        return None, {}
     while hi - lo > resolution:
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-    return hi
+        lo, hi = (lo, mid) if plan(mid) is not None else (mid, hi)
+    bd = plan(hi).breakdown
+    return hi, {item: bd["gpu"][item] + bd["cpu"][item] for item in bd["cpu"]}
 
 
 def cpu_name() -> str:
@@ -260,6 +263,7 @@ def main() -> None:
     ap.add_argument("--dir", default=str(ROOT / "bench" / ".scale"), help="models, runs and swap files (NVMe)")
     ap.add_argument("--no-whole", action="store_true", help="skip today's whole-load contrast runs")
     ap.add_argument("--report", action="store_true", help="only re-render bench/results/scale.* from scale.json")
+    ap.add_argument("--depth-only", action="store_true", help="only the planner's depth table (no training runs)")
     args = ap.parse_args()
     if args.report:
         saved = json.loads((RESULTS / "scale.json").read_text())
@@ -270,7 +274,7 @@ def main() -> None:
     free = shutil.disk_usage(work).free
     rows = []
     models: dict[float, tuple[Path, int, int]] = {}
-    for kind in args.only:
+    for kind in [] if args.depth_only else args.only:
         multiple = KINDS[kind][0]
         if multiple not in models:
             layers = depth_for(multiple * budget)
@@ -293,8 +297,12 @@ def main() -> None:
             print(json.dumps(r), flush=True)
             rows.append(r)
     runtime = _runtime_bytes()
-    depth = [{"kind": kind, **{f"min_budget_{n}": smallest_budget(kind, n, work, runtime) for n in (16, 32)}}
-             for kind in args.only]
+    depth = []
+    for kind in args.only:
+        entry = {"kind": kind}
+        for n in (16, 32):
+            entry[f"min_budget_{n}"], entry[f"items_{n}"] = smallest_budget(kind, n, work, runtime)
+        depth.append(entry)
     shutil.rmtree(work, ignore_errors=True)
     rows, depth = merged(rows, depth, machine, budget)
     report(rows, depth, machine, budget)
@@ -309,7 +317,7 @@ def merged(rows: list[dict], depth: list[dict], machine: str, budget: int) -> tu
         if old.get("machine") == machine and old.get("budget") == budget:
             ran = {r["kind"] for r in rows}
             rows = [r for r in old["rows"] if r["kind"] not in ran] + rows
-            depth = [d for d in old["depth"] if d["kind"] not in ran] + depth
+            depth = [d for d in old["depth"] if d["kind"] not in {e["kind"] for e in depth}] + depth
     order = list(KINDS)
     return (sorted(rows, key=lambda r: (order.index(r["kind"]), r["mode"] != "slimtune")),
             sorted(depth, key=lambda d: order.index(d["kind"])))
@@ -353,12 +361,17 @@ def report(rows: list[dict], depth: list[dict], machine: str, budget: int) -> No
         lines.append(f"| {kind} | {s.get('layers', w.get('layers'))} | "
                      f"{format_size(s.get('weights_bytes', w.get('weights_bytes', 0)))} | "
                      + " | ".join(cells(s) + cells(w)) + f" | {ratio} |")
-    lines += ["", "Smallest offload.cpu_memory the plan accepts (16 MiB resolution), same width, two depths:", "",
-              "| row | 16 layers | 32 layers | grows with depth by |", "|---|---:|---:|---:|"]
+    lines += ["", "Smallest offload.cpu_memory the plan accepts (1 MiB resolution), same width, two depths, and the "
+              "plan's host items that grow from 16 to 32 layers (per added layer):", "",
+              "| row | 16 layers | 32 layers | grows with depth by | per layer | what grows |",
+              "|---|---:|---:|---:|---:|---|"]
     for d in depth:
         a, b = d["min_budget_16"], d["min_budget_32"]
+        grown = {k: v - d.get("items_16", {}).get(k, 0) for k, v in d.get("items_32", {}).items()}
+        what = ", ".join(f"{k} {format_size(v // 16)}" for k, v in grown.items() if v > 0) or "nothing"
         lines.append(f"| {d['kind']} | {format_size(a) if a else 'none'} | {format_size(b) if b else 'none'} | "
-                     f"{format_size(b - a) if a and b else '-'} |")
+                     f"{format_size(b - a) if a and b else '-'} | {format_size((b - a) // 16) if a and b else '-'} "
+                     f"| {what} |")
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)

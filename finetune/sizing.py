@@ -159,7 +159,8 @@ def block_sizes(recipe: Recipe, config=None) -> ModelSizes:
         for j in targets:  # in the full model's parameter order (FRUGAL blockwise picks by position)
             trainable += [(j, name.replace(f"{prefix}.1.", f"{prefix}.{j - 1}.", 1) if j > 2 else name, p.shape,
                            p.dtype) for name, p in block.params if p.requires_grad]
-    state, state32 = _optimizer_state(recipe, [(n, shape, dtype) for _, n, shape, dtype in trainable])
+    named = [(n, shape, dtype) for _, n, shape, dtype in trainable]
+    state, state32, scratch, scratch32 = _optimizer_state(recipe, named)
     groups = staging_groups([[(n, shape.numel()) for j, n, shape, _ in trainable if j == i]
                              for i in range(n_layers + 2)])
     chunkable = elementwise_params(recipe.optimizer.name, [(n, torch.empty(shape, device="meta").requires_grad_())
@@ -197,7 +198,9 @@ def block_sizes(recipe: Recipe, config=None) -> ModelSizes:
             sum(state[n] for n, _ in mine), sum(state32[n] for n, _ in mine), max((s for _, s in mine), default=0),
             matmul[i], *acts[i], tokens,
             tuple((count, unit_state) for b, count, unit_state in units if b == i),
-            largest_count=max((p.numel() for _, p in block.params), default=0)))
+            largest_count=max((p.numel() for _, p in block.params), default=0),
+            scratch_bytes=max((scratch[n] for n, _ in mine), default=0),
+            scratch_bytes_fp32=max((scratch32[n] for n, _ in mine), default=0)))
     total = sum(b.param_bytes + b.adapter_bytes for b in out)
     return ModelSizes(out, notes, source=f"{type(base).__name__}, {n_layers} layers, "
                                          f"{format_size(total)} of parameters")
@@ -312,8 +315,9 @@ def _adapt(model, recipe):
         return apply_adapter(model, recipe.adapter, False)
 
 
-def _optimizer_state(recipe, named: list) -> tuple[dict[str, int], dict[str, int]]:
-    """Optimizer-state bytes per trainable parameter name: over the parameters as they are, and over fp32 masters.
+def _optimizer_state(recipe, named: list) -> tuple[dict[str, int], ...]:
+    """Optimizer-state bytes per trainable parameter name, over the parameters as they are and over fp32 masters;
+    then the temporary bytes one update allocates beyond that state (``scratch_bytes``), the same two ways.
 
     ``named``: (name, shape, dtype) of every trainable parameter, in the model's order. The recipe's optimizer is
     built (as the trainer builds it) over meta stand-ins with those names, shapes and dtypes, so every method's own
@@ -327,23 +331,26 @@ def _optimizer_state(recipe, named: list) -> tuple[dict[str, int], dict[str, int
     hparams = o.model_dump(exclude={"name"})
     if o.name in SEEDED:  # seeded like the trainer
         hparams["seed"] = t.seed
-    result = []
+    result, scratch = [], []
     for as_fp32 in (False, True):
         stand = [(n, torch.nn.Parameter(torch.empty(shape, dtype=torch.float32 if as_fp32 else dtype,
                                                     device="meta"))) for n, shape, dtype in named]
         if not stand:
             result.append({})
+            scratch.append({})
             continue
         opt = build_optimizer(o.name, stand, lr=t.learning_rate, weight_decay=t.weight_decay, **hparams)
         opt.state.clear()  # state drawn at construction (SPAM's masks) is meta here: predict from the settings
         by_id = {id(p): n for n, p in stand}
-        sizes = {}
+        sizes, temporary = {}, {}
         for group in opt.param_groups:
             for p in group["params"]:
                 sizes[by_id[id(p)]] = (opt.state_bytes(p, group) if hasattr(opt, "state_bytes")
                                        else 2 * p.numel() * p.element_size() + 4)  # torch.optim.AdamW
+                temporary[by_id[id(p)]] = opt.scratch_bytes(p, group) if hasattr(opt, "scratch_bytes") else 0
         result.append(sizes)
-    return result[0], result[1]
+        scratch.append(temporary)
+    return result[0], result[1], scratch[0], scratch[1]
 
 
 def _matmul_params(model, prefix: str, n_layers: int) -> list[int]:

@@ -261,6 +261,7 @@ def _evaluate(off: PlanRequest, sizes, placement, device, budgets, runtime, toke
     stream_total = sum(b.stream_bytes for b in layers)
     trainable = [b for b in sizes if b.trainable_count]
     # gradients
+    freed = 0  # CPU gradient bytes a projector-refresh step does not hold (see below)
     if not zo and trainable:
         grads = [b.grad_bytes for b in trainable]
         per_layer = off.per_layer and ga == 1  # each gradient freed by its own update
@@ -282,6 +283,9 @@ def _evaluate(off: PlanRequest, sizes, placement, device, budgets, runtime, toke
             three = (max(sum(held[i:i + 3]) for i in range(max(1, len(held) - 2))) if device == "cpu"
                      else 3 * max(held))
             bd["cpu"]["grads"] += sum(fp32) if whole else three
+            # a step that refreshes a projector runs its updates one at a time (backward waits for each: the
+            # engine's _backpressure), so its SVD scratch meets one block of gradients, not three
+            freed = 0 if whole else three - max(held)
             links["gpu->cpu"] += sum(grads) * (ga if g_tier == "cpu" else 1)
             # updated params that live on the device go back up: adapters, and resident base weights
             links["cpu->gpu"] += sum(b.trainable_bytes for b, bp in zip(sizes, blocks)
@@ -301,6 +305,9 @@ def _evaluate(off: PlanRequest, sizes, placement, device, budgets, runtime, toke
         bd["cpu"]["buffers"] += max(st for b in sizes for _, st in b.units or ((0, b.state_bytes_fp32),))
         links["nvme->cpu"] += sum(regions)
         links["cpu->nvme"] += sum(regions)
+    if trainable and not zo:  # an update's own temporaries (GaLore's SVD refresh) beyond what that step frees
+        scratch = max(b.scratch_bytes_fp32 if update_on == "cpu" else b.scratch_bytes for b in trainable)
+        bd[update_on]["buffers"] += max(0, scratch - freed)
     if zo:  # MeZO's z: one tensor's in memory; a whole block's when streamed (zo_stream draws it once per block)
         bd["gpu"]["buffers"] += max(b.trainable_bytes if streamed else b.largest_param_bytes for b in sizes)
     bd["gpu"]["activations"] = _activation_bytes(sizes, zo, ckpt, 2 * n_samples if zo and streamed else 0)

@@ -33,6 +33,8 @@ class BlockSize:
     tokens: int               # tokens in the micro-batch the activation numbers are for
     units: tuple[tuple[int, int], ...] = ()  # (values, fp32-master state bytes) per offloaded-update staging unit
     largest_count: int = 0    # values of the block's largest base tensor (what a streamed load reads at once)
+    scratch_bytes: int = 0    # largest temporary one update allocates beyond its state (GaLore's SVD refresh) ...
+    scratch_bytes_fp32: int = 0  # ... and the same over fp32 masters (the offloaded update)
 
     @property
     def grad_bytes(self) -> int:

@@ -17,6 +17,10 @@ Rules for subclasses:
 * State holds tensors and plain numbers only (``torch.load(weights_only=True)`` must read ``state_dict()``).
 * ``state_bytes(p, group)`` returns the bytes of optimizer state ``p`` will hold once stepped (the planner uses it;
   tests compare it with what is actually allocated).
+* ``scratch_bytes(p, group)`` (optional, default 0) bounds the temporary bytes one update of ``p`` allocates beyond
+  its state, when that is more than a few gradient-sized tensors (GaLore's and FRUGAL's SVD refresh); the planner
+  adds the largest to the update's buffers; ``refreshes(step, group)`` (optional) says whether update number ``step``
+  of a parameter in ``group`` allocates it (the offloaded engine then runs that step's updates one at a time).
 * ``accumulate_param(p, group)`` (optional) is called in per-layer mode on micro-batches that do *not* end an
   optimizer step; the default keeps the full gradient in ``p.grad`` (accumulated by autograd). GaLore overrides it to
   accumulate in the low-rank space and free the full gradient.

@@ -64,6 +64,7 @@ from .projection import (
     project_up,
     random_orthogonal,
     svd_projector,
+    svd_scratch_bytes,
 )
 
 PROJ_TYPES = ("svd", "random", "columns", "rows", "randk", "blockwise")
@@ -207,7 +208,7 @@ class FRUGAL(PerTensorOptimizer):
             raise RuntimeError("FRUGAL does not support sparse gradients")
         state = self.state[p]
         projected = group["is_proj_params"]
-        if projected and ("step" not in state or int(state["step"]) % group["update_gap"] == 0):
+        if projected and ("step" not in state or self.refreshes(int(state["step"]), group)):
             self._refresh(p, grad, state, group)
         elif not state:
             state["step"] = torch.zeros((), dtype=torch.int64)
@@ -233,6 +234,16 @@ class FRUGAL(PerTensorOptimizer):
         p.add_(update)
 
     # -- memory ---------------------------------------------------------------------------------------------------
+    def refreshes(self, step: int, group: dict) -> bool:
+        """Whether update number ``step`` (0-based) of a parameter in ``group`` refreshes its subspace (eq. (1))."""
+        return bool(group["is_proj_params"]) and step % group["update_gap"] == 0
+
+    def scratch_bytes(self, p: torch.Tensor, group: dict) -> int:
+        """Peak temporary bytes of one update of ``p`` beyond its state: the SVD of an 'svd' refresh (eq. (1)),
+        else 0 (the planner counts it: it is allocated while backward still runs)."""
+        svd = group["is_proj_params"] and group["proj_type"] == "svd" and p.dim() == 2
+        return svd_scratch_bytes(tuple(p.shape), p.dtype) if svd else 0
+
     def state_bytes(self, p: torch.Tensor, group: dict) -> int:
         """Exact bytes of ``self.state[p]`` after the next step (blockwise: as activated at the next refresh if p
         has no state yet, else as currently activated)."""

@@ -50,6 +50,7 @@ from .projection import (
     project,
     project_back,
     svd_projector,
+    svd_scratch_bytes,
 )
 
 BLOCKSIZE = 256
@@ -187,7 +188,7 @@ class GaLoreAdamW(PerTensorOptimizer):
 
     def _needs_refresh(self, state: dict, group: dict) -> bool:
         # official: `ortho_matrix is None or iter % update_proj_gap == 0` with iter = step BEFORE the increment
-        return "ortho" not in state or int(state["step"]) % group["update_proj_gap"] == 0
+        return "ortho" not in state or self.refreshes(int(state["step"]), group)
 
     def accumulate_param(self, p: torch.Tensor, group: dict) -> None:
         """Per-layer mode, a micro-batch that does not end the step: add proj(p.grad) to a low-rank accumulator and
@@ -261,6 +262,15 @@ class GaLoreAdamW(PerTensorOptimizer):
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
     # -- memory and checkpoints -----------------------------------------------------------------------------------
+    def refreshes(self, step: int, group: dict) -> bool:
+        """Whether update number ``step`` (0-based) of a parameter in ``group`` recomputes its projector (eq. (1))."""
+        return "rank" in group and step % group["update_proj_gap"] == 0
+
+    def scratch_bytes(self, p: torch.Tensor, group: dict) -> int:
+        """Peak temporary bytes of one update of ``p`` beyond its state: the SVD of a refresh step (eq. (1)) for a
+        projected weight (the planner counts it: it is allocated while backward still runs), else 0."""
+        return svd_scratch_bytes(tuple(p.shape), p.dtype) if "rank" in group else 0
+
     def state_bytes(self, p: torch.Tensor, group: dict) -> int:
         """Exact bytes ``self.state[p]`` holds after a step (the transient ``grad_acc`` excluded)."""
         size = p.element_size()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import io
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from slimtune.optimizers.galore import (
     dynamic_map,
     quantize_blockwise,
 )
+from slimtune.optimizers.projection import svd_scratch_bytes
 
 
 def fixed_grads(shape, steps, seed=0):
@@ -126,6 +129,51 @@ def test_refresh_exactly_at_calls_1_gap_plus_1_2gap_plus_1():
         previous = ortho
     assert changed == [1, gap + 1, 2 * gap + 1, 3 * gap + 1]
     assert int(opt.state[p]["step"]) == 3 * gap + 2
+
+
+def test_refreshes_names_the_steps_that_recompute_the_projector():
+    gap = 3
+    p = torch.nn.Parameter(torch.randn(10, 6))
+    opt = GaLoreAdamW([{"params": [p], "rank": 2, "update_proj_gap": gap}])
+    refreshed = []
+    for step, g in enumerate(fixed_grads((10, 6), 2 * gap + 2)):
+        before = opt.state[p].get("ortho")
+        p.grad = g
+        opt.step()
+        refreshed.append(before is None or not torch.equal(before, opt.state[p]["ortho"]))
+    assert refreshed == [opt.refreshes(step, opt.param_groups[0]) for step in range(2 * gap + 2)]
+    assert sum(refreshed) == 3
+
+
+SVD_PEAK = r"""
+import sys, torch
+from slimtune.offload.store.memory import current_rss_bytes, peak_rss_bytes, return_large_frees_to_os
+from slimtune.optimizers.projection import svd_projector
+return_large_frees_to_os()
+torch.set_num_threads(2)
+m, n, dtype = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3])
+svd_projector(torch.randn(64, 48), 4, "right")  # LAPACK's one-off initialisation is not the update's scratch
+g = torch.randn(m, n).to(dtype)
+base = current_rss_bytes()
+open("/proc/self/clear_refs", "w").write("5")  # restart VmHWM here
+svd_projector(g, 8, "right")
+print(peak_rss_bytes() - base)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (VmHWM)")
+@pytest.mark.parametrize("shape,dtype", [((2816, 1024), "float32"), ((1024, 2816), "bfloat16"),
+                                         ((1536, 1536), "float32")])
+def test_scratch_bytes_bounds_the_measured_svd_peak(shape, dtype):
+    """The planner's SVD scratch (``svd_scratch_bytes``) covers what a refresh really allocates, within 1.6x."""
+    out = subprocess.run([sys.executable, "-c", SVD_PEAK, *map(str, shape), dtype], capture_output=True, text=True,
+                         check=True)
+    measured = int(out.stdout.split()[-1])
+    p = torch.nn.Parameter(torch.empty(shape, dtype=getattr(torch, dtype), device="meta"))
+    opt = GaLoreAdamW([{"params": [p], "rank": 8}])
+    predicted = opt.scratch_bytes(p, opt.param_groups[0])
+    assert predicted == svd_scratch_bytes(shape, getattr(torch, dtype))
+    assert measured <= predicted <= 1.6 * measured, (measured, predicted)
 
 
 @pytest.mark.parametrize("shape,proj_type", [((16, 10), "std"), ((10, 16), "std"), ((16, 10), "reverse_std"),

@@ -216,6 +216,40 @@ def test_updates_start_during_backward_only_with_overlap(tmp_path):
                        for _, start, end, _ in engine.last_step["timeline"])
 
 
+def test_a_projector_refresh_step_runs_its_updates_one_at_a_time(tmp_path, monkeypatch):
+    """GaLore refreshing its projectors (steps 0 and 2 at update_proj_gap 2): backward waits for each block's
+    update, so the SVD's scratch never meets more than that block's gradients; other steps keep the overlap (with
+    slow updates, several blocks' gradients are held at once). The run still equals the in-memory one."""
+    import time
+
+    from slimtune.optimizers.galore import GaLoreAdamW
+
+    real = GaLoreAdamW.update_param
+    monkeypatch.setattr(GaLoreAdamW, "update_param", lambda self, p, group: (time.sleep(0.02), real(self, p, group)))
+    data = micro_batches(4, accumulation=1)
+    model = tiny_llama()
+    held, most = [0], []
+    with new_engine(model, "galore", "cpu", tmp_path) as engine:
+        pool = engine._grad_pool
+        take, give = pool.take, pool.give
+        monkeypatch.setattr(pool, "take", lambda blk, dtype: (held.__setitem__(0, held[0] + 1),
+                                                              most.__setitem__(-1, max(most[-1], held[0])),
+                                                              take(blk, dtype)))
+        monkeypatch.setattr(pool, "give", lambda blk: (held.__setitem__(0, held[0] - 1), give(blk)))
+        for group in data:
+            most.append(0)
+            backward(model, group, engine)
+            engine.step()
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = engine.optimizer
+    assert [any(opt.refreshes(s, g) for g in opt.param_groups) for s in range(4)] == [True, False, True, False]
+    assert most[0] == most[2] == 1
+    assert most[1] > 1 and most[3] > 1
+    _, _, ref, _ = in_memory_run("galore", data)
+    for n in ref:
+        torch.testing.assert_close(weights[n], ref[n], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("tier", ["cpu", "nvme"])
 def test_clipping_equals_torch_clip_grad_norm(tmp_path, tier):
     data = micro_batches(4)

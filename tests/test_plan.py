@@ -200,6 +200,35 @@ def test_optimizer_state_bytes_match_what_one_step_allocates(deep_dir, tiny_batc
         assert size16.master_bytes == 4 * size.trainable_count
 
 
+def test_galore_plan_counts_the_svd_of_a_projector_refresh(deep_dir):
+    """A refresh step's SVD (svd_scratch_bytes of the largest projected weight) is in the plan: whole for the
+    in-memory update; on the offloaded one only what exceeds the gradients that step does not hold (its updates run
+    one at a time), and for the fp32 masters it updates."""
+    from slimtune.optimizers.projection import svd_scratch_bytes
+
+    r = make_recipe(deep_dir, adapter={"type": "none"}, optimizer={"name": "galore", "rank": 2},
+                    model={"dtype": "bfloat16"})
+    model = real_model(r)
+    opt = build_optimizer("galore", [(n, p) for n, p in model.named_parameters()], lr=1e-3, weight_decay=0.0,
+                          **r.optimizer.model_dump(exclude={"name"}))
+    projected = [p for g in opt.param_groups if "rank" in g for p in g["params"]]
+    svd = max(svd_scratch_bytes(tuple(p.shape), p.dtype) for p in projected)
+    svd32 = max(svd_scratch_bytes(tuple(p.shape), torch.float32) for p in projected)
+    assert svd32 < svd  # a bf16 gradient is widened first
+    adamw = make_plan(make_recipe(deep_dir, adapter={"type": "none"}, model={"dtype": "bfloat16"}),
+                      bandwidths=BW, runtime_bytes=0)
+    plan = make_plan(r, bandwidths=BW, runtime_bytes=0)
+    assert placement(plan) == placement(adamw) == ("gpu", "gpu", "gpu")
+    assert plan.breakdown["gpu"]["buffers"] == adamw.breakdown["gpu"]["buffers"] + svd
+    off = {"optimizer_state": "cpu", "gradients": "cpu"}
+    plan = make_plan(make_recipe(deep_dir, adapter={"type": "none"}, optimizer={"name": "galore", "rank": 2},
+                                 model={"dtype": "bfloat16"}, offload=off), bandwidths=BW, runtime_bytes=0)
+    grads = [b.grad_bytes for b in block_sizes(r)]
+    three = max(sum(grads[i:i + 3]) for i in range(len(grads) - 2))
+    assert placement(plan) == ("gpu", "cpu", "cpu")
+    assert plan.breakdown["cpu"]["buffers"] == svd32 - (three - max(grads)) > 0
+
+
 def test_inline_architecture_vocabulary_comes_from_the_saved_base(tmp_path, tiny_arch):
     arch = tiny_arch(hidden_size=32, intermediate_size=64).model_dump()
     r = recipe_from_dict(recipe_dict(tmp_path, model={"name_or_path": None, "architecture": arch,
