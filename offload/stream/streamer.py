@@ -45,7 +45,7 @@ from transformers.cache_utils import Cache
 
 from ..blocks import Block, flat_layout, keep_torch_forwards, model_blocks, view_as
 from ..plan_phases import ring_slots
-from ..store.memory import release_free_memory, return_large_frees_to_os
+from ..store.memory import host_copy, release_free_memory, return_large_frees_to_os
 from ..store.nvme import NvmeStore, aligned_empty
 from .bnb_compat import keep_training_layout, streamable_4bit
 from .homes import HomeAccess
@@ -229,7 +229,7 @@ class BlockStreamer(HomeAccess):
                 self.record_event("fetch", t, f"layer {layer.index}")
                 return event
             if self.home == "cpu":
-                dst.copy_(self.cpu_homes[layer.index])
+                host_copy(dst, self.cpu_homes[layer.index])
             else:
                 self.store.read(layer.index, dst).result()
             self.record_event("fetch", t, f"layer {layer.index}")
@@ -281,7 +281,7 @@ class BlockStreamer(HomeAccess):
             src = host
         if self.home == "cpu":
             if not self.cuda:
-                self.cpu_homes[layer.index].copy_(src)
+                host_copy(self.cpu_homes[layer.index], src)
         else:
             self.store.write(layer.index, src).result()
         self.record_event("write", t, f"layer {layer.index}")
