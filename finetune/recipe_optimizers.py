@@ -53,6 +53,9 @@ class GaLoreConfig(_AdamLike):
     proj_type: Literal["std", "reverse_std", "left", "right", "full"] = Field(
         "std", description="Projection side: std (by gradient shape), reverse_std, left, right, full.")
     state_bits: Literal[32, 8] = Field(32, description="Low-rank moments in 32 or 8 bits (blockwise).")
+    svd_method: Literal["full", "randomized"] = Field(
+        "full", description="Projector refresh: full (the official SVD) or randomized (Halko et al. 2011: "
+                            "O(mn(rank + 10)), its error in README).")
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), description=_TARGETS)
 
 

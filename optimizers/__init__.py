@@ -30,15 +30,18 @@ def build_adamw(named_params: NamedParams, *, lr: float, weight_decay: float, be
 
 def build_galore(named_params: NamedParams, *, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-6,
                  rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
-                 state_bits: int = 32, target_modules=("attn", "mlp"), per_layer: bool = False):
-    """GaLore groups as in the official torchrun_main.py: target 2-D weights projected, the rest plain AdamW."""
+                 state_bits: int = 32, svd_method: str = "full", seed: int = 0, target_modules=("attn", "mlp"),
+                 per_layer: bool = False):
+    """GaLore groups as in the official torchrun_main.py: target 2-D weights projected, the rest plain AdamW.
+    ``svd_method`` 'randomized' (opt-in) refreshes the projectors by a randomized SVD drawn from ``seed``."""
     from .galore import GaLoreAdamW
 
     targets, rest = split_targets(named_params, target_modules)
     groups = decay_groups(rest, weight_decay)
     if targets:
         groups.append({"params": [p for _, p in targets], "rank": rank, "update_proj_gap": update_proj_gap,
-                       "scale": scale, "proj_type": proj_type, "weight_decay": weight_decay})
+                       "scale": scale, "proj_type": proj_type, "weight_decay": weight_decay,
+                       "svd_method": svd_method, "seed": seed})
     return GaLoreAdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_bits=state_bits)
 
 
@@ -132,7 +135,7 @@ def _galore_unprojected(named_params: list, hparams: dict) -> set[str]:
 # Adding an optimizer: its file, an entry here, and its section in finetune/recipe_optimizers.py.
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec(build_adamw, elementwise=_all_params),
-    "galore": OptimizerSpec(build_galore, elementwise=_galore_unprojected),
+    "galore": OptimizerSpec(build_galore, seeded=True, elementwise=_galore_unprojected),  # seed: randomized SVD
     "frugal": OptimizerSpec(build_frugal, seeded=True),
     "spam": OptimizerSpec(build_spam, seeded=True),
     "mezo": OptimizerSpec(build_mezo, seeded=True, zeroth_order=True, per_layer=False),

@@ -29,6 +29,8 @@ Deviations from the official code (each deliberate):
 * ``reverse_std`` with m < n and rank >= m raises a shape error in the official ``project_back``; fixed (projection.py).
 * Tensor GaLore (``dim > 2``) is not implemented: such groups are rejected with ``ValueError``.
 * Missing ``update_proj_gap``/``scale``/``proj_type`` default to 200 / 1.0 / 'std' (official: KeyError).
+* ``svd_method='randomized'`` (opt-in; default 'full', the official SVD) computes (1) by a randomized SVD
+  (projection.randomized_left_vectors): O(mn(r + 10)) instead of O(mn min(m, n)), seeded from state, not the global RNG.
 * ``accumulate_param`` (per-layer mode with gradient accumulation) accumulates in the low-rank space. On a step
   where the projector refreshes, the new projector comes from the *first micro-batch's* gradient (the only one
   alive then) instead of the accumulated gradient; on every other step the result equals grouped accumulation
@@ -46,9 +48,13 @@ from .adamw import adam_direction_eps_hat, adam_moments_
 from .base import PerTensorOptimizer, check_adam_hparams
 from .projection import (
     GALORE_PROJ_TYPES,
+    SVD_METHODS,
     galore_side,
+    generator,
+    mix_seed,
     project,
     project_back,
+    randomized_scratch_bytes,
     svd_projector,
     svd_scratch_bytes,
 )
@@ -133,7 +139,9 @@ class GaLoreAdamW(PerTensorOptimizer):
     Args:
         params: parameters or param groups; groups with ``rank`` (int) are projected and may carry
             ``update_proj_gap`` (int, default 200), ``scale`` (float, default 1.0), ``proj_type``
-            ('std' | 'reverse_std' | 'right' | 'left' | 'full', default 'std').
+            ('std' | 'reverse_std' | 'right' | 'left' | 'full', default 'std'), ``svd_method`` ('full', the
+            official SVD, default | 'randomized', see ``projection.randomized_left_vectors``) and ``seed``
+            (int, default 0: the randomized SVD's draws).
         lr, betas, eps, weight_decay, correct_bias: as ``galore_torch.GaLoreAdamW`` (eps 1e-6, wd 0).
         state_bits: 32 (moments in the gradient's dtype) or 8 (blockwise 8-bit moments).
         min_8bit_size: with ``state_bits=8``, moments with fewer elements stay fp32 (bitsandbytes' default 4096).
@@ -158,6 +166,8 @@ class GaLoreAdamW(PerTensorOptimizer):
             param_group.setdefault("update_proj_gap", 200)
             param_group.setdefault("scale", 1.0)
             param_group.setdefault("proj_type", "std")
+            param_group.setdefault("svd_method", "full")
+            param_group.setdefault("seed", 0)
             if param_group.get("proj_quant", False):
                 raise ValueError("proj_quant (Q-GaLore's 4-bit projector) is not supported; drop the key")
             if param_group.get("dim", 2) > 2:
@@ -166,6 +176,8 @@ class GaLoreAdamW(PerTensorOptimizer):
                 raise ValueError(f"rank must be a positive int, got {param_group['rank']!r}")
             if not (isinstance(param_group["update_proj_gap"], int) and param_group["update_proj_gap"] > 0):
                 raise ValueError(f"update_proj_gap must be a positive int, got {param_group['update_proj_gap']!r}")
+            if param_group["svd_method"] not in SVD_METHODS:
+                raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {param_group['svd_method']!r}")
             if param_group["proj_type"] not in GALORE_PROJ_TYPES:
                 raise ValueError(f"proj_type must be one of {GALORE_PROJ_TYPES}, got {param_group['proj_type']!r}")
             params = param_group["params"]
@@ -175,10 +187,16 @@ class GaLoreAdamW(PerTensorOptimizer):
         super().add_param_group(param_group)
 
     # -- projection ---------------------------------------------------------------------------------------------
-    def _refresh(self, state: dict, g: torch.Tensor, group: dict) -> None:
-        """Eq. (1): new projector from the SVD of ``g`` (fp32 SVD, cast back to g's dtype)."""
+    def _refresh(self, p: torch.Tensor, state: dict, g: torch.Tensor, group: dict) -> None:
+        """Eq. (1): new projector from the SVD of ``g`` (fp32 SVD, cast back to g's dtype). ``svd_method``
+        'randomized' (an option): the randomized SVD, its test matrix drawn from a generator seeded by the
+        parameter's position and the step, so a resumed run redraws the same one."""
         side = galore_side(g.shape, group["proj_type"])
-        ortho, ortho_right = svd_projector(g, group["rank"], side)
+        gen = None
+        if group.get("svd_method", "full") == "randomized":  # (a checkpoint from before the option has none)
+            position = next(i for i, q in enumerate(q for grp in self.param_groups for q in grp["params"]) if q is p)
+            gen = generator(mix_seed(group.get("seed", 0), position), int(state["step"]))
+        ortho, ortho_right = svd_projector(g, group["rank"], side, gen)
         state["ortho"] = ortho
         if ortho_right is not None:
             state["ortho_right"] = ortho_right
@@ -200,7 +218,7 @@ class GaLoreAdamW(PerTensorOptimizer):
             state["step"] = torch.zeros((), dtype=torch.int64)
         if "grad_acc" not in state:
             if self._needs_refresh(state, group):
-                self._refresh(state, p.grad, group)
+                self._refresh(p, state, p.grad, group)
             state["grad_acc"] = self._project(state, p.grad, group)
         else:
             state["grad_acc"].add_(self._project(state, p.grad, group))
@@ -244,7 +262,7 @@ class GaLoreAdamW(PerTensorOptimizer):
                 grad = self._project(state, grad, group).add_(state.pop("grad_acc"))
             else:
                 if self._needs_refresh(state, group):
-                    self._refresh(state, grad, group)
+                    self._refresh(p, state, grad, group)
                 grad = self._project(state, grad, group)
         exp_avg, exp_avg_sq = self._load_moments(state, grad)
         state["step"] += 1
@@ -269,7 +287,11 @@ class GaLoreAdamW(PerTensorOptimizer):
     def scratch_bytes(self, p: torch.Tensor, group: dict) -> int:
         """Peak temporary bytes of one update of ``p`` beyond its state: the SVD of a refresh step (eq. (1)) for a
         projected weight (the planner counts it: it is allocated while backward still runs), else 0."""
-        return svd_scratch_bytes(tuple(p.shape), p.dtype) if "rank" in group else 0
+        if "rank" not in group:
+            return 0
+        if group.get("svd_method", "full") == "randomized":  # (a checkpoint from before the option has none)
+            return randomized_scratch_bytes(tuple(p.shape), group["rank"], p.dtype)
+        return svd_scratch_bytes(tuple(p.shape), p.dtype)
 
     def state_bytes(self, p: torch.Tensor, group: dict) -> int:
         """Exact bytes ``self.state[p]`` holds after a step (the transient ``grad_acc`` excluded)."""

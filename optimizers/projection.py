@@ -54,13 +54,54 @@ def galore_side(shape: torch.Size, proj_type: str) -> str:
     return proj_type
 
 
-def svd_projector(g: torch.Tensor, rank: int, side: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+SVD_METHODS = ("full", "randomized")
+OVERSAMPLE, POWER_ITERATIONS = 10, 2  # the randomized SVD's p and q (Halko et al. recommend p 5-10, q 1-2)
+
+
+def _orthonormal(y: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of ``y``'s columns (tall, full rank): CholeskyQR2 (Fukaya et al. 2014: two passes of
+    Q = Y R^-1 with R from the Cholesky factor of Y^T Y), a few times faster than Householder QR for the tall, thin
+    matrices of the range finder; Householder QR when the Gram matrix is not positive definite."""
+    for _ in range(2):
+        lower, info = torch.linalg.cholesky_ex(y.T @ y)
+        if int(info) != 0:
+            return torch.linalg.qr(y).Q
+        y = torch.linalg.solve_triangular(lower.T, y, upper=True, left=False)
+    return y
+
+
+def randomized_left_vectors(a: torch.Tensor, rank: int, gen: torch.Generator) -> torch.Tensor:
+    """The top-k left singular vectors of fp32 ``a`` (m x k, k = min(rank, m, n)), approximately: randomized
+    subspace iteration (Halko, Martinsson & Tropp 2011, arXiv 0909.4061, Alg. 4.4: ``POWER_ITERATIONS`` steps,
+    ``OVERSAMPLE`` extra columns, each basis orthonormalized), then the eigenvectors of the small Gram matrix B B^T,
+    B = Q^T A (Alg. 5.1 with B's left singular vectors taken from B B^T). O(mn(k + p)) instead of the full SVD's
+    O(mn min(m, n)). The test matrix is drawn from ``gen`` (a CPU generator) and moved to ``a``'s device, so a run
+    draws the same subspace on CPU and CUDA and never touches the global RNG (dropout, data order)."""
+    m, n = a.shape
+    k = min(rank, m, n)
+    width = min(k + OVERSAMPLE, m, n)
+    q = _orthonormal(a @ torch.randn(n, width, generator=gen, dtype=torch.float32).to(a.device))
+    for _ in range(POWER_ITERATIONS):
+        q = _orthonormal(a @ _orthonormal(a.T @ q))
+    b = q.T @ a
+    _, vectors = torch.linalg.eigh(b @ b.T)  # ascending eigenvalues: the top k are the last columns
+    return q @ vectors.flip(-1)[:, :k]
+
+
+def svd_projector(g: torch.Tensor, rank: int, side: str, gen: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Top-``rank`` singular vectors of ``g`` (SVD in fp32, result in g's dtype): ``(ortho, ortho_right)``.
 
     'right' -> (Vh[:r], None); 'left' -> (U[:, :r], None); 'full' -> (U[:, :r], Vh[:r]).
-    ``rank`` larger than min(m, n) is silently capped by the reduced SVD, as in the official code.
+    ``rank`` larger than min(m, n) is silently capped by the reduced SVD, as in the official code. With ``gen``,
+    the vectors come from :func:`randomized_left_vectors` (an option, not the official method).
     """
-    u, _, vh = torch.linalg.svd(g.float(), full_matrices=False)
+    if gen is not None:  # only the side(s) asked for: U of g, and U of g^T for Vh
+        a = g.float()
+        u = randomized_left_vectors(a, rank, gen) if side != "right" else None
+        vh = randomized_left_vectors(a.T, rank, gen).T if side != "left" else None
+    else:
+        u, _, vh = torch.linalg.svd(g.float(), full_matrices=False)
     if side == "right":
         return vh[:rank].to(g.dtype).contiguous(), None
     if side == "left":
@@ -84,6 +125,15 @@ def svd_scratch_bytes(shape: tuple[int, int], dtype: torch.dtype) -> int:
     widen = 4 * m * n if dtype != torch.float32 else 0
     workspace = (7 if 6 * big >= 11 * k else 5) * k * k
     return widen + 4 * m * n + 4 * (m * k + k + k * n) + 4 * workspace + (1 << 20)
+
+
+def randomized_scratch_bytes(shape: tuple[int, int], rank: int, dtype: torch.dtype) -> int:
+    """Peak temporary bytes of :func:`randomized_left_vectors` on a gradient of ``shape`` (either side): the fp32 copy
+    (when not fp32), the test matrix, a few m x l and n x l bases and the l x n projection, l = rank + OVERSAMPLE."""
+    m, n = shape
+    width = min(rank + OVERSAMPLE, m, n)
+    widen = 4 * m * n if dtype != torch.float32 else 0
+    return widen + 4 * (3 * (m + n) * width + 3 * width * n + 3 * width * width) + (1 << 20)
 
 
 def random_orthogonal(shape: tuple[int, int], gen: torch.Generator, dtype: torch.dtype,
