@@ -77,6 +77,8 @@ class FrugalConfig(_AdamLike):
     proj_params_lr_scale: float = Field(1.0, gt=0.0, description="LR multiplier of projected parameters.")
     block_order: Literal["random", "ascending", "descending", "mirror"] = Field(
         "random", description="blockwise: which tensors become active at each refresh.")
+    svd_method: Literal["full", "randomized"] = Field(
+        "full", description="proj_type svd: full SVD (the author code) or randomized (as GaLore's option).")
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), description=_TARGETS)
 
 

@@ -49,7 +49,7 @@ def build_frugal(named_params: NamedParams, *, lr: float, weight_decay: float, b
                  proj_type: str = "columns", density: float = 0.25, update_gap: int = 200,
                  reset_statistics: bool = True, inactive_update_rule: str = "sign_sgd", inactive_lr_scale: float = 1.0,
                  proj_params_lr_scale: float = 1.0, block_order: str = "random", seed: int = 0,
-                 target_modules=("attn", "mlp"), per_layer: bool = False):
+                 svd_method: str = "full", target_modules=("attn", "mlp"), per_layer: bool = False):
     """FRUGAL groups as in the author code's prepare_proj_params: targets marked ``is_proj_params``. ``proj_type``
     defaults to the fine-tuning scripts' ``columns`` (the class keeps the author code's ``svd``)."""
     from .frugal import FRUGAL
@@ -61,7 +61,8 @@ def build_frugal(named_params: NamedParams, *, lr: float, weight_decay: float, b
     return FRUGAL(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, proj_type=proj_type,
                   density=density, update_gap=update_gap, reset_statistics=reset_statistics,
                   inactive_update_rule=inactive_update_rule, inactive_lr_scale=inactive_lr_scale,
-                  proj_params_lr_scale=proj_params_lr_scale, block_order=block_order, seed=seed)
+                  proj_params_lr_scale=proj_params_lr_scale, block_order=block_order, seed=seed,
+                  svd_method=svd_method)
 
 
 def build_spam(named_params: NamedParams, *, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-6,

@@ -52,6 +52,7 @@ from .adamw import adam_moments_, adam_update_torch
 from .base import PerTensorOptimizer, check_adam_hparams
 from .projection import (
     BLOCK_ORDERS,
+    SVD_METHODS,
     active_blocks,
     coord_count,
     coord_down,
@@ -63,6 +64,7 @@ from .projection import (
     project,
     project_up,
     random_orthogonal,
+    randomized_scratch_bytes,
     svd_projector,
     svd_scratch_bytes,
 )
@@ -76,19 +78,21 @@ class FRUGAL(PerTensorOptimizer):
     """FRUGAL with an AdamW state-full part; see the module docstring for equations (1)-(5), state and deviations.
 
     Projected groups carry ``is_proj_params=True`` and may override any of: density, update_gap, proj_type,
-    reset_statistics, inactive_update_rule, inactive_lr_scale, proj_params_lr_scale, block_order.
+    reset_statistics, inactive_update_rule, inactive_lr_scale, proj_params_lr_scale, block_order, svd_method
+    ('full', the author code's SVD, default | 'randomized': ``projection.randomized_left_vectors`` for 'svd').
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, proj_type: str = "svd", density: float = 0.25,
                  update_gap: int = 200, reset_statistics: bool = True, inactive_update_rule: str = "sign_sgd",
                  inactive_lr_scale: float = 1.0, proj_params_lr_scale: float = 1.0, block_order: str = "random",
-                 seed: int = 0):
+                 seed: int = 0, svd_method: str = "full"):
         check_adam_hparams(lr, betas, eps)
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "proj_type": proj_type,
                         "density": density, "update_gap": update_gap, "reset_statistics": reset_statistics,
                         "inactive_update_rule": inactive_update_rule, "inactive_lr_scale": inactive_lr_scale,
-                        "proj_params_lr_scale": proj_params_lr_scale, "block_order": block_order, "seed": seed}
+                        "proj_params_lr_scale": proj_params_lr_scale, "block_order": block_order, "seed": seed,
+                        "svd_method": svd_method}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -105,6 +109,7 @@ class FRUGAL(PerTensorOptimizer):
             (group["inactive_lr_scale"] >= 0, "inactive_lr_scale must be >= 0"),
             (group["proj_params_lr_scale"] >= 0, "proj_params_lr_scale must be >= 0"),
             (group["block_order"] in BLOCK_ORDERS, f"block_order must be one of {BLOCK_ORDERS}"),
+            (group["svd_method"] in SVD_METHODS, f"svd_method must be one of {SVD_METHODS}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -140,8 +145,10 @@ class FRUGAL(PerTensorOptimizer):
         else:
             if kind in ("svd", "random"):
                 side, rank = frugal_side_rank(grad.shape, group["density"])
-                if kind == "svd":
-                    state["ortho"] = svd_projector(grad, rank, side)[0]
+                if kind == "svd":  # svd_method 'randomized' (an option): drawn per tensor and step, from state
+                    randomized = group.get("svd_method", "full") == "randomized"
+                    draw = generator(self._stream_seed(p, group), int(state["step"])) if randomized else None
+                    state["ortho"] = svd_projector(grad, rank, side, draw)[0]
                 else:
                     m, n = grad.shape
                     state["ortho"] = random_orthogonal((rank, n) if side == "right" else (m, rank), gen,
@@ -241,8 +248,11 @@ class FRUGAL(PerTensorOptimizer):
     def scratch_bytes(self, p: torch.Tensor, group: dict) -> int:
         """Peak temporary bytes of one update of ``p`` beyond its state: the SVD of an 'svd' refresh (eq. (1)),
         else 0 (the planner counts it: it is allocated while backward still runs)."""
-        svd = group["is_proj_params"] and group["proj_type"] == "svd" and p.dim() == 2
-        return svd_scratch_bytes(tuple(p.shape), p.dtype) if svd else 0
+        if not (group["is_proj_params"] and group["proj_type"] == "svd" and p.dim() == 2):
+            return 0
+        if group.get("svd_method", "full") == "randomized":
+            return randomized_scratch_bytes(tuple(p.shape), frugal_side_rank(p.shape, group["density"])[1], p.dtype)
+        return svd_scratch_bytes(tuple(p.shape), p.dtype)
 
     def state_bytes(self, p: torch.Tensor, group: dict) -> int:
         """Exact bytes of ``self.state[p]`` after the next step (blockwise: as activated at the next refresh if p

@@ -211,11 +211,11 @@ def test_inactive_block_gets_sign_sgd_only():
     torch.testing.assert_close(params[0].detach(), w0 - 0.05 * g[0][0].sign())
 
 
-@pytest.mark.parametrize("proj_type", ["svd", "random", "columns", "rows", "randk", "blockwise"])
+@pytest.mark.parametrize("proj_type", ["svd", "svd-randomized", "random", "columns", "rows", "randk", "blockwise"])
 def test_state_dict_resume_is_exact_across_refresh(proj_type):
     shapes, regular, gap = [(12, 8), (6, 10), (9, 9), (5, 7)], [(8,)], 3
-    kwargs = {"proj_type": proj_type, "density": 0.5, "update_gap": gap, "lr": 1e-2, "block_order": "random",
-              "seed": 11}
+    kwargs = {"proj_type": proj_type.split("-")[0], "density": 0.5, "update_gap": gap, "lr": 1e-2,
+              "block_order": "random", "seed": 11, "svd_method": "randomized" if "-" in proj_type else "full"}
     grads = fixed_grads(shapes + regular, 8)
     params, opt = make(shapes, regular_shapes=regular, **kwargs)
     for step, gs in enumerate(grads):
@@ -247,6 +247,25 @@ def test_state_bytes_equals_allocated(proj_type):
     opt.step()
     for p in params:
         assert predicted[id(p)] == allocated_state_bytes(opt, p) == opt.state_bytes(p, opt.group_of(p)), p.shape
+
+
+def test_randomized_svd_subspace_keeps_the_top_singular_energy():
+    """proj_type 'svd' with svd_method 'randomized': the projector keeps >= 0.999 of the top-r singular energy of a
+    gradient whose spectrum decays as 1/i, like the full SVD it replaces, with far less planned scratch."""
+    from slimtune.optimizers.projection import svd_scratch_bytes
+
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(120, 80))
+    v, _ = torch.linalg.qr(torch.randn(96, 80))
+    grad = (u / torch.arange(1, 81)) @ v.T
+    params, opt = make([(120, 96)], proj_type="svd", density=0.25, svd_method="randomized")
+    params[0].grad = grad.clone()
+    opt.step()
+    ortho = opt.state[params[0]]["ortho"]
+    low = grad @ ortho.T if ortho.shape[1] == 96 else ortho.T @ grad
+    r = min(ortho.shape)
+    assert float(low.pow(2).sum() / (torch.linalg.svdvals(grad)[:r] ** 2).sum()) >= 0.999
+    assert opt.scratch_bytes(params[0], opt.group_of(params[0])) < svd_scratch_bytes((120, 96), torch.float32)
 
 
 def test_invalid_arguments_are_rejected():
