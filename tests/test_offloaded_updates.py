@@ -248,6 +248,11 @@ def test_a_projector_refresh_step_runs_its_updates_one_at_a_time(tmp_path, monke
     _, _, ref, _ = in_memory_run("galore", data)
     for n in ref:
         torch.testing.assert_close(weights[n], ref[n], rtol=1e-6, atol=1e-7)
+    # a refresh without scratch (FRUGAL's column subsets) keeps the overlap; its SVD subspace does not
+    for proj_type, alone in (("columns", False), ("svd", True)):
+        with new_engine(tiny_llama(), "frugal", "cpu", tmp_path, proj_type=proj_type) as engine:
+            assert any(engine.optimizer.refreshes(0, g) for g in engine.optimizer.param_groups)
+            assert engine._refresh_step() is alone
 
 
 @pytest.mark.parametrize("tier", ["cpu", "nvme"])

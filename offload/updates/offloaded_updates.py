@@ -236,10 +236,14 @@ class OffloadedUpdates:
             pending[0].result()
 
     def _refresh_step(self) -> bool:
-        """Whether this step's updates refresh a projector: the optimizer's ``refreshes(step, group)`` for the
-        update numbered ``self.steps`` (every parameter's update count, when each gets a gradient every step)."""
-        refreshes = getattr(self.optimizer, "refreshes", None)
-        return refreshes is not None and any(refreshes(self.steps, g) for g in self.optimizer.param_groups)
+        """Whether this step's updates refresh a projector with scratch memory: the optimizer's ``refreshes(step,
+        group)`` for the update numbered ``self.steps`` (every parameter's update count, when each gets a gradient
+        every step), in a group whose ``scratch_bytes`` is not 0 (an SVD; FRUGAL's coordinate subsets need none)."""
+        opt = self.optimizer
+        if not (hasattr(opt, "refreshes") and hasattr(opt, "scratch_bytes")):
+            return False
+        return any(g["params"] and opt.refreshes(self.steps, g) and opt.scratch_bytes(g["params"][0], g) > 0
+                   for g in opt.param_groups)
 
     def _submit(self, g: int) -> None:
         """Queue block ``g``'s update: its staging units one after the other on a worker, then its buffer freed."""
