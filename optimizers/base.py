@@ -87,6 +87,11 @@ class PerTensorOptimizer(torch.optim.Optimizer):
     def state_bytes(self, p: torch.Tensor, group: dict) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def param_index(self, p: torch.Tensor) -> int:
+        """``p``'s position among all parameters, group after group: the stream id its seeded draws use (stable across
+        a resume, and the same for the offloaded engine's masters, built in the model's order)."""
+        return next(i for i, q in enumerate(q for group in self.param_groups for q in group["params"]) if q is p)
+
     def group_of(self, p: torch.Tensor) -> dict:
         """The param group holding ``p``."""
         for group in self.param_groups:

@@ -128,8 +128,7 @@ class FRUGAL(PerTensorOptimizer):
         """Per-tensor stream id (global parameter index), or per-group for blockwise (group index)."""
         if group["proj_type"] == "blockwise":
             return mix_seed(group["seed"], next(i for i, g in enumerate(self.param_groups) if g is group))
-        flat = (q for g in self.param_groups for q in g["params"])
-        return mix_seed(group["seed"], next(i for i, q in enumerate(flat) if q is p))
+        return mix_seed(group["seed"], self.param_index(p))
 
     def _refresh(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
         kind = group["proj_type"]

@@ -194,8 +194,7 @@ class GaLoreAdamW(PerTensorOptimizer):
         side = galore_side(g.shape, group["proj_type"])
         gen = None
         if group.get("svd_method", "full") == "randomized":  # (a checkpoint from before the option has none)
-            position = next(i for i, q in enumerate(q for grp in self.param_groups for q in grp["params"]) if q is p)
-            gen = generator(mix_seed(group.get("seed", 0), position), int(state["step"]))
+            gen = generator(mix_seed(group.get("seed", 0), self.param_index(p)), int(state["step"]))
         ortho, ortho_right = svd_projector(g, group["rank"], side, gen)
         state["ortho"] = ortho
         if ortho_right is not None:

@@ -42,8 +42,7 @@ class HomeAccess:
         """(parameter, CPU copy of its current value) for layer ``i``: checkpoints and exports read through this."""
         layer = self.layers[i]
         buf = self.read_home(layer)
-        return [(p, buf[off:off + s.numel() * d.itemsize].view(d).view(s).clone())
-                for p, off, (s, d) in zip(layer.params, layer.offsets, layer.shapes)]
+        return [(p, self._home_view(buf, layer, k).clone()) for k, p in enumerate(layer.params)]
 
     def reader(self) -> HomeReader:
         """Values of streamed parameters from their homes, one layer read at a time (see :class:`HomeReader`)."""
@@ -57,8 +56,8 @@ class HomeAccess:
             raise RuntimeError(f"layer {i} is bound; release it before rewriting its home")
         layer.home_ready.result()
         buf = self.cpu_homes[i] if self.home == "cpu" else aligned_empty(layer.nbytes).zero_()
-        for value, off, (shape, dtype) in zip(values, layer.offsets, layer.shapes):
-            buf[off:off + shape.numel() * dtype.itemsize].view(dtype).view(shape).copy_(value)
+        for k, value in enumerate(values):
+            self._home_view(buf, layer, k).copy_(value)
         if self.home == "nvme":
             self.store.write(i, buf).result()
         self.stats["bytes_to_home"] += layer.nbytes

@@ -246,8 +246,8 @@ class BlockStreamer(HomeAccess):
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
         buf = self._slots[layer.slot]
-        for p, off, (shape, dtype) in zip(layer.params, layer.offsets, layer.shapes):
-            p.data = buf[off:off + shape.numel() * dtype.itemsize].view(dtype).view(shape)
+        for k, p in enumerate(layer.params):
+            p.data = self._home_view(buf, layer, k)  # the same typed view into a ring slot as into a home
         layer.bound = True
         if self.on_bind is not None:
             self.on_bind(layer.index)

@@ -11,7 +11,8 @@ lesson). :class:`GradMover` instead:
   before the copy is done. A gradient that is the first of its buffer's step and already in the buffer's dtype is
   copied straight into the (pinned) buffer; otherwise into a pinned staging tensor, which a worker thread adds into
   the buffer (widened to fp32 for sums) once the copy's event has fired.
-* **CPU device**: the gradient is added into its buffer at once (a memcpy; nothing to overlap).
+* **CPU device**: the gradient is copied (the step's first) or added into its buffer at once (nothing to
+  overlap).
 
 Each :meth:`move` on CUDA returns a future; whoever reads a buffer (a block's update, global-norm clipping) waits
 for the futures of its gradients first.
@@ -40,8 +41,8 @@ class GradMover:
     def move(self, grad: torch.Tensor, dst: torch.Tensor, fresh: bool) -> Future | None:
         """Add ``grad`` into ``dst`` (a CPU view; ``fresh``: it holds zeros, nothing summed yet this step). Returns
         the future of a transfer still under way (CUDA), None when it is done (CPU)."""
-        if not self.cuda:
-            dst.add_(grad.to(device="cpu", dtype=dst.dtype))
+        if not self.cuda:  # a fresh buffer is written, not read and summed (as autograd assigns a first gradient)
+            dst.copy_(grad) if fresh else dst.add_(grad)
             return None
         direct = fresh and dst.dtype == grad.dtype and dst.is_pinned()  # pragma: no cover - CUDA only
         compute = torch.cuda.current_stream(grad.device)  # pragma: no cover - CUDA only
