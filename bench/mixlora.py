@@ -4,9 +4,10 @@
 
 Every contender fine-tunes ``configs/quickstart.yaml`` (2-layer Llama, hidden 128, intermediate 512, fp32, batch 32,
 cosine with 10% warm-up, lr 2e-3, seed 42, dropout 0) for ``--steps`` steps with eval_steps=0, save_steps=0,
-plots=false, logging_steps=10 and a temporary output_dir, each in its own subprocess (``--threads``, default 2),
-one after the other; with ``--rounds 2`` the second round runs in reverse order. Contenders (trainable parameters
-within 1.1% of each other; the table lists them):
+plots=false, logging_steps=10 and a temporary output_dir, each in its own subprocess, once per torch thread count
+(``--threads``, default ``2 1``: the other benches' setting and a single-thread row), one after the other; with
+``--rounds 2`` the second round runs in reverse order. Contenders (trainable parameters within 1.1% of each other;
+the table lists them):
 
 * ``lora``: the quickstart's LoRA, r 32, alpha 64, on all 7 projections: 188,416 parameters;
 * ``mixlora-4x8``: MixLoRA, 4 experts, top-2, attention LoRA r 32 / alpha 64 as above, expert LoRA r 8 / alpha 16
@@ -147,17 +148,18 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def table(stats: dict, header: str) -> str:
-    base = stats["lora"]
-    cols = ("adapter | trainable params | peak RSS (MiB) | RSS added by training (MiB) | median step (ms) | "
-            "step / LoRA | train loss | eval loss | exact match | eval + generation (s) | router: max share x E | "
-            "router: min share x E | router: load entropy | median step of each run (ms)")
-    lines = [header, "", f"| {cols} |", "|---|" + "---:|" * 12 + "---|"]
-    for name, s in stats.items():
-        b = s["balance"]
+    """One row per (contender, thread count); the step ratio is against LoRA at the same thread count."""
+    cols = ("adapter | torch threads | trainable params | peak RSS (MiB) | RSS added by training (MiB) | median step "
+            "(ms) | step / LoRA | train loss | eval loss | exact match | eval + generation (s) | router: max share x E "
+            "| router: min share x E | router: load entropy | median step of each run (ms)")
+    lines = [header, "", f"| {cols} |", "|---|" + "---:|" * 13 + "---|"]
+    for key, s in stats.items():
+        name, threads = key.split("@")
+        base, b = stats[f"lora@{threads}"], s["balance"]
         router = (f"{b['max_share_x_experts']:.2f} | {b['min_share_x_experts']:.2f} | {b['entropy']:.3f}" if b
                   else "— | — | —")
         lines.append(
-            f"| {LABELS[name]} | {s['params']:,} | {s['peak_rss_mib']:.0f} | {s['added_rss_mib']:.0f} | "
+            f"| {LABELS[name]} | {threads} | {s['params']:,} | {s['peak_rss_mib']:.0f} | {s['added_rss_mib']:.0f} | "
             f"{s['median_step_ms']:.1f} | {s['median_step_ms'] / base['median_step_ms']:.2f}x | "
             f"{s['final_train_loss']:.4f} | {s['eval_loss']:.4f} | {s['exact_match']:.1%} | {s['eval_seconds']:.1f} | "
             f"{router} | {s['runs_step_ms']} |")
@@ -199,38 +201,43 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="each contender runs this many times (2nd round reversed)")
     ap.add_argument("--only", nargs="*", choices=list(LABELS), help="run only these contenders")
     ap.add_argument("--recipe", default="configs/quickstart.yaml")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads per run (the other benches: 2)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[2, 1],
+                    help="torch thread counts; every contender runs at each (the other benches: 2)")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--child", choices=list(LABELS), help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        return child(a.child, a.recipe, a.steps, a.json, a.threads)
+        return child(a.child, a.recipe, a.steps, a.json, a.threads[0])
     if a.steps <= SKIP:
         ap.error(f"--steps must exceed the {SKIP} warm-up steps left out of the statistics")
     names = [n for n in LABELS if not a.only or n in a.only]
     if "lora" not in names:
         ap.error("the LoRA reference (lora) must be among the contenders")
-    order = [n for r in range(a.rounds) for n in (names if r % 2 == 0 else names[::-1])]
-    out, all_runs = Path(a.out), {n: [] for n in names}
+    keys = [f"{n}@{t}" for t in a.threads for n in names]
+    order = [k for r in range(a.rounds) for k in (keys if r % 2 == 0 else keys[::-1])]
+    out, all_runs = Path(a.out), {k: [] for k in keys}
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONWARNINGS": "ignore", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     started, load_start = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        for i, name in enumerate(order):  # one after the other: they never compete for the cores
-            print(f"run {i + 1}/{len(order)}: {LABELS[name]} ({a.steps} steps) ...", file=sys.stderr, flush=True)
-            path = Path(tmp) / f"{name}-{i}.json"
+        for i, key in enumerate(order):  # one after the other: they never compete for the cores
+            name, threads = key.split("@")
+            print(f"run {i + 1}/{len(order)}: {LABELS[name]}, {threads} thread(s) ({a.steps} steps) ...",
+                  file=sys.stderr, flush=True)
+            env = {**os.environ, "OMP_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
+                   "PYTHONWARNINGS": "ignore", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+            path = Path(tmp) / f"{name}-{threads}-{i}.json"
             subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(a.steps), "--recipe", a.recipe,
-                            "--threads", str(a.threads), "--json", str(path)], check=True, env=env)
-            all_runs[name].append(json.loads(path.read_text()))
-    stats = {n: summarize(rs) for n, rs in all_runs.items()}
-    losses = {n: rs[0]["losses"] for n, rs in all_runs.items()}
-    loads = {n: rs[0]["router_load"] for n, rs in all_runs.items()}
-    host, s0, load_end = machine(), stats["lora"], os.getloadavg()[0]
+                            "--threads", threads, "--json", str(path)], check=True, env=env)
+            all_runs[key].append(json.loads(path.read_text()))
+    stats = {k: summarize(rs) for k, rs in all_runs.items()}
+    first = a.threads[0]  # curves and router loads from the first thread count (the math is the same)
+    losses = {n: all_runs[f"{n}@{first}"][0]["losses"] for n in names}
+    loads = {n: all_runs[f"{n}@{first}"][0]["router_load"] for n in names}
+    host, s0, load_end = machine(), stats[f"lora@{first}"], os.getloadavg()[0]
     header = (
         f"## LoRA vs MixLoRA on the quickstart model ({a.recipe}, {a.steps} steps, batch 32, lr {s0['lr']:g}, "
-        f"torch threads {s0['threads']})\n\nMachine: {host}\n\n"
+        f"torch threads {', '.join(map(str, a.threads))})\n\nMachine: {host}\n\n"
         f"Matched trainable parameters (column). MixLoRA: top-2, attention LoRA r 32, expert LoRA as labelled (alpha "
         f"/ r = 2 everywhere), recipe-default router settings. {a.rounds} round(s); step time = median over runs of "
         f"each run's median, first {SKIP} steps skipped. Eval loss on {s0['eval_rows']} held-out rows, exact match on "
@@ -244,7 +251,8 @@ def main() -> None:
     (out / "mixlora.json").write_text(json.dumps({
         "machine": host, "recipe": a.recipe, "steps": a.steps, "rounds": a.rounds, "skip": SKIP, "stats": stats,
         "losses": losses, "router_load": loads, "load_average": [load_start, load_end]}, indent=2) + "\n")
-    plot(losses, stats, loads, f"LoRA vs MixLoRA, quickstart model, {a.steps} steps — {host}", out / "mixlora.png")
+    plot(losses, {n: stats[f"{n}@{first}"] for n in names}, loads,
+         f"LoRA vs MixLoRA, quickstart model, {a.steps} steps — {host}", out / "mixlora.png")
     print(f"wrote {out / 'mixlora.md'}, {out / 'mixlora.json'}, {out / 'mixlora.png'}", file=sys.stderr)
 
 

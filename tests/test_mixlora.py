@@ -122,7 +122,7 @@ def _reference_ffn(ffn: MixLoraFFN, x: torch.Tensor, scaling: float) -> tuple[to
         top = torch.argsort(p, descending=True)[:K]
         chosen.append(top)
         y = torch.zeros(w_down.shape[0], dtype=d)
-        for e, weight in zip(top.tolist(), (p[top] / p[top].sum()).tolist()):
+        for e, weight in zip(top.tolist(), p[top] / p[top].sum()):  # tensors: the router gets a gradient
             a = F.silu(w_gate @ v + lora(e, "gate_proj", v)) * (w_up @ v + lora(e, "up_proj", v))
             y += weight * (w_down @ a + lora(e, "down_proj", a))
         out.append(y)
@@ -150,6 +150,26 @@ def test_routing_and_moe_ffn_match_a_float64_reference(tiny_dir_config, tiny_mod
     with torch.no_grad():
         frozen = ffn.base_layer(x).reshape(-1, 64)
     assert (frozen - ours).abs().max() > 1e-2
+
+
+def test_batched_experts_gradients_match_the_float64_per_expert_reference(tiny_dir_config, tiny_model_dir):
+    """The experts' LoRA runs batched (stacked A, one-hot mask, B side by side); its gradients for every LoRA
+    matrix, the router and the input must be those of the token-by-token, expert-by-expert float64 formula."""
+    model = _mixlora(tiny_dir_config, tiny_model_dir)
+    _randomize(model)
+    model.train()
+    ffn = model.model.layers[0].mlp
+    x = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    probe = torch.randn(24, 64, generator=torch.Generator().manual_seed(8))
+    names = [n for n, p in ffn.named_parameters() if p.requires_grad]
+    params = [p for n, p in ffn.named_parameters() if p.requires_grad]
+    ours = torch.autograd.grad((ffn(x).reshape(-1, 64) * probe).sum(), [x, *params])
+    ref_out, _ = _reference_ffn(ffn, x, scaling=8 / 4)
+    ref = torch.autograd.grad((ref_out * probe.double()).sum(), [x, *params])
+    assert any("moe_gate" in n for n in names) and sum("experts" in n for n in names) == E * 3 * 2
+    for name, g, r in zip(["input", *names], ours, ref):
+        assert r.abs().max() > 0, name  # every expert received tokens, so every LoRA matrix has a gradient
+        assert (g.double() - r).abs().max() <= 1e-5 * r.abs().max(), name  # fp32 rounding, relative to the scale
 
 
 def _reference_aux(layer_inputs: list[torch.Tensor], routers: list[torch.Tensor], mask: torch.Tensor | None,
