@@ -29,6 +29,9 @@ every other round in reverse order (ABBA), and takes the median of the runs' med
 * ``deepspeed``: the same training under DeepSpeed ZeRO-3, params and optimizer state on NVMe
   (``bench/offload_deepspeed.py``: bench-only install, settings and why).
 * ``slimtune``: the offload engine (:func:`run_slimtune`).
+* ``slimtune-8bit``: the same with ``optimizer.state_bits: 8`` (AdamW's moments of every matrix as bitsandbytes'
+  blockwise 8-bit codes: 2 bytes of state per value instead of 8, so the masters + state region read and written
+  per step shrinks from 12 to 6 bytes per value).
 * ``mezo-resident``: in-memory MeZO (``slimtune.optimizers.MeZO``, eps 1e-3, lr 1e-6), two forwards, no backward;
   ``mezo-stream``: slimtune's zeroth-order streaming (:func:`run_mezo_stream`).
 
@@ -68,7 +71,8 @@ from trainer import machine
 LABELS = {"resident": "resident bf16 AdamW (compute only)",
           "resident-master": "resident, fp32 masters (compute only)", "io": "io (NVMe bytes only)",
           "deepspeed": "DeepSpeed ZeRO-3 NVMe",
-          "slimtune": "slimtune offload", "mezo-resident": "MeZO in memory", "mezo-stream": "MeZO streamed"}
+          "slimtune": "slimtune offload", "slimtune-8bit": "slimtune offload, 8-bit AdamW state",
+          "mezo-resident": "MeZO in memory", "mezo-stream": "MeZO streamed"}
 # Llama configs. bf16 on this CPU (no AVX512-BF16/AMX) costs per weight more than per token: the default's resident
 # step took 17-31 s at seq 32, 64 and 128 alike on the shared 2 cores (load 4-8), so seq is cheap and a smaller
 # step needs a smaller model, not fewer tokens.
@@ -247,7 +251,7 @@ def run_deepspeed(a, config, batches, meter) -> dict:
     return ds.run(a, config, batches, meter)
 
 
-def _engine(model, a, nvme: str, optimizer_state: bool):
+def _engine(model, a, nvme: str, optimizer_state: bool, state_bits: int = 32):
     """slimtune's offload engine on ``model`` (what `slimtune train` builds from offload.params/optimizer_state:
     nvme): decoder layers streamed from NVMe, fp32 masters + AdamW state on NVMe updated on the CPU."""
     import torch
@@ -258,7 +262,8 @@ def _engine(model, a, nvme: str, optimizer_state: bool):
 
     off = OffloadEngine(model, torch.device("cpu"))
     if optimizer_state:
-        adamw = lambda nm: build_optimizer("adamw", nm, lr=a.lr, weight_decay=0.0, per_layer=True)  # noqa: E731
+        adamw = lambda nm: build_optimizer("adamw", nm, lr=a.lr, weight_decay=0.0, per_layer=True,  # noqa: E731
+                                           state_bits=state_bits)
         off.updates, off.update_blocks = offloaded_updates(model, adamw, "nvme", nvme, overlap=True)
     off.streamer = BlockStreamer(model, "nvme", "cpu", prefetch=1, nvme_dir=nvme, stream_trainable=True,
                                  writeback=not optimizer_state)
@@ -278,11 +283,11 @@ def _last_step_timeline(off, t_step: float) -> list:
     return sorted(events, key=lambda e: e[1])
 
 
-def run_slimtune(a, config, batches, meter) -> dict:
+def run_slimtune(a, config, batches, meter, state_bits: int = 32) -> dict:
     """Full-parameter AdamW, params + fp32 masters + state on NVMe, updates on the CPU overlapped with backward."""
     nvme = tempfile.mkdtemp(prefix="slimtune-", dir=a.nvme_dir)
     model = build_model(config, a).train()
-    off = _engine(model, a, nvme, optimizer_state=True)
+    off = _engine(model, a, nvme, optimizer_state=True, state_bits=state_bits)
     losses, t_step = [], 0.0
     meter.start()
     for x in batches:
@@ -299,6 +304,10 @@ def run_slimtune(a, config, batches, meter) -> dict:
     n = len(batches)
     return {"losses": losses, "timeline": timeline, "nvme_read_per_step": counters.get("nvme_read_bytes", 0) / n,
             "nvme_write_per_step": counters.get("nvme_write_bytes", 0) / n}
+
+
+def run_slimtune_8bit(a, config, batches, meter) -> dict:
+    return run_slimtune(a, config, batches, meter, state_bits=8)
 
 
 def run_mezo_resident(a, config, batches, meter) -> dict:
@@ -342,7 +351,7 @@ def run_mezo_stream(a, config, batches, meter) -> dict:
 
 
 CONTENDERS = {"resident": run_resident, "resident-master": run_resident_master, "io": run_io,
-              "deepspeed": run_deepspeed, "slimtune": run_slimtune,
+              "deepspeed": run_deepspeed, "slimtune": run_slimtune, "slimtune-8bit": run_slimtune_8bit,
               "mezo-resident": run_mezo_resident, "mezo-stream": run_mezo_stream}
 assert list(CONTENDERS) == list(LABELS)
 

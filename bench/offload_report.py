@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 GB = 1e9
-OFFLOADED = ("deepspeed", "slimtune")  # rows compared with max(resident, io)
+OFFLOADED = ("deepspeed", "slimtune", "slimtune-8bit")  # rows compared with max(resident, io)
 
 
 def summarize(runs: list[dict], budget: int) -> dict:
@@ -52,6 +52,12 @@ def ratios(rows: dict) -> dict:
     if "deepspeed" in ok and "slimtune" in ok:
         out["deepspeed_over_slimtune_step"] = ok["deepspeed"]["median_step_s"] / ok["slimtune"]["median_step_s"]
         out["deepspeed_over_slimtune_rss"] = ok["deepspeed"]["peak_rss_bytes"] / ok["slimtune"]["peak_rss_bytes"]
+    if "slimtune" in ok and "slimtune-8bit" in ok:
+        s32, s8 = ok["slimtune"], ok["slimtune-8bit"]
+        out["8bit_over_32bit_step"] = s8["median_step_s"] / s32["median_step_s"]
+        if s32.get("disk_read_per_step") and s8.get("disk_read_per_step"):
+            out["8bit_over_32bit_disk_bytes"] = ((s8["disk_read_per_step"] + s8["disk_write_per_step"])
+                                                 / (s32["disk_read_per_step"] + s32["disk_write_per_step"]))
     if "mezo-resident" in ok and "mezo-stream" in ok:
         out["mezo_stream_over_resident"] = ok["mezo-stream"]["median_step_s"] / ok["mezo-resident"]["median_step_s"]
     return out
@@ -87,6 +93,9 @@ def table(rows: dict, rat: dict, header: str, labels: dict) -> str:
               f"{x['deepspeed_over_slimtune_rss']}") if x.get("deepspeed_over_slimtune_step") else
              "deepspeed / slimtune: needs both rows ok",
              f"mezo-stream / mezo-resident step: {x.get('mezo_stream_over_resident', 'needs both rows ok')}"]
+    if x.get("8bit_over_32bit_step"):
+        notes.append(f"8-bit / 32-bit AdamW state: step {x['8bit_over_32bit_step']}, disk bytes per step "
+                     f"{x.get('8bit_over_32bit_disk_bytes', 'n/a')}")
     if rat.get("bound_row"):
         notes.append(f"step / max(resident, io) uses the {labels[rat['bound_row']]} row"
                      + "".join(f"; {n} over max(bf16-only resident, io): {x[f'{n}_over_bf16_bound']}"

@@ -53,19 +53,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from trainer import SKIP, machine  # bench/trainer.py: same warm-up skip and machine line
 
-LABELS = {"adamw": "AdamW (torch)", "galore": "GaLore", "galore-randomized": "GaLore, randomized SVD refresh",
+LABELS = {"adamw": "AdamW (torch)", "adamw-8bit": "AdamW, 8-bit state", "galore": "GaLore",
+          "galore-randomized": "GaLore, randomized SVD refresh",
           "galore-torch": "galore-torch 1.0 (peer)",
           "frugal": "FRUGAL", "spam": "SPAM", "mezo": "MeZO", "mezo-long": "MeZO, long run"}
 # Learning rates: lowest eval loss in 150-step sweeps on this model (adamw 1e-3/2e-3/4e-3, galore 2e-3/4e-3/1e-2/
 # 2e-2, frugal 1e-3/2e-3/4e-3, spam 1e-3/2e-3/4e-3, mezo 3e-4/1e-3/3e-3/1e-2: 3e-3 and up diverge); --lr NAME=LR.
-LR = {"adamw": 1e-3, "galore": 1e-2, "galore-randomized": 1e-2, "galore-torch": 1e-2, "frugal": 2e-3, "spam": 1e-3,
+LR = {"adamw": 1e-3, "adamw-8bit": 1e-3, "galore": 1e-2, "galore-randomized": 1e-2, "galore-torch": 1e-2,
+      "frugal": 2e-3, "spam": 1e-3,
       "mezo": 1e-3, "mezo-long": 5e-4}
 
 
 def optimizer_overrides(name: str, steps: int) -> list[str]:
     gap = max(1, steps // 3)
     galore = ["optimizer.name=galore", "optimizer.rank=32", f"optimizer.update_proj_gap={gap}", "optimizer.scale=0.25"]
-    return {"adamw": ["optimizer.name=adamw"], "galore": galore, "galore-torch": galore,
+    return {"adamw": ["optimizer.name=adamw"], "adamw-8bit": ["optimizer.name=adamw", "optimizer.state_bits=8"],
+            "galore": galore, "galore-torch": galore,
             "galore-randomized": galore + ["optimizer.svd_method=randomized"],
             "frugal": ["optimizer.name=frugal", "optimizer.density=0.25", f"optimizer.update_gap={gap}"],
             "spam": ["optimizer.name=spam", f"optimizer.delta_t={gap}", "optimizer.warmup_steps=10",
@@ -208,8 +211,8 @@ def plot(losses: dict, stats: dict, title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_mem, ax_step) = plt.subplots(1, 3, figsize=(17, 5), width_ratios=[2.2, 1, 1])
-    colors = dict(zip(LABELS, ["black", "tab:blue", "tab:orange", "tab:cyan", "tab:green", "tab:red", "tab:purple",
-                              "tab:pink"]))
+    colors = dict(zip(LABELS, ["black", "tab:gray", "tab:blue", "tab:orange", "tab:cyan", "tab:green", "tab:red",
+                              "tab:purple", "tab:pink"]))
     for name, curve in losses.items():
         ax_loss.plot(range(1, len(curve) + 1), curve, "--" if name == "galore-torch" else "-", color=colors[name],
                      lw=1, label=LABELS[name])

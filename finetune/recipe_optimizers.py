@@ -40,6 +40,8 @@ class AdamWConfig(_AdamLike):
 
     name: Literal["adamw"] = Field("adamw", description="Optimizer (registry: slimtune.optimizers.OPTIMIZERS).")
     eps: float = Field(1e-8, gt=0, description="Adam epsilon (torch placement: sqrt(v_hat) + eps).")
+    state_bits: Literal[32, 8] = Field(32, description="Moments of the weight matrices in 32 or 8 bits "
+                                                       "(bitsandbytes' blockwise 8-bit Adam; vectors stay 32-bit).")
 
 
 class GaLoreConfig(_AdamLike):
@@ -79,6 +81,7 @@ class FrugalConfig(_AdamLike):
         "random", description="blockwise: which tensors become active at each refresh.")
     svd_method: Literal["full", "randomized"] = Field(
         "full", description="proj_type svd: full SVD (the author code) or randomized (as GaLore's option).")
+    state_bits: Literal[32, 8] = Field(32, description="AdamW moments of the matrices in 32 or 8 bits (blockwise).")
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), description=_TARGETS)
 
 
@@ -94,6 +97,7 @@ class SpamConfig(_AdamLike):
     grad_accu_steps: int = Field(20, ge=0, description="Steps after each reset before spike clipping resumes.")
     density: float | None = Field(None, gt=0.0, le=1.0, description="Sparse momentum on target_modules weights: "
                                                                     "fraction of coordinates kept; null = dense.")
+    state_bits: Literal[32, 8] = Field(32, description="Moments of the matrices in 32 or 8 bits (blockwise).")
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), description=_TARGETS)
 
 

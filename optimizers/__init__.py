@@ -16,16 +16,21 @@ import torch
 
 from .adamw import AdamW
 from .base import PerTensorOptimizer, allocated_state_bytes
+from .blockwise8 import BLOCKSIZE
 from .param_groups import decay_groups, decays, split_targets
 
 NamedParams = Iterable[tuple[str, torch.nn.Parameter]]
 
 
 def build_adamw(named_params: NamedParams, *, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                per_layer: bool = False) -> torch.optim.Optimizer:
-    """torch.optim.AdamW with decay/no-decay groups; per-layer mode needs the per-tensor twin (same numerics)."""
+                state_bits: int = 32, per_layer: bool = False) -> torch.optim.Optimizer:
+    """torch.optim.AdamW with decay/no-decay groups; per-layer mode and 8-bit moments need the per-tensor twin
+    (same numerics in 32 bits; ``state_bits=8``: bitsandbytes' blockwise 8-bit Adam on the matrices)."""
+    groups = decay_groups(named_params, weight_decay)
+    if state_bits != 32:
+        return AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, state_bits=state_bits)
     cls = AdamW if per_layer else torch.optim.AdamW
-    return cls(decay_groups(named_params, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+    return cls(groups, lr=lr, betas=tuple(betas), eps=eps)
 
 
 def build_galore(named_params: NamedParams, *, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-6,
@@ -49,7 +54,8 @@ def build_frugal(named_params: NamedParams, *, lr: float, weight_decay: float, b
                  proj_type: str = "columns", density: float = 0.25, update_gap: int = 200,
                  reset_statistics: bool = True, inactive_update_rule: str = "sign_sgd", inactive_lr_scale: float = 1.0,
                  proj_params_lr_scale: float = 1.0, block_order: str = "random", seed: int = 0,
-                 svd_method: str = "full", target_modules=("attn", "mlp"), per_layer: bool = False):
+                 svd_method: str = "full", state_bits: int = 32, target_modules=("attn", "mlp"),
+                 per_layer: bool = False):
     """FRUGAL groups as in the author code's prepare_proj_params: targets marked ``is_proj_params``. ``proj_type``
     defaults to the fine-tuning scripts' ``columns`` (the class keeps the author code's ``svd``)."""
     from .frugal import FRUGAL
@@ -62,12 +68,13 @@ def build_frugal(named_params: NamedParams, *, lr: float, weight_decay: float, b
                   density=density, update_gap=update_gap, reset_statistics=reset_statistics,
                   inactive_update_rule=inactive_update_rule, inactive_lr_scale=inactive_lr_scale,
                   proj_params_lr_scale=proj_params_lr_scale, block_order=block_order, seed=seed,
-                  svd_method=svd_method)
+                  svd_method=svd_method, state_bits=state_bits)
 
 
 def build_spam(named_params: NamedParams, *, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-6,
                threshold: float = 5000.0, delta_t: int = 500, warmup_steps: int = 150, grad_accu_steps: int = 20,
-               seed: int = 0, density: float | None = None, target_modules=("attn", "mlp"), per_layer: bool = False):
+               seed: int = 0, density: float | None = None, state_bits: int = 32, target_modules=("attn", "mlp"),
+               per_layer: bool = False):
     """SPAM groups as in the official launcher: target weights get sparse momentum when ``density`` is set."""
     from .spam import SPAM
 
@@ -79,7 +86,8 @@ def build_spam(named_params: NamedParams, *, lr: float, weight_decay: float, bet
         if targets:
             groups.append({"params": [p for _, p in targets], "density": density, "weight_decay": weight_decay})
     return SPAM(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, threshold=threshold,
-                delta_t=delta_t, warmup_steps=warmup_steps, grad_accu_steps=grad_accu_steps, seed=seed)
+                delta_t=delta_t, warmup_steps=warmup_steps, grad_accu_steps=grad_accu_steps, seed=seed,
+                state_bits=state_bits)
 
 
 def build_mezo(named_params: NamedParams, *, lr: float, weight_decay: float, eps: float = 1e-3, n_samples: int = 1,
@@ -125,6 +133,14 @@ def _all_params(named_params: list, hparams: dict) -> set[str]:
     return {n for n, _ in named_params}
 
 
+def _adamw_chunkable(named_params: list, hparams: dict) -> set[str]:
+    """All of AdamW's parameters with 32-bit moments; with 8-bit ones, those whose rows are whole 256-value
+    quantization blocks (a row chunk then holds exactly the whole tensor's blocks for those rows) and vectors."""
+    if hparams.get("state_bits", 32) == 32:
+        return _all_params(named_params, hparams)
+    return {n for n, p in named_params if p.dim() < 2 or (p.numel() // p.shape[0]) % BLOCKSIZE == 0}
+
+
 def _galore_unprojected(named_params: list, hparams: dict) -> set[str]:
     """GaLore's plain-AdamW parameters (not projected), when its moments are 32-bit."""
     if hparams.get("state_bits", 32) != 32:
@@ -135,7 +151,7 @@ def _galore_unprojected(named_params: list, hparams: dict) -> set[str]:
 
 # Adding an optimizer: its file, an entry here, and its section in finetune/recipe_optimizers.py.
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "adamw": OptimizerSpec(build_adamw, elementwise=_all_params),
+    "adamw": OptimizerSpec(build_adamw, elementwise=_adamw_chunkable),
     "galore": OptimizerSpec(build_galore, seeded=True, elementwise=_galore_unprojected),  # seed: randomized SVD
     "frugal": OptimizerSpec(build_frugal, seeded=True),
     "spam": OptimizerSpec(build_spam, seeded=True),

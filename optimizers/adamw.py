@@ -66,6 +66,7 @@ def _fusable(p: torch.Tensor, state: dict) -> bool:
 
 # Imported late: base.py has no dependency on this module's functions, and this class is the only consumer here.
 from .base import PerTensorOptimizer  # noqa: E402
+from .blockwise8 import SLICE, block_range, dynamic_code, moments_bytes, slices, zero_moments  # noqa: E402
 
 
 class AdamW(PerTensorOptimizer):
@@ -73,24 +74,48 @@ class AdamW(PerTensorOptimizer):
     :class:`PerTensorOptimizer`, so the update can be fused into backward (per-layer mode) or run by the offload
     engine. State per parameter: ``step`` (0-d fp32 tensor), ``exp_avg`` and ``exp_avg_sq`` (param dtype):
     8 bytes per fp32 element + 4.
+
+    ``state_bits=8`` (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization", arXiv 2110.02861): the
+    moments of every matrix (dim >= 2) are kept as bitsandbytes' blockwise 8-bit codes (dynamic map, signed for m,
+    unsigned for v, one fp32 absmax per 256 values: ``exp_avg_absmax``, ``exp_avg_sq_absmax``), 2 bytes per value
+    + 8 per 256 instead of 8, and updated by bitsandbytes' own kernel (``optimizer_update_8bit_blockwise``, "adam":
+    dequantize, eqs. (3)-(4) with the decay, requantize; on CPU the same torch math as above). Vectors (norms,
+    biases) keep 32-bit moments. The kernel runs over slices of ``blockwise8.SLICE`` values, whole quantization
+    blocks, so an update allocates at most a few slices of fp32 temporaries whatever the tensor's size (the update
+    is element-wise: slicing changes nothing), which also makes a row chunk of a matrix whose rows are whole blocks
+    update exactly like the same rows of the whole matrix (the offload engine's staging units).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2):
+                 weight_decay: float = 1e-2, state_bits: int = 32):
         if lr < 0 or eps <= 0 or not all(0.0 <= b < 1.0 for b in betas) or weight_decay < 0:
             raise ValueError(f"AdamW: need lr >= 0, eps > 0, betas in [0, 1), weight_decay >= 0; got lr={lr}, "
                              f"eps={eps}, betas={betas}, weight_decay={weight_decay}")
+        if state_bits not in (8, 32):
+            raise ValueError(f"AdamW: state_bits must be 8 or 32, got {state_bits}")
+        self.state_bits = state_bits
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def quantized(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s moments are 8-bit: ``state_bits=8`` and a matrix (chunk-invariant: a row chunk of a
+        matrix is a matrix)."""
+        return self.state_bits == 8 and p.dim() >= 2
 
     @torch.no_grad()
     def update_param(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if self.quantized(p):
+                state.update(zero_moments(p.shape, p.device))
+            else:
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         lr, (beta1, beta2) = group["lr"], group["betas"]
         state["step"] += 1
+        if state["exp_avg"].dtype == torch.uint8:
+            adamw_8bit_(p, p.grad, state, int(state["step"]), lr, beta1, beta2, group["eps"], group["weight_decay"])
+            return
         if _fusable(p, state):  # eqs. (3)-(4) and the decay in one pass (torch.optim.AdamW(fused=True)'s kernel)
             torch._fused_adamw_([p], [p.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]],
                                 amsgrad=False, lr=lr, beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
@@ -103,4 +128,33 @@ class AdamW(PerTensorOptimizer):
                                  group["eps"]))
 
     def state_bytes(self, p: torch.Tensor, group: dict) -> int:
+        if self.quantized(p):
+            return 4 + moments_bytes(p.numel())
         return 2 * p.numel() * p.element_size() + 4
+
+    def scratch_bytes(self, p: torch.Tensor, group: dict) -> int:
+        """Temporaries of one update beyond the state: 8-bit moments dequantized a slice at a time (bitsandbytes'
+        CPU kernel: m, v, the gradient and the param in fp32, plus the requantized codes), else none."""
+        return 6 * 4 * min(p.numel(), SLICE) if self.quantized(p) else 0
+
+
+def adamw_8bit_(p: torch.Tensor, grad: torch.Tensor, state: dict, step: int, lr: float, beta1: float, beta2: float,
+                eps: float, weight_decay: float) -> None:
+    """Eqs. (3)-(4) with decoupled decay on ``p`` in place, its moments in blockwise 8 bits (``state``'s codes and
+    absmax, updated in place), by bitsandbytes' ``optimizer_update_8bit_blockwise`` one slice
+    (:data:`.blockwise8.SLICE` values, whole blocks) at a time."""
+    import bitsandbytes.functional as bnbf
+
+
+    work = p if p.is_contiguous() else p.contiguous()
+    flat_p, flat_g = work.view(-1), grad.reshape(-1)
+    m, v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+    m_absmax, v_absmax = state["exp_avg_absmax"], state["exp_avg_sq_absmax"]
+    signed, unsigned = dynamic_code(True, p.device), dynamic_code(False, p.device)
+    for start, stop in slices(flat_p.numel()):
+        blocks = block_range(start, stop)
+        bnbf.optimizer_update_8bit_blockwise(
+            "adam", flat_g[start:stop], flat_p[start:stop], m[start:stop], v[start:stop], beta1, beta2, 0.0, 0.0,
+            eps, step, lr, signed, unsigned, m_absmax[blocks], v_absmax[blocks], weight_decay=weight_decay)
+    if work is not p:
+        p.copy_(work)

@@ -50,6 +50,7 @@ import torch
 
 from .adamw import adam_moments_, adam_update_torch
 from .base import PerTensorOptimizer, check_adam_hparams
+from .blockwise8 import SLICE, is_quantized, load_moments, moments_bytes, slices, store_moments, zero_moments
 from .projection import (
     BLOCK_ORDERS,
     SVD_METHODS,
@@ -80,14 +81,21 @@ class FRUGAL(PerTensorOptimizer):
     Projected groups carry ``is_proj_params=True`` and may override any of: density, update_gap, proj_type,
     reset_statistics, inactive_update_rule, inactive_lr_scale, proj_params_lr_scale, block_order, svd_method
     ('full', the author code's SVD, default | 'randomized': ``projection.randomized_left_vectors`` for 'svd').
+
+    ``state_bits=8``: the AdamW moments of every matrix parameter (its state-full subspace, or the whole matrix in a
+    regular group or an active block) as bitsandbytes' blockwise 8-bit codes (``blockwise8``); eqs. (3)-(4) run in
+    fp32 a slice of whole quantization blocks at a time (element-wise: slicing changes nothing).
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, proj_type: str = "svd", density: float = 0.25,
                  update_gap: int = 200, reset_statistics: bool = True, inactive_update_rule: str = "sign_sgd",
                  inactive_lr_scale: float = 1.0, proj_params_lr_scale: float = 1.0, block_order: str = "random",
-                 seed: int = 0, svd_method: str = "full"):
+                 seed: int = 0, svd_method: str = "full", state_bits: int = 32):
         check_adam_hparams(lr, betas, eps)
+        if state_bits not in (8, 32):
+            raise ValueError(f"state_bits must be 8 or 32, got {state_bits}")
+        self.state_bits = state_bits
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "proj_type": proj_type,
                         "density": density, "update_gap": update_gap, "reset_statistics": reset_statistics,
                         "inactive_update_rule": inactive_update_rule, "inactive_lr_scale": inactive_lr_scale,
@@ -155,9 +163,7 @@ class FRUGAL(PerTensorOptimizer):
             else:
                 state["indices"] = coord_indices(grad.shape, group["density"], kind, gen, grad.device)
             if first or group["reset_statistics"]:
-                low = self._down(grad, state, group)
-                state["exp_avg"] = torch.zeros_like(low)
-                state["exp_avg_sq"] = torch.zeros_like(low)
+                self._zero_moments(p, state, self._down(grad, state, group))
                 state["step"].zero_()
         if "refresh" in state:
             state["refresh"] += 1
@@ -168,13 +174,12 @@ class FRUGAL(PerTensorOptimizer):
         chosen = active_blocks(group["block_order"], len(params), round(len(params) * group["density"]),
                                int(state["refresh"]), gen)
         index = next(i for i, q in enumerate(params) if q is p)
-        state.pop("exp_avg", None)
-        state.pop("exp_avg_sq", None)
+        for key in [k for k in state if k.startswith("exp_avg")]:  # the moments (and 8-bit scales)
+            del state[key]
         state["step"].zero_()
         state["active"] = torch.tensor(index in chosen)
         if index in chosen:
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
+            self._zero_moments(p, state, p)
 
     # -- projections ----------------------------------------------------------------------------------------------
     def _down(self, g: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
@@ -190,13 +195,35 @@ class FRUGAL(PerTensorOptimizer):
         return project_up(low, state["ortho"], frugal_side_rank(shape, group["density"])[0])
 
     # -- the update ---------------------------------------------------------------------------------------------
+    def quantized(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s moments are 8-bit: ``state_bits=8`` and a matrix."""
+        return self.state_bits == 8 and p.dim() >= 2
+
+    def _zero_moments(self, p: torch.Tensor, state: dict, like: torch.Tensor) -> None:
+        """Fresh zero moments shaped like ``like`` (8-bit codes and scales when ``p``'s are quantized)."""
+        if self.quantized(p):
+            state.update(zero_moments(like.shape, like.device))
+        else:
+            state["exp_avg"] = torch.zeros_like(like)
+            state["exp_avg_sq"] = torch.zeros_like(like)
+
     @staticmethod
     def _adam(grad: torch.Tensor, state: dict, group: dict, lr: float) -> torch.Tensor:
-        """Eqs. (3)-(4): torch-AdamW eps placement, returns the additive update."""
+        """Eqs. (3)-(4): torch-AdamW eps placement, returns the additive update (8-bit moments: fp32, computed a
+        slice at a time between dequantizing and requantizing the slice's moments)."""
         beta1, beta2 = group["betas"]
-        adam_moments_(state["exp_avg"], state["exp_avg_sq"], grad, beta1, beta2)
-        return adam_update_torch(state["exp_avg"], state["exp_avg_sq"], int(state["step"]), lr, beta1, beta2,
-                                 group["eps"])
+        step = int(state["step"])
+        if not is_quantized(state):
+            adam_moments_(state["exp_avg"], state["exp_avg_sq"], grad, beta1, beta2)
+            return adam_update_torch(state["exp_avg"], state["exp_avg_sq"], step, lr, beta1, beta2, group["eps"])
+        flat = grad.reshape(-1)
+        update = torch.empty(grad.shape, dtype=torch.float32, device=grad.device)
+        for start, stop in slices(flat.numel()):
+            exp_avg, exp_avg_sq = load_moments(state, start, stop)
+            adam_moments_(exp_avg, exp_avg_sq, flat[start:stop], beta1, beta2)
+            update.view(-1)[start:stop] = adam_update_torch(exp_avg, exp_avg_sq, step, lr, beta1, beta2, group["eps"])
+            store_moments(state, exp_avg, exp_avg_sq, start)
+        return update
 
     @staticmethod
     def _state_free(residual: torch.Tensor, group: dict) -> torch.Tensor | None:
@@ -218,8 +245,7 @@ class FRUGAL(PerTensorOptimizer):
             self._refresh(p, grad, state, group)
         elif not state:
             state["step"] = torch.zeros((), dtype=torch.int64)
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
+            self._zero_moments(p, state, p)
         p.mul_(1 - group["lr"] * group["weight_decay"])
         state["step"] += 1
         if not projected:
@@ -247,18 +273,25 @@ class FRUGAL(PerTensorOptimizer):
     def scratch_bytes(self, p: torch.Tensor, group: dict) -> int:
         """Peak temporary bytes of one update of ``p`` beyond its state: the SVD of an 'svd' refresh (eq. (1)),
         else 0 (the planner counts it: it is allocated while backward still runs)."""
+        moments = 5 * 4 * min(p.numel(), SLICE) if self.quantized(p) else 0  # a dequantized slice's fp32 math
         if not (group["is_proj_params"] and group["proj_type"] == "svd" and p.dim() == 2):
-            return 0
+            return moments
         if group.get("svd_method", "full") == "randomized":
-            return randomized_scratch_bytes(tuple(p.shape), frugal_side_rank(p.shape, group["density"])[1], p.dtype)
-        return svd_scratch_bytes(tuple(p.shape), p.dtype)
+            svd = randomized_scratch_bytes(tuple(p.shape), frugal_side_rank(p.shape, group["density"])[1], p.dtype)
+        else:
+            svd = svd_scratch_bytes(tuple(p.shape), p.dtype)
+        return max(svd, moments)  # the refresh's SVD comes before the moments' update
 
     def state_bytes(self, p: torch.Tensor, group: dict) -> int:
         """Exact bytes of ``self.state[p]`` after the next step (blockwise: as activated at the next refresh if p
         has no state yet, else as currently activated)."""
         size = p.element_size()
+
+        def moments(count: int) -> int:
+            return moments_bytes(count) if self.quantized(p) else 2 * count * size
+
         if not group["is_proj_params"]:
-            return 8 + 2 * p.numel() * size
+            return 8 + moments(p.numel())
         kind = group["proj_type"]
         if kind == "blockwise":
             state = self.state.get(p, {})
@@ -269,13 +302,13 @@ class FRUGAL(PerTensorOptimizer):
                 chosen = active_blocks(group["block_order"], len(params), round(len(params) * group["density"]), 0,
                                        generator(self._stream_seed(p, group), 0))
                 active = next(i for i, q in enumerate(params) if q is p) in chosen
-            return 25 + (2 * p.numel() * size if active else 0)
+            return 25 + (moments(p.numel()) if active else 0)
         m, n = p.shape
         if kind in ("svd", "random"):
             side, r = frugal_side_rank(p.shape, group["density"])
             low = m * r if side == "right" else r * n
-            return 8 + 2 * low * size + r * (n if side == "right" else m) * size + (16 if kind == "random" else 0)
+            return 8 + moments(low) + r * (n if side == "right" else m) * size + (16 if kind == "random" else 0)
         k = coord_count(p.shape, group["density"], kind)
         low = {"columns": m * k, "rows": k * n, "randk": k}[kind]
-        return 8 + 2 * low * size + 8 * k + 16
+        return 8 + moments(low) + 8 * k + 16
 

@@ -46,6 +46,7 @@ import torch
 
 from .adamw import adam_direction_eps_hat, adam_moments_
 from .base import PerTensorOptimizer, check_adam_hparams
+from .blockwise8 import BLOCKSIZE, dequantize_blockwise, quantize_blockwise
 from .projection import (
     GALORE_PROJ_TYPES,
     SVD_METHODS,
@@ -58,78 +59,6 @@ from .projection import (
     svd_projector,
     svd_scratch_bytes,
 )
-
-BLOCKSIZE = 256
-
-
-# --------------------------------------------------------------------------------------- 8-bit blockwise storage
-def dynamic_map(signed: bool) -> torch.Tensor:
-    """bitsandbytes' 256-entry dynamic code (``create_dynamic_map``, 7 exponent bits): for each decade
-    10^-6 .. 10^0 the midpoints of an evenly split [0.1, 1] (2^i parts signed, 2^(i+1) unsigned), plus 0 and 1."""
-    data: list[float] = []
-    for i in range(7):
-        items = (2 ** i if signed else 2 ** (i + 1)) + 1
-        bounds = torch.linspace(0.1, 1, items, dtype=torch.float32)
-        means = ((bounds[:-1] + bounds[1:]) / 2.0)
-        data += ((10 ** (-6 + i)) * means).tolist()
-        if signed:
-            data += (-(10 ** (-6 + i)) * means).tolist()
-    data += [0.0, 1.0]
-    data += [0.0] * (256 - len(data))
-    return torch.tensor(sorted(data), dtype=torch.float32)
-
-
-_CODES = {True: dynamic_map(True), False: dynamic_map(False)}
-_BNB_WORKS: dict[str, bool] = {}
-
-
-def _bnb_functional(device: torch.device):
-    """bitsandbytes.functional if its blockwise kernels run on ``device`` (probed once per device type), else None."""
-    kind = device.type
-    if kind not in _BNB_WORKS:
-        try:
-            import bitsandbytes.functional as bnbf
-
-            probe = torch.linspace(-1, 1, 300, device=device)
-            q, s = bnbf.quantize_blockwise(probe, code=_CODES[True].to(device), blocksize=BLOCKSIZE)
-            _BNB_WORKS[kind] = bool(torch.allclose(bnbf.dequantize_blockwise(q, s), probe, atol=2e-2))
-        except Exception:  # noqa: BLE001 - any failure (import, missing kernel) means: use the torch path
-            _BNB_WORKS[kind] = False
-    if not _BNB_WORKS[kind]:
-        return None
-    import bitsandbytes.functional as bnbf
-
-    return bnbf
-
-
-def quantize_blockwise(x: torch.Tensor, signed: bool, use_bnb: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 ``x`` -> (uint8 codes of x's shape, fp32 absmax per block of 256 flat elements); nearest code value."""
-    code = _CODES[signed].to(x.device)
-    bnbf = _bnb_functional(x.device) if use_bnb else None
-    if bnbf is not None:
-        q, s = bnbf.quantize_blockwise(x.float().contiguous(), code=code, blocksize=BLOCKSIZE)
-        return q, s.absmax.float()
-    flat = x.float().reshape(-1)
-    pad = (-flat.numel()) % BLOCKSIZE
-    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCKSIZE)
-    absmax = blocks.abs().amax(dim=1)
-    scaled = (blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)).clamp_(-1, 1).reshape(-1)
-    hi = torch.searchsorted(code, scaled).clamp_(1, code.numel() - 1)
-    lo = hi - 1
-    nearest = torch.where((scaled - code[lo]).abs() <= (code[hi] - scaled).abs(), lo, hi)
-    return nearest[: flat.numel()].to(torch.uint8).view(x.shape), absmax
-
-
-def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, signed: bool, use_bnb: bool = True) -> torch.Tensor:
-    """Inverse of :func:`quantize_blockwise` (fp32 result): code[q] * absmax[block]."""
-    code = _CODES[signed].to(q.device)
-    bnbf = _bnb_functional(q.device) if use_bnb else None
-    if bnbf is not None:
-        return bnbf.dequantize_blockwise(q.contiguous(), absmax=absmax, code=code, blocksize=BLOCKSIZE)
-    vals = code[q.reshape(-1).long()]
-    pad = (-vals.numel()) % BLOCKSIZE
-    vals = torch.nn.functional.pad(vals, (0, pad)).view(-1, BLOCKSIZE) * absmax.unsqueeze(1)
-    return vals.reshape(-1)[: q.numel()].view(q.shape)
 
 
 # ------------------------------------------------------------------------------------------------------ optimizer

@@ -54,6 +54,7 @@ import torch
 
 from .adamw import adam_direction_eps_hat, adam_moments_
 from .base import PerTensorOptimizer, check_adam_hparams
+from .blockwise8 import SLICE, is_quantized, load_moments, moments_bytes, slices, store_moments, zero_moments
 
 _MASK64 = 2**64 - 1
 
@@ -90,12 +91,19 @@ class SPAM(PerTensorOptimizer):
         delta_t: momentum-reset interval (official ``DeltaT``); 0 never resets.
         grad_accu_steps: clipping is off for the first ``grad_accu_steps`` steps of each ``delta_t`` window.
         seed: seeds the ``density`` masks (official: the global RNG).
+        state_bits: 32, or 8: the moments of every matrix (dense, or its ``density`` coordinates) as bitsandbytes'
+            blockwise 8-bit codes (``blockwise8``), dequantized around (1)-(4), which run in fp32; a dense update
+            goes a slice of whole quantization blocks at a time (elementwise: slicing changes nothing).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, correct_bias: bool = True, warmup_steps: int = 150,
-                 threshold: float = 5000, delta_t: int = 500, grad_accu_steps: int = 20, seed: int = 0):
+                 threshold: float = 5000, delta_t: int = 500, grad_accu_steps: int = 20, seed: int = 0,
+                 state_bits: int = 32):
         check_adam_hparams(lr, betas, eps)
+        if state_bits not in (8, 32):
+            raise ValueError(f"state_bits must be 8 or 32, got {state_bits}")
+        self.state_bits = state_bits
         if weight_decay < 0.0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if threshold < 0:
@@ -153,10 +161,17 @@ class SPAM(PerTensorOptimizer):
                 new = new.to(old.device)
                 if "exp_avg" in state:
                     overlap = new & old
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        moved = state[key].new_zeros(int(new.sum()))
-                        moved[overlap[new]] = state[key][overlap[old]]
-                        state[key] = moved
+                    quantized = is_quantized(state)
+                    moved = []
+                    for value in load_moments(state) if quantized else (state["exp_avg"], state["exp_avg_sq"]):
+                        kept = value.new_zeros(int(new.sum()))
+                        kept[overlap[new]] = value.reshape(-1)[overlap[old]]
+                        moved.append(kept)
+                    if quantized:
+                        state.update(zero_moments(moved[0].shape, moved[0].device))
+                        store_moments(state, *moved)
+                    else:
+                        state["exp_avg"], state["exp_avg_sq"] = moved
                 state["mask"] = new
 
     # ---------------------------------------------------------------- the update
@@ -183,31 +198,64 @@ class SPAM(PerTensorOptimizer):
             grad = grad[mask]  # a copy: p.grad is not clipped in density groups (as official)
         if "exp_avg" not in state:
             state["step"] = torch.tensor(0, dtype=torch.int64)
-            state["exp_avg"] = torch.zeros_like(grad)
-            state["exp_avg_sq"] = torch.zeros_like(grad)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        if self.delta_t and k % self.delta_t == 0:  # eq. (1)
-            exp_avg.zero_()
-            exp_avg_sq.zero_()
+            if self.quantized(p):
+                state.update(zero_moments(grad.shape, grad.device))
+            else:
+                state["exp_avg"] = torch.zeros_like(grad)
+                state["exp_avg_sq"] = torch.zeros_like(grad)
+        reset = bool(self.delta_t) and k % self.delta_t == 0  # eq. (1)
         state["step"] += 1
-        if self._clipping_on(k):  # eq. (2), against the previous raw v; edits p.grad in place (dense groups)
-            spike = grad * grad > self.threshold * exp_avg_sq
-            grad.copy_(torch.where(spike, grad.sign() * (exp_avg_sq * self.threshold).sqrt(), grad))
-        beta1, beta2 = group["betas"]
-        adam_moments_(exp_avg, exp_avg_sq, grad, beta1, beta2)  # eq. (3)
-        u, step_size = adam_direction_eps_hat(exp_avg, exp_avg_sq, int(state["step"]), group["lr"], beta1, beta2,
-                                              group["eps"], group["correct_bias"])  # eq. (4)
-        decay = group["lr"] * group["weight_decay"]
+        clip, step = self._clipping_on(k), int(state["step"])
+        if is_quantized(state) and mask is None:  # dense 8-bit: slice by slice, moments dequantized per slice
+            work = p if p.is_contiguous() else p.contiguous()
+            flat_p, flat_g = work.view(-1), grad.view(-1) if grad.is_contiguous() else grad.reshape(-1)
+            for start, stop in slices(p.numel()):
+                exp_avg, exp_avg_sq = load_moments(state, start, stop)
+                u, step_size = self._direction(flat_g[start:stop], exp_avg, exp_avg_sq, reset, clip, step, group)
+                self._apply_dense(flat_p[start:stop], u, step_size, sf, group)
+                store_moments(state, exp_avg, exp_avg_sq, start)
+            if work is not p:
+                p.copy_(work)
+            return
+        if is_quantized(state):
+            exp_avg, exp_avg_sq = load_moments(state)
+            u, step_size = self._direction(grad, exp_avg, exp_avg_sq, reset, clip, step, group)
+            store_moments(state, exp_avg, exp_avg_sq)
+        else:
+            u, step_size = self._direction(grad, state["exp_avg"], state["exp_avg_sq"], reset, clip, step, group)
         if mask is None:  # eq. (5), official dense path
-            p.add_(u, alpha=-step_size * sf)
-            if group["weight_decay"] > 0:
-                p.add_(p, alpha=-decay)
+            self._apply_dense(p, u, step_size, sf, group)
         else:  # official: p.grad[mask] = u; p.grad[~mask] = 0; p.grad *= sf; p += -step_size p.grad
             kept = p[mask]
             kept.add_(u.mul_(sf), alpha=-step_size)
             if group["weight_decay"] > 0:  # the fix: the official decays a copy
-                kept.add_(kept, alpha=-decay)
+                kept.add_(kept, alpha=-group["lr"] * group["weight_decay"])
             p.masked_scatter_(mask, kept)
+
+    def _direction(self, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, reset: bool,
+                   clip: bool, step: int, group: dict) -> tuple[torch.Tensor, float]:
+        """Eqs. (1)-(4) on these moments (updated in place): (u, step_size)."""
+        if reset:  # eq. (1)
+            exp_avg.zero_()
+            exp_avg_sq.zero_()
+        if clip:  # eq. (2), against the previous raw v; edits the gradient in place (p.grad in dense groups)
+            spike = grad * grad > self.threshold * exp_avg_sq
+            grad.copy_(torch.where(spike, grad.sign() * (exp_avg_sq * self.threshold).sqrt(), grad))
+        beta1, beta2 = group["betas"]
+        adam_moments_(exp_avg, exp_avg_sq, grad, beta1, beta2)  # eq. (3)
+        return adam_direction_eps_hat(exp_avg, exp_avg_sq, step, group["lr"], beta1, beta2, group["eps"],
+                                      group["correct_bias"])  # eq. (4)
+
+    @staticmethod
+    def _apply_dense(p: torch.Tensor, u: torch.Tensor, step_size: float, sf: float, group: dict) -> None:
+        """Eq. (5): the scaled update, then decay on the new weights."""
+        p.add_(u, alpha=-step_size * sf)
+        if group["weight_decay"] > 0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+    def quantized(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s moments are 8-bit: ``state_bits=8`` and a matrix."""
+        return self.state_bits == 8 and p.dim() >= 2
 
     @torch.no_grad()
     def finish_step(self) -> None:
@@ -227,7 +275,18 @@ class SPAM(PerTensorOptimizer):
         """Exact bytes of ``self.state[p]`` once stepped: moments, int64 step, and for density groups mask + seed."""
         step_bytes = 8
         if "density" not in group:
-            return 2 * p.numel() * p.element_size() + step_bytes
-        mask = self.state.get(p, {}).get("mask")
-        kept = int(mask.sum()) if mask is not None else int(group["density"] * p.numel())
-        return 2 * kept * p.element_size() + p.numel() + 8 + step_bytes
+            kept, extra = p.numel(), 0
+        else:
+            mask = self.state.get(p, {}).get("mask")
+            kept = int(mask.sum()) if mask is not None else int(group["density"] * p.numel())
+            extra = p.numel() + 8
+        moments = moments_bytes(kept) if self.quantized(p) else 2 * kept * p.element_size()
+        return moments + extra + step_bytes
+
+    def scratch_bytes(self, p: torch.Tensor, group: dict) -> int:
+        """Temporaries of one update beyond the state: 8-bit moments dequantized (a slice at a time when dense:
+        m, v, the update and the clipping's temporaries in fp32), else none counted."""
+        if not self.quantized(p):
+            return 0
+        kept = p.numel() if "density" not in group else int(group["density"] * p.numel()) + 1
+        return 6 * 4 * (min(kept, SLICE) if "density" not in group else kept)

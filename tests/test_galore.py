@@ -12,12 +12,8 @@ import pytest
 import torch
 
 from slimtune.optimizers.base import allocated_state_bytes
-from slimtune.optimizers.galore import (
-    GaLoreAdamW,
-    dequantize_blockwise,
-    dynamic_map,
-    quantize_blockwise,
-)
+from slimtune.optimizers.blockwise8 import dequantize_blockwise, dynamic_map, quantize_blockwise
+from slimtune.optimizers.galore import GaLoreAdamW
 from slimtune.optimizers.projection import svd_projector, svd_scratch_bytes
 
 

@@ -63,9 +63,10 @@ def test_streamed_lora_and_qlora_equal_in_memory(tmp_path, extra):
 
 
 @pytest.mark.parametrize("optimizer,state", [("adamw", "cpu"), ("adamw", "nvme"), ("galore", "nvme"),
-                                             ("frugal", "cpu")])
+                                             ("frugal", "cpu"), ("adamw-8bit", "nvme"), ("spam-8bit", "nvme")])
 def test_full_parameter_offloaded_state_equals_in_memory(tmp_path, optimizer, state):
-    opt = (f"optimizer.name={optimizer}", "training.max_grad_norm=0")
+    name, bits = optimizer.split("-8bit")[0], "8" if optimizer.endswith("-8bit") else "32"
+    opt = (f"optimizer.name={name}", "training.max_grad_norm=0", f"optimizer.state_bits={bits}")
     if optimizer == "galore":
         opt += ("optimizer.rank=4",)
     expected = train(tmp_path, "memory", *FULL, *opt)
