@@ -95,9 +95,11 @@ def depth_for(weight_bytes: float) -> int:
     return max(1, math.ceil((weight_bytes / 2 - resident) / layer_params(h, f)))
 
 
-def write_model(directory: Path, layers: int, weights: bool = True, shard_bytes: int = 1 << 30) -> int:
-    """A Llama checkpoint of ``layers`` layers (bf16, std 0.02) written a layer at a time into ~1 GB shards with an
-    index, plus a tokenizer; ``weights`` False writes the config alone (for planning). Returns the bf16 bytes."""
+def write_model(directory: Path, layers: int, weights: bool = True, shard_bytes: int = 1 << 30,
+                width: dict = WIDTH) -> int:
+    """A Llama checkpoint of ``layers`` layers of ``width`` (bf16, std 0.02) written a layer at a time into ~1 GB
+    shards with an index, plus a tokenizer; ``weights`` False writes the config alone (for planning). Returns the
+    bf16 bytes."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
@@ -106,7 +108,7 @@ def write_model(directory: Path, layers: int, weights: bool = True, shard_bytes:
     from slimtune.offload.stream.shards import INDEX
 
     directory.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(num_hidden_layers=layers, dtype="bfloat16", **WIDTH)
+    config = LlamaConfig(num_hidden_layers=layers, dtype="bfloat16", **width)
     rows = [json.loads(line) for line in (ROOT / "configs/data/quickstart.jsonl").open()]
     texts = [" ".join(str(v) for v in row.values()) for row in rows]
     tok = train_tokenizer(texts, 1024)
@@ -114,7 +116,7 @@ def write_model(directory: Path, layers: int, weights: bool = True, shard_bytes:
         tok.pad_token_id
     config.save_pretrained(directory)
     tok.save_pretrained(directory)
-    h, f, v = WIDTH["hidden_size"], WIDTH["intermediate_size"], WIDTH["vocab_size"]
+    h, f, v = width["hidden_size"], width["intermediate_size"], width["vocab_size"]
     total = 2 * (2 * v * h + h + layers * layer_params(h, f))
     if not weights:
         return total

@@ -76,7 +76,9 @@ def train_slimtune(recipe, prep) -> dict:
     return run
 
 
-def train_hf(recipe, prep) -> dict:
+def train_hf(recipe, prep, **arguments) -> dict:
+    """``transformers.Trainer`` on ``prep``'s model and examples with the recipe's settings; ``arguments`` override
+    or extend the ``TrainingArguments`` (e.g. ``gradient_checkpointing``, ``optim``)."""
     import torch
     from transformers import PrinterCallback, TrainerCallback, TrainingArguments
     from transformers import Trainer as HFTrainer
@@ -106,7 +108,7 @@ def train_hf(recipe, prep) -> dict:
             if logs and "loss" in logs:
                 run["losses"].append(float(logs["loss"]))
 
-    args = TrainingArguments(
+    args = TrainingArguments(**{**dict(
         output_dir=str(Path(recipe.output.output_dir) / "hf"), learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type, warmup_steps=warmup_steps(recipe, steps), max_steps=steps,
         per_device_train_batch_size=t.per_device_train_batch_size,
@@ -114,7 +116,8 @@ def train_hf(recipe, prep) -> dict:
         weight_decay=t.weight_decay, adam_beta1=o.betas[0], adam_beta2=o.betas[1], adam_epsilon=o.eps,
         optim="adamw_torch", logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
         dataloader_num_workers=0, disable_tqdm=True, use_cpu=True, seed=t.seed,
-        remove_unused_columns=False)  # the collator already yields exactly the model's inputs
+        bf16=t.bf16, remove_unused_columns=False),  # the collator already yields exactly the model's inputs
+        **arguments})
     trainer = HFTrainer(model=prep.model, args=args, train_dataset=Examples(), data_collator=collator,
                         callbacks=[Timer()])
     trainer.remove_callback(PrinterCallback)  # prints every log record; slimtune prints nothing (progress=False)

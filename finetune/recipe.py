@@ -280,6 +280,10 @@ class TrainingConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (not on biases and norms).")
     bf16: bool = Field(False, description="bf16 autocast for matmuls (weights keep model.dtype).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    chunked_loss: bool = Field(True, description="LM head + cross-entropy on chunks of the supervised tokens, logits "
+                                                 "recomputed in backward (never the whole fp32 logits); the model's "
+                                                 "own loss where a trainable head or logit post-processing rules it "
+                                                 "out.")
     seed: int = Field(42, ge=0, description="Seed for init, data order, dropout and the eval split.")
     eval_steps: int = Field(0, ge=0, description="Evaluate every N optimizer steps; 0 = before and after only.")
     resume_from_checkpoint: Union[bool, str, None] = Field(

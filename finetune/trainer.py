@@ -35,6 +35,7 @@ from .checkpoint import (
     recipe_changes,
     set_rng_state,
 )
+from .chunked_loss import causal_lm_loss, chunked_loss_supported
 from .data import batches, num_batches
 from .engine import build_engine
 from .errors import CheckpointError, TrainingDiverged
@@ -113,6 +114,8 @@ class Trainer:
                 prepared.streamer.close()  # a refusal after a streamed load: its swap file goes too
             raise
         self.zeroth_order = recipe.optimizer.name in ZEROTH_ORDER
+        # the training loss in chunks (finetune/chunked_loss.py) where it is the model's own loss
+        self.chunked_loss = t.chunked_loss and chunked_loss_supported(self.model) is None
         self.scheduler = get_scheduler(t.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=warmup_steps(recipe, self.steps),
                                        num_training_steps=self.steps)
@@ -165,10 +168,11 @@ class Trainer:
             if n == 0:
                 continue  # nothing supervised: no loss, no backward
             self.engine.begin_micro_batch(final=i == last)
+            on_device = {k: v.to(self.device) for k, v in batch.items()}
             with autocast(self.device, t.bf16):
-                out = self.model(**{k: v.to(self.device) for k, v in batch.items()})
+                lm_loss = causal_lm_loss(self.model, on_device) if self.chunked_loss else self.model(**on_device).loss
             # mean over this micro-batch -> share of the whole step's tokens; aux_loss: MixLoRA's router term (or 0)
-            loss = (out.loss + aux_loss(self.model, batch["attention_mask"])) * (n / total)
+            loss = (lm_loss + aux_loss(self.model, batch["attention_mask"])) * (n / total)
             loss.backward()
             loss_sum += float(loss.detach())
         grad_norm = self.engine.step(t.max_grad_norm)

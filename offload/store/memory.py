@@ -31,25 +31,35 @@ def release_free_memory() -> None:
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
-MMAP_THRESHOLD_BYTES = 1 << 20
+MMAP_THRESHOLD_BYTES = 1 << 20  # the offloaded optimizer's: its freed gradients and staged units go back at once
+STREAM_MMAP_THRESHOLD_BYTES = 8 << 20  # streamed layers alone: activations up to 8 MiB are reused from the heap
+_threshold_set: list[int] = []  # the thresholds set so far in this process (the smallest wins)
 
 
-def return_large_frees_to_os() -> None:
-    """Make glibc serve every allocation of 1 MiB or more with its own ``mmap``, so freeing it gives the pages back.
+def return_large_frees_to_os(threshold: int = MMAP_THRESHOLD_BYTES) -> None:
+    """Make glibc serve every allocation of ``threshold`` bytes or more with its own ``mmap``, so freeing it gives
+    the pages back. Process-wide; the smallest threshold any engine of the process asked for wins. No-op off glibc.
 
     glibc raises its mmap threshold each time a mapped block is freed (up to 32 MiB), after which tensors below it
     come from the heap and arenas, which keep freed pages: an offloaded run that frees a gradient, a staged block or a
     recomputed activation every few milliseconds then holds hundreds of MiB it does not use (measured on the offload
     bench (bench/offload.py), slimtune row, before the staging units: 1450 MiB steady RSS with glibc's default, 1130
-    MiB with a fixed threshold). Setting the threshold fixes it (and turns off the adjustment). Process-wide; called
-    when an offload engine is built. No-op off glibc."""
+    MiB with a fixed 1 MiB threshold). Setting the threshold fixes it (and turns off the adjustment).
+
+    The price is a fresh mapping, page faults and zeroing for every allocation above the threshold: on a step whose
+    activations are a few MiB each that dominates (bench/peers.py's 220M model, QLoRA with the base streamed from
+    CPU, batch 4 x 256: 4.5 s per step at 1 MiB, 2.0 s at 8 MiB, peak RSS 879 vs 1218 MiB). So the streamer alone
+    (adapters: nothing large is freed per step but activations) asks for :data:`STREAM_MMAP_THRESHOLD_BYTES`, and
+    the offloaded optimizer for 1 MiB."""
+    _threshold_set.append(threshold)
+    threshold = min(_threshold_set)
     if sys.platform.startswith("linux"):
         try:
             import ctypes
 
             libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-            libc.mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD_BYTES)
+            libc.mallopt(M_MMAP_THRESHOLD, threshold)
+            libc.mallopt(M_TRIM_THRESHOLD, 2 * threshold)
         except (OSError, AttributeError):
             pass
 
