@@ -14,8 +14,8 @@ float rounding. The same idea as Liger Kernel's fused linear cross-entropy and u
 
 Only where it is the same function of the model: the head must be frozen (LoRA/QLoRA/MixLoRA; a trainable head would
 collect one gradient per chunk, which full fine-tuning's per-gradient hooks must not see) and the model must not
-post-process its logits (Gemma-2/3's ``final_logit_softcapping``, Cohere's ``logit_scale``): otherwise the model's
-own loss is used (:func:`chunked_loss_supported` says why).
+post-process its logits (:data:`LOGIT_POSTPROCESSING`: Gemma-2/3 soft-capping, Cohere's and Granite's scales):
+otherwise the model's own loss is used (:func:`chunked_loss_supported` says why).
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 64 * 2**20  # fp32 logits of one chunk
+# config keys of transformers models that change the logits after the head (Gemma-2/3/4 soft-capping, Cohere's
+# logit_scale, Granite's logits_scaling, Falcon-H1's lm_head_multiplier): the model's own loss runs for those
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
 
 
 def _config(model: torch.nn.Module):
@@ -42,7 +45,7 @@ def chunked_loss_supported(model: torch.nn.Module) -> str | None:
     if any(p.requires_grad for p in head.parameters()):
         return "the LM head trains (its gradient would accumulate once per chunk)"
     config = _config(model)
-    for key in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+    for key in LOGIT_POSTPROCESSING:
         if getattr(config, key, None) not in (None, 1.0):
             return f"the model post-processes its logits (config.{key})"
     return None
