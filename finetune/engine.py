@@ -56,6 +56,9 @@ class InMemoryEngine:
         if self.per_layer is not None:
             self.per_layer.final = final
 
+    def before_backward(self) -> None:
+        """Between a micro-batch's forward and its backward (nothing to do in memory)."""
+
     def step(self, max_grad_norm: float) -> float | None:
         """Clip (unless per-layer: every gradient is already used and freed), step, zero; the pre-clip norm."""
         norm = None

@@ -173,6 +173,7 @@ class Trainer:
                 lm_loss = causal_lm_loss(self.model, on_device) if self.chunked_loss else self.model(**on_device).loss
             # mean over this micro-batch -> share of the whole step's tokens; aux_loss: MixLoRA's router term (or 0)
             loss = (lm_loss + aux_loss(self.model, batch["attention_mask"])) * (n / total)
+            self.engine.before_backward()
             loss.backward()
             loss_sum += float(loss.detach())
         grad_norm = self.engine.step(t.max_grad_norm)
