@@ -298,7 +298,9 @@ def _evaluate(off: PlanRequest, sizes, placement, device, budgets, runtime, toke
         if p_tier == "nvme" and device == "cuda":
             bd["cpu"]["buffers"] += ring * slot  # pinned staging between NVMe and the card
         if p_tier == "nvme" and full and s_tier in ("cpu", "nvme"):
-            bd["cpu"]["buffers"] += 2 * slot  # updated weights staged for their NVMe home, one per update in flight
+            # updated weights staged for their NVMe home: one layer's buffer, filled by its units and written once
+            # complete (HomeAccess.write_home); the one update worker finishes a layer's units before the next's
+            bd["cpu"]["buffers"] += slot
     if regions and s_tier == "nvme":
         bd["cpu"]["buffers"] += STATE_STAGING * max(regions)
         # a unit's first update allocates its state in RAM before it is packed into the region (one worker)
