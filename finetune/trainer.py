@@ -35,7 +35,7 @@ from .checkpoint import (
     recipe_changes,
     set_rng_state,
 )
-from .chunked_loss import causal_lm_loss, chunked_loss_supported
+from .chunked_loss import causal_lm_loss, chunked_loss_supported, pays_off
 from .data import batches, num_batches
 from .engine import build_engine
 from .errors import CheckpointError, TrainingDiverged
@@ -170,7 +170,8 @@ class Trainer:
             self.engine.begin_micro_batch(final=i == last)
             on_device = {k: v.to(self.device) for k, v in batch.items()}
             with autocast(self.device, t.bf16):
-                lm_loss = causal_lm_loss(self.model, on_device) if self.chunked_loss else self.model(**on_device).loss
+                chunked = self.chunked_loss and pays_off(self.model, on_device)
+                lm_loss = causal_lm_loss(self.model, on_device) if chunked else self.model(**on_device).loss
             # mean over this micro-batch -> share of the whole step's tokens; aux_loss: MixLoRA's router term (or 0)
             loss = (lm_loss + aux_loss(self.model, batch["attention_mask"])) * (n / total)
             self.engine.before_backward()

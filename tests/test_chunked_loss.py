@@ -83,3 +83,12 @@ def test_nothing_supervised_gives_a_zero_in_the_graph():
     loss = causal_lm_loss(model, batch)
     loss.backward()
     assert float(loss) == 0.0
+
+
+def test_it_pays_off_only_above_one_chunk_of_logits(monkeypatch):
+    model, batch = _model("llama"), _batch()
+    logit_bytes = batch["input_ids"].numel() * VOCAB * 4
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", logit_bytes)
+    assert not chunked.pays_off(model, batch)  # one chunk would hold it all: the model's own loss is as lean
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", logit_bytes - 1)
+    assert chunked.pays_off(model, batch)
