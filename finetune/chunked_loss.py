@@ -26,15 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .model import base_config
+
 IGNORE_INDEX = -100
 CHUNK_BYTES = 64 * 2**20  # fp32 logits of one chunk
 # config keys of transformers models that change the logits after the head (Gemma-2/3/4 soft-capping, Cohere's
 # logit_scale, Granite's logits_scaling, Falcon-H1's lm_head_multiplier): the model's own loss runs for those
 LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
-
-
-def _config(model: torch.nn.Module):
-    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
 
 
 def chunked_loss_supported(model: torch.nn.Module) -> str | None:
@@ -44,7 +42,7 @@ def chunked_loss_supported(model: torch.nn.Module) -> str | None:
         return "the model has no output embeddings (get_output_embeddings() is None)"
     if any(p.requires_grad for p in head.parameters()):
         return "the LM head trains (its gradient would accumulate once per chunk)"
-    config = _config(model)
+    config = base_config(model)
     for key in LOGIT_POSTPROCESSING:
         if getattr(config, key, None) not in (None, 1.0):
             return f"the model post-processes its logits (config.{key})"

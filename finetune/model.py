@@ -111,6 +111,11 @@ def load_model(cfg: ModelConfig, source: Path | str, device: str | torch.device,
     return model
 
 
+def base_config(model: torch.nn.Module):
+    """The transformers config of ``model``, through a peft wrapper if there is one."""
+    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts. A 4-bit ``Params4bit`` stores two values per byte in a packed
     ``(n/2, 1)`` uint8 tensor; it counts as its logical ``n`` elements."""

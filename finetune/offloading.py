@@ -26,6 +26,7 @@ from slimtune.offload.store.memory import release_free_memory
 from .adapters import load_trainable_state_dict, trainable_state_dict
 from .checkpoint import save_checkpoint
 from .engine import InMemoryEngine
+from .model import base_config
 from .recipe import Recipe
 
 STREAMED_DIR = "streamed"  # in a checkpoint: the trainable weights that live in streamed homes, as shards
@@ -298,10 +299,6 @@ def home_values(streamer) -> Callable[[list[torch.nn.Parameter]], list[torch.Ten
     return lambda params: [reader(p) if p in reader else p.detach() for p in params]
 
 
-def _config(model: torch.nn.Module):
-    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-
-
 # The trainer needs the plan's placement, not its step-time bound: skip the bandwidth/FLOP measurements.
 _NOT_MEASURED = {"cpu->gpu": 1e10, "gpu->cpu": 1e10, "nvme->cpu": 1e9, "cpu->nvme": 1e9, "memcpy": 1e10,
                  "flops": 1e12}
@@ -354,7 +351,7 @@ def build_offload(recipe: Recipe, model: torch.nn.Module, device: torch.device,
 
     o, t = recipe.offload, recipe.training
     if plan is None:
-        plan = plan_offload(recipe, _config(model), runtime_rss_bytes(model))
+        plan = plan_offload(recipe, base_config(model), runtime_rss_bytes(model))
     params_tier, state_tier = layer_tiers(plan)
     full, zeroth_order = recipe.adapter.type == "none", recipe.optimizer.name in ZEROTH_ORDER
     off = OffloadEngine(model, device, plan)

@@ -145,7 +145,6 @@ def adamw_8bit_(p: torch.Tensor, grad: torch.Tensor, state: dict, step: int, lr:
     (:data:`.blockwise8.SLICE` values, whole blocks) at a time."""
     import bitsandbytes.functional as bnbf
 
-
     work = p if p.is_contiguous() else p.contiguous()
     flat_p, flat_g = work.view(-1), grad.reshape(-1)
     m, v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)

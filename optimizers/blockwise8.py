@@ -8,6 +8,9 @@ runs bitsandbytes' fused 8-bit Adam kernel on the same codes (:func:`dynamic_cod
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+
 import torch
 
 BLOCKSIZE = 256
@@ -54,7 +57,7 @@ def _bnb_functional(device: torch.device):
 
 def quantize_blockwise(x: torch.Tensor, signed: bool, use_bnb: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 ``x`` -> (uint8 codes of x's shape, fp32 absmax per block of 256 flat elements); nearest code value."""
-    code = _CODES[signed].to(x.device)
+    code = dynamic_code(signed, x.device)
     bnbf = _bnb_functional(x.device) if use_bnb else None
     if bnbf is not None:
         q, s = bnbf.quantize_blockwise(x.float().contiguous(), code=code, blocksize=BLOCKSIZE)
@@ -72,7 +75,7 @@ def quantize_blockwise(x: torch.Tensor, signed: bool, use_bnb: bool = True) -> t
 
 def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, signed: bool, use_bnb: bool = True) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise` (fp32 result): code[q] * absmax[block]."""
-    code = _CODES[signed].to(q.device)
+    code = dynamic_code(signed, q.device)
     bnbf = _bnb_functional(q.device) if use_bnb else None
     if bnbf is not None:
         return bnbf.dequantize_blockwise(q.contiguous(), absmax=absmax, code=code, blocksize=BLOCKSIZE)
@@ -80,8 +83,6 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, signed: bool, us
     pad = (-vals.numel()) % BLOCKSIZE
     vals = torch.nn.functional.pad(vals, (0, pad)).view(-1, BLOCKSIZE) * absmax.unsqueeze(1)
     return vals.reshape(-1)[: q.numel()].view(q.shape)
-
-
 
 
 _DEVICE_CODES: dict[tuple[bool, str], torch.Tensor] = {}
@@ -109,9 +110,7 @@ def moments_bytes(numel: int) -> int:
 
 def zero_moments(shape: tuple[int, ...] | torch.Size, device: torch.device) -> dict:
     """Zero 8-bit moments of ``shape``: any code times a zero absmax dequantizes to 0 (bitsandbytes starts so)."""
-    numel = 1
-    for d in shape:
-        numel *= d
+    numel = math.prod(shape)
     state = {}
     for key in MOMENTS:
         state[key] = torch.zeros(tuple(shape), dtype=torch.uint8, device=device)
@@ -148,6 +147,15 @@ def store_moments(state: dict, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, 
         stop = start + value.numel()
         state[key].view(-1)[start:stop].copy_(codes)
         state[f"{key}_absmax"][block_range(start, stop)].copy_(absmax)
+
+
+def sliced_moments(state: dict, numel: int) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """``(start, stop, exp_avg, exp_avg_sq)`` for each :func:`slices` range of ``state``'s 8-bit moments, the
+    moments dequantized to fp32 for the caller's element-wise math and stored back once it resumes the loop."""
+    for start, stop in slices(numel):
+        exp_avg, exp_avg_sq = load_moments(state, start, stop)
+        yield start, stop, exp_avg, exp_avg_sq
+        store_moments(state, exp_avg, exp_avg_sq, start)
 
 
 def is_quantized(state: dict) -> bool:

@@ -50,7 +50,7 @@ import torch
 
 from .adamw import adam_moments_, adam_update_torch
 from .base import PerTensorOptimizer, check_adam_hparams
-from .blockwise8 import SLICE, is_quantized, load_moments, moments_bytes, slices, store_moments, zero_moments
+from .blockwise8 import SLICE, is_quantized, moments_bytes, sliced_moments, zero_moments
 from .projection import (
     BLOCK_ORDERS,
     SVD_METHODS,
@@ -218,11 +218,9 @@ class FRUGAL(PerTensorOptimizer):
             return adam_update_torch(state["exp_avg"], state["exp_avg_sq"], step, lr, beta1, beta2, group["eps"])
         flat = grad.reshape(-1)
         update = torch.empty(grad.shape, dtype=torch.float32, device=grad.device)
-        for start, stop in slices(flat.numel()):
-            exp_avg, exp_avg_sq = load_moments(state, start, stop)
+        for start, stop, exp_avg, exp_avg_sq in sliced_moments(state, flat.numel()):
             adam_moments_(exp_avg, exp_avg_sq, flat[start:stop], beta1, beta2)
             update.view(-1)[start:stop] = adam_update_torch(exp_avg, exp_avg_sq, step, lr, beta1, beta2, group["eps"])
-            store_moments(state, exp_avg, exp_avg_sq, start)
         return update
 
     @staticmethod

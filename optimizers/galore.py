@@ -46,7 +46,7 @@ import torch
 
 from .adamw import adam_direction_eps_hat, adam_moments_
 from .base import PerTensorOptimizer, check_adam_hparams
-from .blockwise8 import BLOCKSIZE, dequantize_blockwise, quantize_blockwise
+from .blockwise8 import is_quantized, load_moments, moments_bytes, store_moments, zero_moments
 from .projection import (
     GALORE_PROJ_TYPES,
     SVD_METHODS,
@@ -163,15 +163,16 @@ class GaLoreAdamW(PerTensorOptimizer):
                 return zeros, zeros.clone()
             dtype = torch.float32 if self.state_bits == 8 else like.dtype  # official: zeros_like(grad)
             return torch.zeros_like(like, dtype=dtype), torch.zeros_like(like, dtype=dtype)
-        if state["exp_avg"].dtype == torch.uint8:
-            return (dequantize_blockwise(state["exp_avg"], state["exp_avg_absmax"], signed=True),
-                    dequantize_blockwise(state["exp_avg_sq"], state["exp_avg_sq_absmax"], signed=False))
+        if is_quantized(state):
+            exp_avg, exp_avg_sq = load_moments(state)
+            return exp_avg.view(like.shape), exp_avg_sq.view(like.shape)
         return state["exp_avg"], state["exp_avg_sq"]
 
     def _store_moments(self, state: dict, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
         if self._quantized(exp_avg.numel()):
-            state["exp_avg"], state["exp_avg_absmax"] = quantize_blockwise(exp_avg, signed=True)
-            state["exp_avg_sq"], state["exp_avg_sq_absmax"] = quantize_blockwise(exp_avg_sq, signed=False)
+            if not is_quantized(state):
+                state.update(zero_moments(exp_avg.shape, exp_avg.device))
+            store_moments(state, exp_avg, exp_avg_sq)
         else:
             state["exp_avg"], state["exp_avg_sq"] = exp_avg, exp_avg_sq
 
@@ -234,6 +235,6 @@ class GaLoreAdamW(PerTensorOptimizer):
             total += {"right": r * n, "left": m * r, "full": m * r + r * n}[side] * size
         numel = math.prod(shape)
         if self._quantized(numel):
-            return total + 2 * numel + 2 * 4 * math.ceil(numel / BLOCKSIZE)
+            return total + moments_bytes(numel)
         return total + 2 * numel * (4 if self.state_bits == 8 else size)
 

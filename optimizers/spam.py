@@ -54,7 +54,7 @@ import torch
 
 from .adamw import adam_direction_eps_hat, adam_moments_
 from .base import PerTensorOptimizer, check_adam_hparams
-from .blockwise8 import SLICE, is_quantized, load_moments, moments_bytes, slices, store_moments, zero_moments
+from .blockwise8 import SLICE, is_quantized, load_moments, moments_bytes, sliced_moments, store_moments, zero_moments
 
 _MASK64 = 2**64 - 1
 
@@ -209,11 +209,9 @@ class SPAM(PerTensorOptimizer):
         if is_quantized(state) and mask is None:  # dense 8-bit: slice by slice, moments dequantized per slice
             work = p if p.is_contiguous() else p.contiguous()
             flat_p, flat_g = work.view(-1), grad.view(-1) if grad.is_contiguous() else grad.reshape(-1)
-            for start, stop in slices(p.numel()):
-                exp_avg, exp_avg_sq = load_moments(state, start, stop)
+            for start, stop, exp_avg, exp_avg_sq in sliced_moments(state, p.numel()):
                 u, step_size = self._direction(flat_g[start:stop], exp_avg, exp_avg_sq, reset, clip, step, group)
                 self._apply_dense(flat_p[start:stop], u, step_size, sf, group)
-                store_moments(state, exp_avg, exp_avg_sq, start)
             if work is not p:
                 p.copy_(work)
             return

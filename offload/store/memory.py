@@ -33,7 +33,7 @@ def release_free_memory() -> None:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 MMAP_THRESHOLD_BYTES = 1 << 20  # the offloaded optimizer's: its freed gradients and staged units go back at once
 STREAM_MMAP_THRESHOLD_BYTES = 8 << 20  # streamed layers alone: activations up to 8 MiB are reused from the heap
-_threshold_set: list[int] = []  # the thresholds set so far in this process (the smallest wins)
+_smallest_threshold: int | None = None  # the smallest threshold asked for in this process (it wins)
 
 
 def return_large_frees_to_os(threshold: int = MMAP_THRESHOLD_BYTES) -> None:
@@ -51,8 +51,8 @@ def return_large_frees_to_os(threshold: int = MMAP_THRESHOLD_BYTES) -> None:
     CPU, batch 4 x 256: 4.5 s per step at 1 MiB, 2.0 s at 8 MiB, peak RSS 879 vs 1218 MiB). So the streamer alone
     (adapters: nothing large is freed per step but activations) asks for :data:`STREAM_MMAP_THRESHOLD_BYTES`, and
     the offloaded optimizer for 1 MiB."""
-    _threshold_set.append(threshold)
-    threshold = min(_threshold_set)
+    global _smallest_threshold
+    threshold = _smallest_threshold = min(threshold, _smallest_threshold or threshold)
     if sys.platform.startswith("linux"):
         try:
             import ctypes
