@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from slimtune.offload.store.memory import RESIDENT_MMAP_THRESHOLD_BYTES, return_large_frees_to_os
 from slimtune.optimizers import SEEDED, ZEROTH_ORDER, build_optimizer
 
 from .adapters import load_trainable_state_dict, trainable_state_dict
@@ -41,6 +42,8 @@ class InMemoryEngine:
         self.optimizer: torch.optim.Optimizer | None = None
         self.per_layer: PerLayerUpdates | None = None
         self.trainable = [p for p in model.parameters() if p.requires_grad]  # what global-norm clipping sees
+        if type(self) is InMemoryEngine:  # tensors reused from the heap, not mapped and faulted in every step
+            return_large_frees_to_os(RESIDENT_MMAP_THRESHOLD_BYTES)
 
     def set_optimizer(self, optimizer: torch.optim.Optimizer, per_layer: bool = False) -> None:
         """Use ``optimizer`` (per-layer mode: its updates run inside backward, through gradient hooks)."""
