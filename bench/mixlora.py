@@ -1,6 +1,7 @@
 """LoRA vs MixLoRA at a matched trainable-parameter count, on the quickstart model and data.
 
-    python bench/mixlora.py [--steps 300] [--rounds 1] [--recipe configs/quickstart.yaml] [--out bench/results]
+    python bench/mixlora.py [--steps 300] [--rounds 1] [--recipe configs/quickstart.yaml] [--set KEY=VALUE ...]
+                            [--out bench/results]
 
 Every contender fine-tunes ``configs/quickstart.yaml`` (2-layer Llama, hidden 128, intermediate 512, fp32, batch 32,
 cosine with 10% warm-up, lr 2e-3, seed 42, dropout 0) for ``--steps`` steps with eval_steps=0, save_steps=0,
@@ -28,6 +29,11 @@ The router settings are the recipe defaults (aux-loss coefficient 0.001, router 
   assignments of non-padding tokens since the previous log, averaged over layers), over the last 50 steps: the
   largest share x num_experts (1.0 = perfectly balanced, num_experts / top_k = collapsed onto top_k experts) and
   the normalised entropy of the per-layer shares (1.0 = balanced).
+
+``--set`` changes every contender's recipe the same way, e.g. a realistic width for the step ratio alone
+(``--set model.architecture.hidden_size=1024 --set model.architecture.intermediate_size=2816 --set
+model.architecture.num_attention_heads=8 --steps 30 --threads 2 --out bench/results/mixlora-wide``: the quality
+columns mean little after 30 steps).
 
 Writes bench/results/mixlora.{md,json,png}. Wall-clock numbers on a shared machine: compare ratios within a run.
 """
@@ -65,7 +71,7 @@ def peak_rss() -> int:
 
 
 # --------------------------------------------------------------------------------------- one contender (child process)
-def child(name: str, recipe_path: str, steps: int, json_path: str, threads: int) -> None:
+def child(name: str, recipe_path: str, steps: int, json_path: str, threads: int, sets: list[str]) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -79,7 +85,7 @@ def child(name: str, recipe_path: str, steps: int, json_path: str, threads: int)
         recipe = load_recipe(recipe_path, [
             f"training.max_steps={steps}", "training.eval_steps=0", "output.save_steps=0", "output.plots=false",
             f"output.logging_steps={LOG_EVERY}", "data.metric_samples=120", f"output.output_dir={tmp}/run",
-            "output.overwrite_output_dir=true", *CONTENDERS[name]])
+            "output.overwrite_output_dir=true", *CONTENDERS[name], *sets])
         t, prep = recipe.training, prepare(recipe)
         eval_examples, prep.eval_examples = prep.eval_examples, None  # evaluated once below, the same way for all
         setup_peak = peak_rss()
@@ -203,12 +209,14 @@ def main() -> None:
     ap.add_argument("--recipe", default="configs/quickstart.yaml")
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 1],
                     help="torch thread counts; every contender runs at each (the other benches: 2)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="recipe override for every contender, e.g. model.architecture.hidden_size=1024")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--child", choices=list(LABELS), help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        return child(a.child, a.recipe, a.steps, a.json, a.threads[0])
+        return child(a.child, a.recipe, a.steps, a.json, a.threads[0], a.set)
     if a.steps <= SKIP:
         ap.error(f"--steps must exceed the {SKIP} warm-up steps left out of the statistics")
     names = [n for n in LABELS if not a.only or n in a.only]
@@ -228,7 +236,8 @@ def main() -> None:
                    "PYTHONWARNINGS": "ignore", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
             path = Path(tmp) / f"{name}-{threads}-{i}.json"
             subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(a.steps), "--recipe", a.recipe,
-                            "--threads", threads, "--json", str(path)], check=True, env=env)
+                            "--threads", threads, "--json", str(path), *(f"--set={kv}" for kv in a.set)],
+                           check=True, env=env)
             all_runs[key].append(json.loads(path.read_text()))
     stats = {k: summarize(rs) for k, rs in all_runs.items()}
     first = a.threads[0]  # curves and router loads from the first thread count (the math is the same)
@@ -236,8 +245,8 @@ def main() -> None:
     loads = {n: all_runs[f"{n}@{first}"][0]["router_load"] for n in names}
     host, s0, load_end = machine(), stats[f"lora@{first}"], os.getloadavg()[0]
     header = (
-        f"## LoRA vs MixLoRA on the quickstart model ({a.recipe}, {a.steps} steps, batch 32, lr {s0['lr']:g}, "
-        f"torch threads {', '.join(map(str, a.threads))})\n\nMachine: {host}\n\n"
+        f"## LoRA vs MixLoRA on the quickstart model ({a.recipe}{''.join(', ' + kv for kv in a.set)}, {a.steps} "
+        f"steps, batch 32, lr {s0['lr']:g}, torch threads {', '.join(map(str, a.threads))})\n\nMachine: {host}\n\n"
         f"Matched trainable parameters (column). MixLoRA: top-2, attention LoRA r 32, expert LoRA as labelled (alpha "
         f"/ r = 2 everywhere), recipe-default router settings. {a.rounds} round(s); step time = median over runs of "
         f"each run's median, first {SKIP} steps skipped. Eval loss on {s0['eval_rows']} held-out rows, exact match on "

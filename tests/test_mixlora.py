@@ -119,7 +119,7 @@ def _reference_ffn(ffn: MixLoraFFN, x: torch.Tensor, scaling: float) -> tuple[to
     out, chosen = [], []
     for v in x.to(d).reshape(-1, x.shape[-1]):
         p = torch.softmax(router @ v, dim=0)
-        top = torch.argsort(p, descending=True)[:K]
+        top = torch.argsort(p, descending=True)[:ffn.top_k]
         chosen.append(top)
         y = torch.zeros(w_down.shape[0], dtype=d)
         for e, weight in zip(top.tolist(), p[top] / p[top].sum()):  # tensors: the router gets a gradient
@@ -152,10 +152,12 @@ def test_routing_and_moe_ffn_match_a_float64_reference(tiny_dir_config, tiny_mod
     assert (frozen - ours).abs().max() > 1e-2
 
 
-def test_batched_experts_gradients_match_the_float64_per_expert_reference(tiny_dir_config, tiny_model_dir):
-    """The experts' LoRA runs batched (stacked A, one-hot mask, B side by side); its gradients for every LoRA
-    matrix, the router and the input must be those of the token-by-token, expert-by-expert float64 formula."""
-    model = _mixlora(tiny_dir_config, tiny_model_dir)
+@pytest.mark.parametrize("top_k", [2, 3])
+def test_batched_experts_gradients_match_the_float64_per_expert_reference(tiny_dir_config, tiny_model_dir, top_k):
+    """The experts' LoRA runs batched (stacked A, one-hot mask, B side by side) and the slots mix around the first
+    slot's activation; its gradients for every LoRA matrix, the router and the input must be those of the
+    token-by-token, expert-by-expert float64 formula (top-2 and the general top-k path)."""
+    model = _mixlora(tiny_dir_config, tiny_model_dir, top_k=top_k)
     _randomize(model)
     model.train()
     ffn = model.model.layers[0].mlp

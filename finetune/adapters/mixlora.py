@@ -21,11 +21,8 @@ Per decoder layer, without touching model code:
 paper's high-throughput trick). We go one step further for ``W_down``: it is one frozen linear map shared by every
 expert, so ``sum_e w_e W_down a_e = W_down (sum_e w_e a_e)`` and it runs once on all tokens too, on the
 routing-weighted mix of the expert activations, instead of once per expert (the official code runs it top_k times per
-token). The mix is accumulated as ``a_0 + sum_e w_e (a_e - a_0)`` with ``a_0 = act(W_gate x) * W_up x``, so while
-every B is zero the layer computes exactly what the base MLP computes: identity at init holds bit for bit, not just up
-to rounding (the official weighted sum of identical expert outputs is off by an ulp, since the renormalised weights
-need not sum to exactly 1.0 in floating point). ``a_0`` enters the result only as ``a_0 (1 - sum_e w_e)``, zero in
-exact arithmetic, so it is computed without a gradient.
+token). The mix is accumulated around the first slot's activation (:func:`mix_slots`), so while every B is zero the
+layer computes exactly what the base MLP computes: identity at init holds bit for bit, not just up to rounding.
 
 **Batched experts.** No per-expert kernels and no host sync: the experts' LoRA matrices on one projection run as two
 matmuls for all (slot, token) assignments. The stacked ``[A^1; ...; A^E] x`` gives every expert's r-dimensional
@@ -33,7 +30,7 @@ code; a one-hot mask of the router's choice (times the scale) keeps each assignm
 ``[B^1 ... B^E]`` on the masked codes is then exactly ``B^e A^e x`` for the chosen e (the block-diagonal form of the
 per-expert products). Assignments are laid out slot-major, (top_k, tokens, features), so the frozen ``W_gate x``
 broadcasts over the slots into the second product's accumulator (``baddbmm``), and the routing-weighted sum over
-slots is one small batched matmul per token. The masked products cost E/top_k times the useful LoRA flops, a few
+slots is element-wise over whole slots. The masked products cost E/top_k times the useful LoRA flops, a few
 percent of the frozen FFN's at real widths (r E << hidden), for far fewer kernels: measured on the quickstart model,
 the step went from 2.6x to about 1.4x LoRA's (bench/mixlora.py). No base layer ever sees an empty input: a
 bitsandbytes 4-bit layer on CPU kills the process on one (a SIGFPE, seen with the official package's generate).
@@ -179,9 +176,6 @@ class MixLoraFFN(nn.Module):
             gate, up = base.gate_proj(x), base.up_proj(x)
         else:
             h = base.fc1(x)
-        with torch.no_grad():  # a0 enters only as a0 (1 - sum_e w_e), zero in exact arithmetic: no gradient
-            # exactly what the base MLP feeds its output projection
-            a0 = self.act_fn(h) if self.layout == "plain" else self.act_fn(gate) * up
         # Every expert's LoRA in one matmul per factor (see the module docstring), slot-major: (slot, token, ...)
         # lets the frozen output broadcast over the slots into the product's accumulator (baddbmm).
         chosen = F.one_hot(experts.t(), self.num_experts).to(torch.float32)  # (slot, token, expert)
@@ -203,11 +197,8 @@ class MixLoraFFN(nn.Module):
                 u = self._lora("up_proj", x, chosen, base=up)
             a = self.act_fn(g) * u  # a_e of every assignment, (slot or 1, token, inner)
         a = a.expand(self.top_k, n_tokens, a.shape[-1])
-        # sum_e w_e (a_e - a0): one (1 x slots) @ (slots x inner) product per token
-        mix = torch.bmm(weights.unsqueeze(1).to(torch.float32),
-                        (a.float() - a0.float()).transpose(0, 1)).squeeze(1)
         # W_out (sum_e w_e a_e): once, for all tokens (its bias once: the weights sum to 1)
-        out = getattr(base, self.out_proj)((a0.float() + mix).to(a0.dtype))
+        out = getattr(base, self.out_proj)(mix_slots(a, weights))
         if self.out_proj in self.expert_targets:  # sum_e w_e s B^e A^e a_e, the slots' weights folded into the mask
             down = self._lora(self.out_proj, a, chosen * weights.t().unsqueeze(-1))
             out = out + down.to(out.dtype)
@@ -243,6 +234,25 @@ class MixLoraFFN(nn.Module):
         if base.dtype == z.dtype:  # base + z B^T in the product's accumulator, broadcast over the slots
             return torch.baddbmm(base.unsqueeze(0), z, b_side.t().unsqueeze(0).expand(slots, -1, -1))
         return base.unsqueeze(0) + F.linear(z, b_side).to(base.dtype)  # a bf16 base: the LoRA cast, as peft does
+
+
+def mix_slots(a: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_s w_s a_s`` over the top-k slots of ``a`` (slot, token, inner), ``weights`` (token, slot) summing to 1,
+    as ``a_0 + sum_{s>=1} w_s (a_s - a_0)`` in fp32, cast back to ``a``'s dtype.
+
+    The same function of the router's probabilities (``w_0 = 1 - sum_{s>=1} w_s`` holds identically after the
+    renormalisation, so values and gradients agree in exact arithmetic), and exact where it matters: while every B
+    is zero all slots hold the base MLP's activation and the mix is that activation bit for bit (the official
+    weighted sum of identical expert outputs is off by an ulp, since the renormalised weights need not sum to
+    exactly 1.0 in floating point). Each slot after the first is one subtraction and one fused multiply-add."""
+    slots = a.unbind(0)  # one stack in backward, where indexing would scatter each slot into a zeroed copy of a
+    if len(slots) == 1:
+        return slots[0]
+    first, w = slots[0].float(), weights.to(torch.float32)
+    mix = torch.addcmul(first, slots[1].float() - first, w[:, 1:2])
+    for s in range(2, len(slots)):
+        mix = torch.addcmul(mix, slots[s].float() - first, w[:, s:s + 1])
+    return mix.to(a.dtype)
 
 
 def _weight_device(layer: nn.Module) -> torch.device:
