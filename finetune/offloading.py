@@ -29,6 +29,7 @@ from .engine import InMemoryEngine
 from .model import base_config
 from .recipe import Recipe
 
+TRIM_EVERY_LAYERS = 4  # streamed layers alone: malloc_trim every 4 layers of a pass (measured: BlockStreamer.after)
 STREAMED_DIR = "streamed"  # in a checkpoint: the trainable weights that live in streamed homes, as shards
 
 
@@ -370,6 +371,8 @@ def build_offload(recipe: Recipe, model: torch.nn.Module, device: torch.device,
         off.streamer = streamer or build_streamer(recipe, plan, model, device)
         if off.updates is not None:
             off.updates.on_updated = off.on_updated
+        else:  # as _trim_heap, within a pass too (BlockStreamer.after)
+            off.streamer.trim_every = TRIM_EVERY_LAYERS
     if off.streamer is None and off.updates is None:
         return None
     return off

@@ -216,3 +216,28 @@ def test_timeline_shows_each_layers_forward_and_its_recompute_plus_backward(base
     fetches = [label for lane, _, _, label in streamer.timeline if lane == "fetch"]
     assert len(fetches) >= 2 * LAYERS - 1  # forward and backward fetches are on the same clock
     streamer.close()
+
+
+def test_heap_trims_every_k_layers_of_a_training_pass_change_nothing(base_dir, tiny_batch, monkeypatch):
+    """``trim_every`` (the engine sets 4 for streamed layers without offloaded updates): ``malloc_trim`` after every
+    k-th layer of a training forward and of its backward, none in eval or generation; the training is the same
+    bit for bit."""
+    import slimtune.offload.stream.streamer as streamer_module
+
+    expected = train(lora_model(base_dir), tiny_batch)
+    trims = []
+    real = streamer_module.release_free_memory
+    monkeypatch.setattr(streamer_module, "release_free_memory",
+                        lambda: (trims.append(streamer_module.in_backward()), real()))
+    model = lora_model(base_dir)
+    streamer = BlockStreamer(model, "cpu", "cpu", prefetch=1)
+    streamer.trim_every = 2
+    trims.clear()  # building the homes trims once
+    got = train(model, tiny_batch, steps=3)
+    assert got[:3] == expected[:3]
+    for name, value in expected[3].items():
+        assert torch.equal(got[3][name], value), name
+    # per step, forward: after the 2nd layer (after the last one the engine trims before backward anyway);
+    # backward: when layer 2's input gradient arrives (layer 0's input, the frozen embedding's output, has none)
+    assert trims == [False, True] * 3  # in_backward() at each trim
+    streamer.close()
