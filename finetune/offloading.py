@@ -371,8 +371,8 @@ def build_offload(recipe: Recipe, model: torch.nn.Module, device: torch.device,
         off.streamer = streamer or build_streamer(recipe, plan, model, device)
         if off.updates is not None:
             off.updates.on_updated = off.on_updated
-        else:  # as _trim_heap, within a pass too (BlockStreamer.after)
-            off.streamer.trim_every = TRIM_EVERY_LAYERS
+        elif torch.device(device).type == "cpu":  # as _trim_heap, within a pass too (BlockStreamer.after); on a GPU
+            off.streamer.trim_every = TRIM_EVERY_LAYERS  # the activations are not in the host heap
     if off.streamer is None and off.updates is None:
         return None
     return off
