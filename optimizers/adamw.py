@@ -65,8 +65,8 @@ def _fusable(p: torch.Tensor, state: dict) -> bool:
 
 
 # Imported late: base.py has no dependency on this module's functions, and this class is the only consumer here.
-from .base import PerTensorOptimizer  # noqa: E402
-from .blockwise8 import SLICE, block_range, dynamic_code, moments_bytes, slices, zero_moments  # noqa: E402
+from .base import PerTensorOptimizer, check_state_bits  # noqa: E402
+from .blockwise8 import SLICE, block_range, dynamic_code, moments_bytes, quantizes, slices, zero_moments  # noqa: E402
 
 
 class AdamW(PerTensorOptimizer):
@@ -91,22 +91,15 @@ class AdamW(PerTensorOptimizer):
         if lr < 0 or eps <= 0 or not all(0.0 <= b < 1.0 for b in betas) or weight_decay < 0:
             raise ValueError(f"AdamW: need lr >= 0, eps > 0, betas in [0, 1), weight_decay >= 0; got lr={lr}, "
                              f"eps={eps}, betas={betas}, weight_decay={weight_decay}")
-        if state_bits not in (8, 32):
-            raise ValueError(f"AdamW: state_bits must be 8 or 32, got {state_bits}")
-        self.state_bits = state_bits
+        self.state_bits = check_state_bits(state_bits)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    def quantized(self, p: torch.Tensor) -> bool:
-        """Whether ``p``'s moments are 8-bit: ``state_bits=8`` and a matrix (chunk-invariant: a row chunk of a
-        matrix is a matrix)."""
-        return self.state_bits == 8 and p.dim() >= 2
 
     @torch.no_grad()
     def update_param(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32)
-            if self.quantized(p):
+            if quantizes(self.state_bits, p):
                 state.update(zero_moments(p.shape, p.device))
             else:
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -128,14 +121,14 @@ class AdamW(PerTensorOptimizer):
                                  group["eps"]))
 
     def state_bytes(self, p: torch.Tensor, group: dict) -> int:
-        if self.quantized(p):
+        if quantizes(self.state_bits, p):
             return 4 + moments_bytes(p.numel())
         return 2 * p.numel() * p.element_size() + 4
 
     def scratch_bytes(self, p: torch.Tensor, group: dict) -> int:
         """Temporaries of one update beyond the state: 8-bit moments dequantized a slice at a time (bitsandbytes'
         CPU kernel: m, v, the gradient and the param in fp32, plus the requantized codes), else none."""
-        return 6 * 4 * min(p.numel(), SLICE) if self.quantized(p) else 0
+        return 6 * 4 * min(p.numel(), SLICE) if quantizes(self.state_bits, p) else 0
 
 
 def adamw_8bit_(p: torch.Tensor, grad: torch.Tensor, state: dict, step: int, lr: float, beta1: float, beta2: float,

@@ -43,6 +43,13 @@ def check_adam_hparams(lr: float, betas: tuple[float, float], eps: float) -> Non
         raise ValueError(f"eps must be >= 0, got {eps}")
 
 
+def check_state_bits(state_bits: int) -> int:
+    """``state_bits`` if it is 32 or 8 (blockwise 8-bit Adam moments, ``blockwise8``), else a ValueError."""
+    if state_bits not in (8, 32):
+        raise ValueError(f"state_bits must be 8 or 32, got {state_bits}")
+    return state_bits
+
+
 class PerTensorOptimizer(torch.optim.Optimizer):
     """Base class: ``step()`` = ``update_param`` for each parameter with a gradient, then ``finish_step``."""
 

@@ -103,6 +103,13 @@ MOMENTS = {"exp_avg": True, "exp_avg_sq": False}  # key -> signed code
 SLICE = 1 << 20  # values per slice of a sliced 8-bit update: a multiple of BLOCKSIZE
 
 
+def quantizes(state_bits: int, p: torch.Tensor) -> bool:
+    """Whether AdamW/SPAM/FRUGAL keep ``p``'s moments in 8 bits: ``state_bits=8`` and a matrix (a row chunk of a
+    matrix is a matrix, so the answer does not change when the offload engine stages it in chunks). GaLore decides
+    by the size of its projected moments instead."""
+    return state_bits == 8 and p.dim() >= 2
+
+
 def moments_bytes(numel: int) -> int:
     """Bytes of the two 8-bit moments of ``numel`` values each: the codes plus one fp32 absmax per block each."""
     return 2 * numel + 2 * 4 * -(-numel // BLOCKSIZE)

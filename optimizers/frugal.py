@@ -49,8 +49,8 @@ from collections.abc import Iterable
 import torch
 
 from .adamw import adam_moments_, adam_update_torch
-from .base import PerTensorOptimizer, check_adam_hparams
-from .blockwise8 import SLICE, is_quantized, moments_bytes, sliced_moments, zero_moments
+from .base import PerTensorOptimizer, check_adam_hparams, check_state_bits
+from .blockwise8 import SLICE, is_quantized, moments_bytes, quantizes, sliced_moments, zero_moments
 from .projection import (
     BLOCK_ORDERS,
     SVD_METHODS,
@@ -93,9 +93,7 @@ class FRUGAL(PerTensorOptimizer):
                  inactive_lr_scale: float = 1.0, proj_params_lr_scale: float = 1.0, block_order: str = "random",
                  seed: int = 0, svd_method: str = "full", state_bits: int = 32):
         check_adam_hparams(lr, betas, eps)
-        if state_bits not in (8, 32):
-            raise ValueError(f"state_bits must be 8 or 32, got {state_bits}")
-        self.state_bits = state_bits
+        self.state_bits = check_state_bits(state_bits)
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "proj_type": proj_type,
                         "density": density, "update_gap": update_gap, "reset_statistics": reset_statistics,
                         "inactive_update_rule": inactive_update_rule, "inactive_lr_scale": inactive_lr_scale,
@@ -195,13 +193,9 @@ class FRUGAL(PerTensorOptimizer):
         return project_up(low, state["ortho"], frugal_side_rank(shape, group["density"])[0])
 
     # -- the update ---------------------------------------------------------------------------------------------
-    def quantized(self, p: torch.Tensor) -> bool:
-        """Whether ``p``'s moments are 8-bit: ``state_bits=8`` and a matrix."""
-        return self.state_bits == 8 and p.dim() >= 2
-
     def _zero_moments(self, p: torch.Tensor, state: dict, like: torch.Tensor) -> None:
         """Fresh zero moments shaped like ``like`` (8-bit codes and scales when ``p``'s are quantized)."""
-        if self.quantized(p):
+        if quantizes(self.state_bits, p):
             state.update(zero_moments(like.shape, like.device))
         else:
             state["exp_avg"] = torch.zeros_like(like)
@@ -271,7 +265,8 @@ class FRUGAL(PerTensorOptimizer):
     def scratch_bytes(self, p: torch.Tensor, group: dict) -> int:
         """Peak temporary bytes of one update of ``p`` beyond its state: the SVD of an 'svd' refresh (eq. (1)),
         else 0 (the planner counts it: it is allocated while backward still runs)."""
-        moments = 5 * 4 * min(p.numel(), SLICE) if self.quantized(p) else 0  # a dequantized slice's fp32 math
+        # a dequantized slice's fp32 math
+        moments = 5 * 4 * min(p.numel(), SLICE) if quantizes(self.state_bits, p) else 0
         if not (group["is_proj_params"] and group["proj_type"] == "svd" and p.dim() == 2):
             return moments
         if group.get("svd_method", "full") == "randomized":
@@ -286,7 +281,7 @@ class FRUGAL(PerTensorOptimizer):
         size = p.element_size()
 
         def moments(count: int) -> int:
-            return moments_bytes(count) if self.quantized(p) else 2 * count * size
+            return moments_bytes(count) if quantizes(self.state_bits, p) else 2 * count * size
 
         if not group["is_proj_params"]:
             return 8 + moments(p.numel())

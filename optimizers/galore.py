@@ -45,7 +45,7 @@ from collections.abc import Iterable
 import torch
 
 from .adamw import adam_direction_eps_hat, adam_moments_
-from .base import PerTensorOptimizer, check_adam_hparams
+from .base import PerTensorOptimizer, check_adam_hparams, check_state_bits
 from .blockwise8 import is_quantized, load_moments, moments_bytes, store_moments, zero_moments
 from .projection import (
     GALORE_PROJ_TYPES,
@@ -80,8 +80,7 @@ class GaLoreAdamW(PerTensorOptimizer):
                  eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True, state_bits: int = 32,
                  min_8bit_size: int = 4096):
         check_adam_hparams(lr, betas, eps)
-        if state_bits not in (8, 32):
-            raise ValueError(f"state_bits must be 8 or 32, got {state_bits}")
+        check_state_bits(state_bits)
         if min_8bit_size < 0:
             raise ValueError(f"min_8bit_size must be >= 0, got {min_8bit_size}")
         self.state_bits = state_bits

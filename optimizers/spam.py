@@ -53,8 +53,17 @@ import math
 import torch
 
 from .adamw import adam_direction_eps_hat, adam_moments_
-from .base import PerTensorOptimizer, check_adam_hparams
-from .blockwise8 import SLICE, is_quantized, load_moments, moments_bytes, sliced_moments, store_moments, zero_moments
+from .base import PerTensorOptimizer, check_adam_hparams, check_state_bits
+from .blockwise8 import (
+    SLICE,
+    is_quantized,
+    load_moments,
+    moments_bytes,
+    quantizes,
+    sliced_moments,
+    store_moments,
+    zero_moments,
+)
 
 _MASK64 = 2**64 - 1
 
@@ -101,9 +110,7 @@ class SPAM(PerTensorOptimizer):
                  threshold: float = 5000, delta_t: int = 500, grad_accu_steps: int = 20, seed: int = 0,
                  state_bits: int = 32):
         check_adam_hparams(lr, betas, eps)
-        if state_bits not in (8, 32):
-            raise ValueError(f"state_bits must be 8 or 32, got {state_bits}")
-        self.state_bits = state_bits
+        self.state_bits = check_state_bits(state_bits)
         if weight_decay < 0.0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if threshold < 0:
@@ -198,7 +205,7 @@ class SPAM(PerTensorOptimizer):
             grad = grad[mask]  # a copy: p.grad is not clipped in density groups (as official)
         if "exp_avg" not in state:
             state["step"] = torch.tensor(0, dtype=torch.int64)
-            if self.quantized(p):
+            if quantizes(self.state_bits, p):
                 state.update(zero_moments(grad.shape, grad.device))
             else:
                 state["exp_avg"] = torch.zeros_like(grad)
@@ -251,10 +258,6 @@ class SPAM(PerTensorOptimizer):
         if group["weight_decay"] > 0:
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
-    def quantized(self, p: torch.Tensor) -> bool:
-        """Whether ``p``'s moments are 8-bit: ``state_bits=8`` and a matrix."""
-        return self.state_bits == 8 and p.dim() >= 2
-
     @torch.no_grad()
     def finish_step(self) -> None:
         """Advance the counters; at the end of step k - 1 before a reset step k: re-draw masks, restart warm-up."""
@@ -278,13 +281,13 @@ class SPAM(PerTensorOptimizer):
             mask = self.state.get(p, {}).get("mask")
             kept = int(mask.sum()) if mask is not None else int(group["density"] * p.numel())
             extra = p.numel() + 8
-        moments = moments_bytes(kept) if self.quantized(p) else 2 * kept * p.element_size()
+        moments = moments_bytes(kept) if quantizes(self.state_bits, p) else 2 * kept * p.element_size()
         return moments + extra + step_bytes
 
     def scratch_bytes(self, p: torch.Tensor, group: dict) -> int:
         """Temporaries of one update beyond the state: 8-bit moments dequantized (a slice at a time when dense:
         m, v, the update and the clipping's temporaries in fp32), else none counted."""
-        if not self.quantized(p):
+        if not quantizes(self.state_bits, p):
             return 0
         kept = p.numel() if "density" not in group else int(group["density"] * p.numel()) + 1
         return 6 * 4 * (min(kept, SLICE) if "density" not in group else kept)
