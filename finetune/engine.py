@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from slimtune.offload.store.memory import RESIDENT_MMAP_THRESHOLD_BYTES, return_large_frees_to_os
+from slimtune.offload.store.memory import RESIDENT_MMAP_THRESHOLD_BYTES, fix_mmap_threshold
 from slimtune.optimizers import SEEDED, ZEROTH_ORDER, build_optimizer
 
 from .adapters import load_trainable_state_dict, trainable_state_dict
@@ -42,8 +42,9 @@ class InMemoryEngine:
         self.optimizer: torch.optim.Optimizer | None = None
         self.per_layer: PerLayerUpdates | None = None
         self.trainable = [p for p in model.parameters() if p.requires_grad]  # what global-norm clipping sees
-        if type(self) is InMemoryEngine:  # tensors reused from the heap, not mapped and faulted in every step
-            return_large_frees_to_os(RESIDENT_MMAP_THRESHOLD_BYTES)
+        # tensors reused from the heap, not mapped and faulted in every step (an offload engine's parts ask for a
+        # smaller threshold, which wins)
+        fix_mmap_threshold(RESIDENT_MMAP_THRESHOLD_BYTES)
 
     def set_optimizer(self, optimizer: torch.optim.Optimizer, per_layer: bool = False) -> None:
         """Use ``optimizer`` (per-layer mode: its updates run inside backward, through gradient hooks)."""

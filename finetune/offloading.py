@@ -75,13 +75,15 @@ class OffloadEngine(InMemoryEngine):
         self._trim_heap()
 
     def _trim_heap(self) -> None:
-        """With streamed layers, give the heap's free pages back between forward and backward and between micro-
-        batches (``malloc_trim``): the streamer lets activations up to 8 MiB come from the heap (fast: no fresh
-        mapping per tensor, see ``return_large_frees_to_os``), and each phase leaves hundreds of MiB free there that
-        the next phase's differently sized tensors do not reuse (mallinfo2 at the peak of bench/peers.py's streamed
-        QLoRA step: 444 of 687 MiB of the heap free). Measured there: peak RSS 1105-1121 -> 1067 MiB, same step
-        time (2.2 s). Not with the offloaded optimizer: its 1 MiB threshold keeps such transients out of the heap."""
-        if self.streamer is not None and self.updates is None:
+        """Where the streamer trims the heap within a pass (``trim_every``: streamed layers without offloaded
+        updates, CPU compute), also give its free pages back between forward and backward and between micro-batches
+        (``malloc_trim``): the streamer lets activations up to 8 MiB come from the heap (fast: no fresh mapping per
+        tensor, see ``fix_mmap_threshold``), and each phase leaves hundreds of MiB free there that the next phase's
+        differently sized tensors do not reuse (mallinfo2 at the peak of bench/peers.py's streamed QLoRA step: 444
+        of 687 MiB of the heap free). Measured there: peak RSS 1105-1121 -> 1067 MiB, same step time (2.2 s). Not
+        with the offloaded optimizer: its 1 MiB threshold keeps such transients out of the heap; not on a GPU: the
+        activations are not in the host heap."""
+        if self.streamer is not None and self.streamer.trim_every:
             release_free_memory()
 
     def step(self, max_grad_norm: float) -> float | None:
@@ -371,8 +373,8 @@ def build_offload(recipe: Recipe, model: torch.nn.Module, device: torch.device,
         off.streamer = streamer or build_streamer(recipe, plan, model, device)
         if off.updates is not None:
             off.updates.on_updated = off.on_updated
-        elif torch.device(device).type == "cpu":  # as _trim_heap, within a pass too (BlockStreamer.after); on a GPU
-            off.streamer.trim_every = TRIM_EVERY_LAYERS  # the activations are not in the host heap
+        elif torch.device(device).type == "cpu":  # activations in the host heap: trim it (_trim_heap)
+            off.streamer.trim_every = TRIM_EVERY_LAYERS
     if off.streamer is None and off.updates is None:
         return None
     return off

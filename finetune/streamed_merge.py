@@ -31,7 +31,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
 from slimtune.offload.plan_phases import shard_bytes
-from slimtune.offload.store.memory import release_free_memory, return_large_frees_to_os
+from slimtune.offload.store.memory import fix_mmap_threshold, release_free_memory
 from slimtune.offload.stream.shards import write_shards
 
 from .errors import SlimtuneError
@@ -45,7 +45,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 def merge_streamed(adapter_dir: Path, out_dir: Path, model_cfg, source: str, dtype: str, quantized: bool) -> None:
     """Write the merged model of ``adapter_dir`` + its base ``source`` into ``out_dir`` (an existing empty dir)."""
     target = DTYPES[dtype]
-    return_large_frees_to_os()  # each layer's tensors go back to the OS when dropped, not into the heap
+    fix_mmap_threshold()  # each layer's tensors go back to the OS when dropped, not into the heap
     loaded = load_streamed(model_cfg, source, torch.device("cpu"), quantization_config(model_cfg) if quantized
                            else None, gradient_checkpointing=False)
     model, prefix = loaded.model, loaded.prefix

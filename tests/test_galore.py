@@ -175,9 +175,9 @@ def test_randomized_refresh_keeps_the_top_subspace_of_real_gradients():
 
 SVD_PEAK = r"""
 import sys, torch
-from slimtune.offload.store.memory import current_rss_bytes, peak_rss_bytes, return_large_frees_to_os
+from slimtune.offload.store.memory import current_rss_bytes, peak_rss_bytes, fix_mmap_threshold
 from slimtune.optimizers.projection import svd_projector
-return_large_frees_to_os()
+fix_mmap_threshold()
 torch.set_num_threads(2)
 m, n, dtype = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3])
 svd_projector(torch.randn(64, 48), 4, "right")  # LAPACK's one-off initialisation is not the update's scratch

@@ -37,7 +37,7 @@ RESIDENT_MMAP_THRESHOLD_BYTES = 256 << 20  # nothing offloaded: every activation
 _smallest_threshold: int | None = None  # the smallest threshold asked for in this process (it wins)
 
 
-def return_large_frees_to_os(threshold: int = MMAP_THRESHOLD_BYTES) -> None:
+def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> None:
     """Make glibc serve every allocation of ``threshold`` bytes or more with its own ``mmap``, so freeing it gives
     the pages back. Process-wide; the smallest threshold any engine of the process asked for wins. No-op off glibc.
 

@@ -45,7 +45,7 @@ from transformers.cache_utils import Cache
 
 from ..blocks import Block, flat_layout, keep_torch_forwards, model_blocks, view_as
 from ..plan_phases import ring_slots
-from ..store.memory import STREAM_MMAP_THRESHOLD_BYTES, host_copy, release_free_memory, return_large_frees_to_os
+from ..store.memory import STREAM_MMAP_THRESHOLD_BYTES, fix_mmap_threshold, host_copy, release_free_memory
 from ..store.nvme import NvmeStore, aligned_empty
 from .bnb_compat import keep_training_layout, streamable_4bit
 from .homes import HomeAccess
@@ -117,7 +117,7 @@ class BlockStreamer(HomeAccess):
         self._backward_from: dict[int, float] = {}  # layer -> start of its recompute in the running backward
         self.store: NvmeStore | None = None
         self.cpu_homes: list[torch.Tensor] = []
-        return_large_frees_to_os(STREAM_MMAP_THRESHOLD_BYTES)
+        fix_mmap_threshold(STREAM_MMAP_THRESHOLD_BYTES)
         self._build_homes(model_blocks(model)[1:-1], nvme_dir, threads, stream_trainable, fill)
         release_free_memory()  # the weights that moved home were freed: let RSS show it
         self.slot_bytes = max((layer.nbytes for layer in self.layers), default=0)

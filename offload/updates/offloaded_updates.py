@@ -62,7 +62,7 @@ from torch import nn
 
 from slimtune.optimizers import PerTensorOptimizer, allocated_state_bytes
 
-from ..store.memory import return_large_frees_to_os
+from ..store.memory import fix_mmap_threshold
 from .grad_mover import GradMover
 from .offloaded_blocks import GradPool, build_blocks, check_int, checked_optimizer, row_slice
 from .offloaded_checkpoint import load_engine, save_engine
@@ -140,7 +140,7 @@ class OffloadedUpdates:
         self.max_pending = max_pending
         self.final, self.on_updated = True, None
         named_params = list(named_params)
-        return_large_frees_to_os()
+        fix_mmap_threshold()
         pin = torch.cuda.is_available() and any(p.is_cuda for _, p in named_params)
         self.initial_values = initial_values or (lambda params: [p.detach() for p in params])
         self.grad_blocks, self.blocks = build_blocks(named_params, blocks, master_dtype, self.initial_values,
