@@ -29,13 +29,15 @@ class PerLayerUpdates:
         if not isinstance(optimizer, PerTensorOptimizer):
             raise TypeError(f"per-layer mode needs a PerTensorOptimizer, got {type(optimizer).__name__}")
         self.optimizer, self.final = optimizer, True
-        self._group = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        # the group's index, not the dict: load_state_dict (a resume, accelerate's prepare) replaces the dicts, and
+        # the LR scheduler sets lr on the new ones
+        self._group = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
         self._handles = [p.register_post_accumulate_grad_hook(self._hook)
                          for group in optimizer.param_groups for p in group["params"]]
 
     @torch.no_grad()
     def _hook(self, p: torch.Tensor) -> None:
-        group = self._group[id(p)]
+        group = self.optimizer.param_groups[self._group[id(p)]]
         if self.final:
             self.optimizer.update_param(p, group)
             p.grad = None  # freed now: the next layer's gradient never meets this one

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import get_scheduler
+from transformers import get_scheduler, set_seed
 
 from slimtune.offload import memory_snapshot
 from slimtune.offload.store.atomic_io import atomic_write_text
 from slimtune.optimizers import ZEROTH_ORDER
 
-from .adapters import aux_loss, router_load, save_adapter
+from .adapters import router_load, save_adapter
 from .checkpoint import (
     TrainerState,
     find_resume_checkpoint,
@@ -35,13 +35,14 @@ from .checkpoint import (
     recipe_changes,
     set_rng_state,
 )
-from .chunked_loss import causal_lm_loss, chunked_loss_supported, pays_off
+from .chunked_loss import chunked_loss_supported
 from .data import batches, num_batches
 from .engine import build_engine
 from .errors import CheckpointError, TrainingDiverged
-from .evaluate import autocast, eval_loss, exact_match_score, supervised_tokens
+from .evaluate import eval_loss, exact_match_score, supervised_tokens
 from .metrics import MetricsLog, write_plots
 from .recipe import Recipe
+from .step_loss import micro_batch_loss, zeroth_order_loss
 
 
 @dataclass
@@ -160,7 +161,7 @@ class Trainer:
         total = sum(counts)
         tokens = sum(int(b["attention_mask"].sum()) for b in group)
         if self.zeroth_order:
-            return self.zeroth_order_step(group, total), None, tokens
+            return self.zeroth_order_step(group), None, tokens
         # Updates made inside backward (per-layer mode, offloaded state) belong to the last micro-batch with tokens.
         last = max((i for i, n in enumerate(counts) if n), default=-1)
         loss_sum = 0.0
@@ -169,11 +170,7 @@ class Trainer:
                 continue  # nothing supervised: no loss, no backward
             self.engine.begin_micro_batch(final=i == last)
             on_device = {k: v.to(self.device) for k, v in batch.items()}
-            with autocast(self.device, t.bf16):
-                chunked = self.chunked_loss and pays_off(self.model, on_device)
-                lm_loss = causal_lm_loss(self.model, on_device) if chunked else self.model(**on_device).loss
-            # mean over this micro-batch -> share of the whole step's tokens; aux_loss: MixLoRA's router term (or 0)
-            loss = (lm_loss + aux_loss(self.model, batch["attention_mask"])) * (n / total)
+            loss = micro_batch_loss(self.model, on_device, n / total, self.device, t.bf16, self.chunked_loss)
             self.engine.before_backward()
             loss.backward()
             loss_sum += float(loss.detach())
@@ -181,20 +178,13 @@ class Trainer:
         self.scheduler.step()
         return loss_sum, grad_norm, tokens
 
-    def zeroth_order_step(self, group: list[dict[str, torch.Tensor]], total: int) -> float:
-        """MeZO: the loss of a perturbation is the token-weighted loss over all micro-batches of the step, so gradient
-        accumulation means a larger batch for the SPSA estimate (the official code asserts accumulation == 1)."""
+    def zeroth_order_step(self, group: list[dict[str, torch.Tensor]]) -> float:
+        """MeZO: the loss of a perturbation is the token-weighted loss over all micro-batches of the step
+        (:func:`.step_loss.zeroth_order_loss`)."""
         t = self.recipe.training
 
         def closure() -> float:
-            loss = 0.0
-            for batch in group:
-                n = supervised_tokens(batch["labels"])
-                if n:
-                    with autocast(self.device, t.bf16):
-                        out = self.model(**{k: v.to(self.device) for k, v in batch.items()})
-                    loss += float(out.loss + aux_loss(self.model, batch["attention_mask"])) * n / total
-            return loss
+            return zeroth_order_loss(self.model, group, self.device, t.bf16)
 
         loss = self.engine.zeroth_order_step(group, closure)
         self.scheduler.step()
@@ -265,6 +255,8 @@ class Trainer:
             if resumed is not None:
                 log.write(f"resumed from {resumed} at step {self.state.step}")
             before = self.evaluate(log) if self.state.step == 0 else None
+            if self.state.step == 0:  # dropout's draws start from the seed, as on the Hugging Face route (.hf)
+                set_seed(t.seed)
             micro = self.micro_batches()
             self.model.train()
             losses: list[float] = []

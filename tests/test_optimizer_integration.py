@@ -119,10 +119,13 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", ["galore", "spam", "frugal"])
+@pytest.mark.parametrize("method", ["galore", "spam", "frugal", "galore-per-layer"])
 def test_resume_across_refresh_or_reset_equals_uninterrupted(tmp_path, monkeypatch, method):
-    # galore/frugal refresh every 5 steps, spam resets at step 8: checkpoint at 4, die at 6, resume to 10
-    args = (*METHODS[method], "training.max_steps=10", "output.save_steps=4", "adapter.dropout=0.1")
+    # galore/frugal refresh every 5 steps, spam resets at step 8: checkpoint at 4, die at 6, resume to 10. Per-layer:
+    # the updates inside backward must follow the restored LR schedule (restoring replaces the param-group dicts)
+    name, _, per_layer = method.partition("-")
+    args = (*METHODS[name], "training.max_steps=10", "output.save_steps=4", "adapter.dropout=0.1",
+            f"optimizer.per_layer={'true' if per_layer else 'false'}")
     run(tmp_path / "full", *args)
     original, calls = Trainer.optimizer_step, {"n": 0}
 

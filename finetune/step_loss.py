@@ -1,0 +1,40 @@
+"""The loss of a step, shared by slimtune's loop (:mod:`.trainer`) and the Hugging Face route (:mod:`.hf`), so both
+compute the same numbers from the same micro-batches.
+
+A step's loss is token-weighted over its micro-batches: micro-batch ``i`` with ``n_i`` supervised tokens contributes
+``(mean token loss_i + router aux loss_i) * n_i / sum_j n_j``, so gradient accumulation computes the gradient of one
+large batch (transformers #34191).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .adapters import aux_loss
+from .chunked_loss import causal_lm_loss, pays_off
+from .evaluate import autocast, supervised_tokens
+
+
+def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], share: float, device: torch.device,
+                     bf16: bool, chunked: bool) -> torch.Tensor:
+    """``(LM loss + MixLoRA's router term) * share`` of one micro-batch already on ``device``. ``chunked``: the LM
+    head and cross-entropy in chunks where it pays off (:mod:`.chunked_loss`)."""
+    with autocast(device, bf16):
+        lm_loss = causal_lm_loss(model, batch) if chunked and pays_off(model, batch) else model(**batch).loss
+    return (lm_loss + aux_loss(model, batch.get("attention_mask"))) * share
+
+
+@torch.no_grad()
+def zeroth_order_loss(model: torch.nn.Module, group: list[dict[str, torch.Tensor]], device: torch.device,
+                      bf16: bool) -> float:
+    """A zeroth-order (MeZO) closure's value: the token-weighted loss over every micro-batch of the step, so
+    gradient accumulation means a larger batch for the SPSA estimate (the official code asserts accumulation 1)."""
+    total = sum(supervised_tokens(b["labels"]) for b in group)
+    loss = 0.0
+    for batch in group:
+        n = supervised_tokens(batch["labels"])
+        if n:
+            with autocast(device, bf16):
+                out = model(**{k: v.to(device) for k, v in batch.items()})
+            loss += float(out.loss + aux_loss(model, batch.get("attention_mask"))) * n / total
+    return loss

@@ -1,0 +1,143 @@
+"""The Hugging Face route (slimtune.finetune.hf): a recipe run through ``transformers.Trainer`` gives the per-step
+losses of ``slimtune train`` on the same recipe, Trainer checkpoints resume our optimizers exactly, and a user's own
+Trainer script gets slimtune's optimizers and logs."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from test_optimizer_integration import METHODS
+from test_train import tiny
+
+from slimtune.finetune import RecipeError, recipe_from_dict, train
+from slimtune.finetune.hf import SlimtuneCallback, SlimtuneTrainer, from_recipe, slimtune_optimizer
+
+QUIET = ("data.metric=none", "data.val_size=0")
+ROUTES = {
+    "lora-adamw": ("training.gradient_accumulation_steps=2",),
+    "qlora-galore": ("adapter.type=qlora", "model.load_in_4bit=true", *METHODS["galore"]),
+    "full-frugal": ("adapter.type=none", "training.learning_rate=2e-3", *METHODS["frugal"]),
+    "lora-spam": METHODS["spam"],
+    "mixlora": ("adapter.type=mixlora", "adapter.num_experts=4", "adapter.top_k=2",
+                "adapter.router_aux_loss_coef=0.01"),
+    "per-layer-galore-accumulation": ("adapter.type=none", "training.learning_rate=2e-3", *METHODS["galore"],
+                                      "optimizer.per_layer=true", "training.max_grad_norm=0",
+                                      "training.gradient_accumulation_steps=2"),
+    "mezo": ("adapter.type=none", "optimizer.name=mezo", "training.learning_rate=1e-3", "training.max_grad_norm=0",
+             "training.gradient_accumulation_steps=2"),
+}
+
+
+def both_routes(tmp_path, *overrides: str) -> tuple[list[float], SlimtuneTrainer]:
+    ours = train(recipe_from_dict(tiny(tmp_path / "cli", *QUIET, *overrides)), progress=False).losses
+    trainer = from_recipe(recipe_from_dict(tiny(tmp_path / "hf", *QUIET, *overrides)))
+    trainer.train()
+    return ours, trainer
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_the_hf_route_gives_the_losses_of_slimtune_train(tmp_path, route):
+    ours, trainer = both_routes(tmp_path, *ROUTES[route])
+    assert len(ours) == 8
+    assert trainer.step_losses == pytest.approx(ours, rel=1e-6)
+    assert len(set(ours)) > 1  # the steps trained something different each time
+
+
+def test_streamed_lora_from_nvme_on_the_hf_route(tmp_path):
+    ours, trainer = both_routes(tmp_path, "offload.params=nvme", f"offload.nvme_dir={tmp_path}")
+    assert trainer.engine.streamer is not None  # the layers really streamed
+    assert trainer.step_losses == pytest.approx(ours, rel=1e-6)
+    trainer.engine.close()
+
+
+class Interrupt(Exception):
+    pass
+
+
+class DieAtStep(transformers.TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Interrupt()
+
+
+@pytest.mark.parametrize("method", ["adamw", "galore"])
+def test_trainer_checkpoints_resume_our_optimizers_exactly(tmp_path, method):
+    args = (*QUIET, "training.max_steps=8", "output.save_steps=4", "adapter.dropout=0.1",
+            *(METHODS["galore"] if method == "galore" else ()))
+    full = from_recipe(recipe_from_dict(tiny(tmp_path / "full", *args)))
+    full.train()
+    cut = from_recipe(recipe_from_dict(tiny(tmp_path / "cut", *args)), callbacks=[DieAtStep(6)])
+    with pytest.raises(Interrupt):  # two steps after checkpoint-4 was written
+        cut.train()
+    resumed = from_recipe(recipe_from_dict(tiny(tmp_path / "cut", *args, "output.overwrite_output_dir=true")))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "run" / "checkpoint-4"))
+    assert resumed.step_losses == full.step_losses[4:]  # bit-identical on CPU fp32
+    a = {n: p for n, p in full.model.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in resumed.model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_a_stock_trainer_gets_a_slimtune_optimizer_and_the_callbacks_logs(tmp_path, tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    ids = torch.randint(3, 300, (16, 24), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4,
+                                          learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=True,
+                                          save_strategy="no", disable_tqdm=True)
+    optimizer = slimtune_optimizer(model, "galore", args, rank=4, update_proj_gap=2, scale=1.0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None),
+                                   callbacks=[SlimtuneCallback()])
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 6 and all("peak_rss_bytes" in entry for entry in logs)
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    assert trainer.optimizer.optimizer is optimizer and any(optimizer.state[p] for p in optimizer.state)
+
+
+def test_a_stock_trainer_refuses_a_zeroth_order_optimizer_with_the_way_out(tmp_path):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    with pytest.raises(RecipeError, match="SlimtuneTrainer"):
+        slimtune_optimizer(torch.nn.Linear(2, 2), "mezo", args)
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_examples() -> dict[str, str]:
+    """The README's ``<!-- example: NAME -->`` python blocks, by name."""
+    text = README.read_text()
+    found = re.findall(r"<!-- example: ([\w-]+) -->\n```python\n(.*?)```", text, flags=re.S)
+    return dict(found)
+
+
+def test_the_readme_examples_run_as_written(tmp_path, tiny_model_dir, monkeypatch):
+    examples = readme_examples()
+    assert list(examples) == ["stock-trainer", "slimtune-trainer", "from-recipe"]
+    monkeypatch.chdir(tmp_path)
+    root = README.parent
+    namespace: dict = {}
+    for name, code in examples.items():  # one script: the second example continues the first
+        code = code.replace('"meta-llama/Llama-3.2-1B"', repr(str(tiny_model_dir)))
+        code = code.replace('"configs/quickstart.yaml"', repr(str(root / "configs" / "quickstart.yaml")))
+        exec(compile(code, f"README example {name}", "exec"), namespace)
+        trainer = namespace["trainer"]
+        logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+        assert logs and all(math.isfinite(entry["loss"]) for entry in logs), name
+        if name == "stock-trainer":
+            assert "peak_rss_bytes" in logs[-1] and logs[-1]["loss"] < logs[0]["loss"]
+        if name == "slimtune-trainer":
+            assert trainer.zeroth_order and len(trainer.step_losses) == 20
+        if name == "from-recipe":
+            assert trainer.state.global_step == 50
+            assert (tmp_path / "runs/hf-quickstart/adapter_model.safetensors").is_file()  # the quickstart's LoRA
