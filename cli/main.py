@@ -13,6 +13,7 @@ User errors (bad recipe, file, dataset row, checkpoint) print a message naming t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -70,6 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     _quiet_libraries()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun / accelerate launch
+        return train_processes(recipe)
     prepared = prepare(recipe)
     trainer = Trainer(recipe, prepared, progress=not args.no_progress)
     print(format_header(recipe, prepared, trainer.steps, trainer.optimizer), flush=True)
@@ -80,6 +83,22 @@ def cmd_train(args: argparse.Namespace) -> int:
               "continue with training.resume_from_checkpoint=true", file=sys.stderr)
         return 130
     print(format_summary(result), flush=True)
+    return 0
+
+
+def train_processes(recipe) -> int:
+    """One process of several (``torchrun --nproc_per_node N -m slimtune.cli train recipe.yaml``, or accelerate
+    launch): the recipe runs through the Hugging Face route (DDP: every process its share of each global batch,
+    the first writes checkpoints in output_dir/checkpoint-N and the result)."""
+    from slimtune.finetune.hf import from_recipe
+
+    resume = recipe.training.resume_from_checkpoint
+    trainer = from_recipe(recipe, disable_tqdm=False)
+    trainer.train(resume_from_checkpoint=resume if resume not in (None, False) else None)
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        print(f"trained {trainer.state.global_step} steps on {trainer.accelerator.num_processes} processes; final "
+              f"loss {trainer.step_losses[-1]:.4f}; saved in {recipe.output.output_dir}", flush=True)
     return 0
 
 

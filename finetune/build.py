@@ -61,17 +61,19 @@ def prepare_run_dir(recipe: Recipe) -> Path:
     return run_dir
 
 
-def prepare(recipe: Recipe) -> Prepared:
-    """Build everything a :class:`~slimtune.finetune.trainer.Trainer` needs from a validated recipe."""
+def prepare(recipe: Recipe, writer: bool = True) -> Prepared:
+    """Build everything a :class:`~slimtune.finetune.trainer.Trainer` needs from a validated recipe. ``writer``
+    False: another process of the same run (which ran first) wrote the run directory; read its base, write nothing."""
     t, d, m = recipe.training, recipe.data, recipe.model
     seed_everything(t.seed)
     device = resolve_device(recipe.offload.device)
-    run_dir = prepare_run_dir(recipe)
+    run_dir = prepare_run_dir(recipe) if writer else Path(recipe.output.output_dir)
     train_rows, eval_rows = load_records(d, t.seed)
 
     base_dir = run_dir / "base_model"
-    if m.architecture is not None and (base_dir / "config.json").is_file() and t.resume_from_checkpoint:
-        source = base_dir  # resuming: the exact base and tokenizer of the interrupted run
+    if m.architecture is not None and (base_dir / "config.json").is_file() and (t.resume_from_checkpoint
+                                                                                  or not writer):
+        source = base_dir  # resuming, or a second process: the exact base and tokenizer of the run
         tokenizer = load_tokenizer(m.model_copy(update={"tokenizer": str(base_dir)}), None)
     else:
         tokenizer = load_tokenizer(m, lambda: record_texts(train_rows, d))
@@ -100,7 +102,8 @@ def prepare(recipe: Recipe) -> Prepared:
         if streamer is not None:
             streamer.close()  # its swap file goes with it
         raise
-    atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    if writer:
+        atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     return Prepared(model=model, tokenizer=tokenizer, train_examples=train_examples, eval_examples=eval_examples,
                     eval_pairs=pairs, device=device, run_dir=run_dir, trainable_params=trainable,
                     total_params=total, plan=plan, streamer=streamer)

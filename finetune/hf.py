@@ -19,6 +19,7 @@ optimizer or the training step, hence the subclass.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,9 @@ class SlimtuneTrainer(transformers.Trainer):
             raise RecipeError(["offload.optimizer cpu/nvme: the optimizer state lives in the offload engine, which "
                                "a Trainer checkpoint (optimizer.pt) cannot hold; train this recipe with slimtune "
                                "train, or keep offload.optimizer on the device on the Hugging Face route"])
+        self.world = self.accelerator.num_processes
+        if self.world > 1:
+            refuse_under_processes(engine, per_layer)
         if engine is None:
             engine = InMemoryEngine(self.model, self.args.device)
             named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -180,30 +184,54 @@ class SlimtuneTrainer(transformers.Trainer):
 
     def _backward(self, model: torch.nn.Module, group: list[dict[str, Any]]) -> float:
         """Forward and backward of every micro-batch of the step, token-weighted (held until the last one so the
-        weights are known, as ``slimtune train`` does; the Trainer has fetched them all already)."""
+        weights are known, as ``slimtune train`` does; the Trainer has fetched them all already). Across processes
+        the weights are global: micro-batch i of a rank weighs ``n_i * processes / (tokens of all ranks)``, so
+        DDP's mean of the ranks' gradients is the gradient of one batch of every rank's examples; the gradient
+        all-reduce runs once, in the last backward. Returns the step's loss over all processes."""
         counts = [supervised_tokens(b["labels"]) for b in group]
-        total = sum(counts)
+        total = self._all_ranks(float(sum(counts)))
         last = max((i for i, n in enumerate(counts) if n), default=-1)
         model.train()
+        wrapped = model if self.world > 1 else None
         loss_sum = 0.0
         for i, (batch, n) in enumerate(zip(group, counts)):
             if n == 0:
                 continue  # nothing supervised: no loss, no backward
             self.engine.begin_micro_batch(final=i == last)
             on_device = {k: v.to(self.args.device) for k, v in batch.items()}
-            with self.compute_loss_context_manager():
-                loss = micro_batch_loss(self.model, on_device, n / total, self.args.device, self.args.bf16,
-                                        self.chunked_loss)
-            self.engine.before_backward()
-            self.accelerator.backward(loss)
+            sync = self.accelerator.no_sync(model) if (wrapped is not None and i != last) else nullcontext()
+            with sync:
+                with self.compute_loss_context_manager():
+                    loss = micro_batch_loss(self.model, on_device, n * self.world / total, self.args.device,
+                                            self.args.bf16, self.chunked_loss and wrapped is None, wrapped)
+                self.engine.before_backward()
+                self.accelerator.backward(loss)
             loss_sum += float(loss.detach())
-        return loss_sum
+        return self._all_ranks(loss_sum) / self.world
 
     def _zeroth_order_step(self, group: list[dict[str, Any]]) -> float:
+        """MeZO over every process's examples: each rank draws the same z (the shared seed), and the loss of a
+        perturbation is the token-weighted loss over all ranks' micro-batches, one all-reduce of two scalars; so
+        every rank computes the same projected gradient and update, and no gradient crosses a process."""
+        tokens = float(sum(supervised_tokens(b["labels"]) for b in group))
+
         def closure() -> float:
-            return zeroth_order_loss(self.model, group, self.args.device, self.args.bf16)
+            local = zeroth_order_loss(self.model, group, self.args.device, self.args.bf16)
+            if self.world == 1:
+                return local
+            both = self.accelerator.reduce(torch.tensor([local * tokens, tokens], dtype=torch.float64,
+                                                        device=self.args.device), reduction="sum")
+            return float(both[0] / both[1])
 
         return self.engine.zeroth_order_step(group, closure)
+
+    def _all_ranks(self, value: float) -> float:
+        """``value`` summed over the processes (itself with one)."""
+        if self.world == 1:
+            return value
+        summed = self.accelerator.reduce(torch.tensor([value], dtype=torch.float64, device=self.args.device),
+                                         reduction="sum")
+        return float(summed[0])
 
     # ------------------------------------------------------------------ logs, eval, save
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -238,6 +266,19 @@ class SlimtuneTrainer(transformers.Trainer):
             return super().train(*args, **kwargs)
         finally:
             self.engine.sync()
+
+
+def refuse_under_processes(engine, per_layer: bool) -> None:
+    """What several processes cannot run yet, refused before training with the reason."""
+    problems = []
+    if per_layer or getattr(engine, "per_layer", None) is not None:
+        problems.append("optimizer.per_layer: a per-layer update runs inside backward, on this process's gradient, "
+                        "before DDP has averaged it over the processes; train per-layer in one process")
+    if getattr(engine, "streamer", None) is not None or getattr(engine, "updates", None) is not None:
+        problems.append("offload (streamed layers, offloaded optimizer state): the offload engine runs in one "
+                        "process; use one process, or offload: none and DDP")
+    if problems:
+        raise RecipeError(problems)
 
 
 def _is_adapter_model(model: torch.nn.Module) -> bool:
@@ -323,10 +364,16 @@ def from_recipe(recipe: str | Path | Recipe, overrides: Sequence[str] = (), call
     ``trainer.train()`` then gives the per-step losses of ``slimtune train`` on the same recipe."""
     from .build import prepare
     from .data import collate
+    from .model import resolve_device
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
-    prepared = prepare(recipe)
+    from accelerate import PartialState
+
+    # the process group as TrainingArguments(use_cpu=...) sets it up (gloo on CPU), made now to order the processes
+    state = PartialState(cpu=resolve_device(recipe.offload.device).type == "cpu")
+    with state.main_process_first():  # several processes: the first writes the run directory, the others read it
+        prepared = prepare(recipe, writer=state.is_main_process)
     engine = None
     try:
         engine = build_engine(recipe, prepared.model, prepared.device, prepared.plan, prepared.streamer)

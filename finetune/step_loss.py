@@ -16,11 +16,17 @@ from .evaluate import autocast, supervised_tokens
 
 
 def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], share: float, device: torch.device,
-                     bf16: bool, chunked: bool) -> torch.Tensor:
+                     bf16: bool, chunked: bool, wrapped: torch.nn.Module | None = None) -> torch.Tensor:
     """``(LM loss + MixLoRA's router term) * share`` of one micro-batch already on ``device``. ``chunked``: the LM
-    head and cross-entropy in chunks where it pays off (:mod:`.chunked_loss`)."""
+    head and cross-entropy in chunks where it pays off (:mod:`.chunked_loss`). ``wrapped``: a wrapper of ``model``
+    that must run the forward (DDP: its forward prepares the gradient all-reduce); it takes the model's own loss."""
     with autocast(device, bf16):
-        lm_loss = causal_lm_loss(model, batch) if chunked and pays_off(model, batch) else model(**batch).loss
+        if wrapped is not None:
+            lm_loss = wrapped(**batch).loss
+        elif chunked and pays_off(model, batch):
+            lm_loss = causal_lm_loss(model, batch)
+        else:
+            lm_loss = model(**batch).loss
     return (lm_loss + aux_loss(model, batch.get("attention_mask"))) * share
 
 

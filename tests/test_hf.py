@@ -4,13 +4,19 @@ Trainer script gets slimtune's optimizers and logs."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+import yaml
 from test_optimizer_integration import METHODS
 from test_train import tiny
 
@@ -141,3 +147,93 @@ def test_the_readme_examples_run_as_written(tmp_path, tiny_model_dir, monkeypatc
         if name == "from-recipe":
             assert trainer.state.global_step == 50
             assert (tmp_path / "runs/hf-quickstart/adapter_model.safetensors").is_file()  # the quickstart's LoRA
+
+
+# ------------------------------------------------------------------------------------------- several processes
+RANKS_SCRIPT = textwrap.dedent("""
+    import json, os, signal, sys
+    import transformers
+    from slimtune.finetune import load_recipe
+    from slimtune.finetune.hf import from_recipe
+
+    class DieAtStep(transformers.TrainerCallback):  # SIGKILL, as a crash or an OOM killer would
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == int(os.environ["DIE_AT"]) and state.is_world_process_zero:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    trainer = from_recipe(load_recipe(sys.argv[1]), callbacks=[DieAtStep()] if "DIE_AT" in os.environ else [])
+    trainer.train(resume_from_checkpoint=sys.argv[3] if len(sys.argv) > 3 else None)
+    if trainer.is_world_process_zero():
+        json.dump(trainer.step_losses, open(sys.argv[2], "w"))
+""")
+TWO_PROCESS_RUNS = {
+    "lora-adamw": (),
+    "full-galore": ("adapter.type=none", "training.learning_rate=2e-3", *METHODS["galore"]),
+    "mezo": ("adapter.type=none", "optimizer.name=mezo", "training.learning_rate=1e-3", "training.max_grad_norm=0"),
+}
+
+
+def two_processes(tmp_path, overrides, *extra_args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The recipe on 2 CPU processes (torchrun, gloo), 2 examples per process per micro-batch."""
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text(yaml.safe_dump(tiny(tmp_path / "two", *QUIET, *overrides,
+                                          "training.per_device_train_batch_size=2")))
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(recipe),
+               str(tmp_path / "losses.json"), *extra_args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+
+
+def one_process(tmp_path, overrides) -> list[float]:
+    """The same recipe in this process, at the same global batch (4 examples per micro-batch)."""
+    trainer = from_recipe(recipe_from_dict(tiny(tmp_path / "one", *QUIET, *overrides,
+                                                "training.per_device_train_batch_size=4")))
+    trainer.train()
+    return trainer.step_losses
+
+
+@pytest.mark.parametrize("kind", list(TWO_PROCESS_RUNS))
+def test_two_processes_train_like_one_at_the_same_global_batch(tmp_path, kind):
+    overrides = ("adapter.dropout=0", *TWO_PROCESS_RUNS[kind])
+    proc = two_processes(tmp_path, overrides)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    two = json.loads((tmp_path / "losses.json").read_text())
+    assert two == pytest.approx(one_process(tmp_path, overrides), rel=1e-5) and len(two) == 8
+
+
+def test_a_killed_two_process_run_resumes_to_the_uninterrupted_losses(tmp_path):
+    overrides = ("adapter.dropout=0", "output.save_steps=4")
+    proc = two_processes(tmp_path, overrides, env={"DIE_AT": "6"})
+    assert proc.returncode != 0 and not (tmp_path / "losses.json").exists()
+    checkpoint = tmp_path / "two" / "run" / "checkpoint-4"
+    assert (checkpoint / "optimizer.pt").is_file()
+    proc = two_processes(tmp_path, (*overrides, "output.overwrite_output_dir=true"), str(checkpoint))
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    resumed = json.loads((tmp_path / "losses.json").read_text())
+    assert resumed == pytest.approx(one_process(tmp_path, overrides)[4:], rel=1e-5)
+
+
+@pytest.mark.parametrize("refused, reason", [
+    (("optimizer.per_layer=true", "training.max_grad_norm=0"), "before DDP has averaged it"),
+    (("offload.params=cpu",), "the offload engine runs in one process"),
+])
+def test_what_several_processes_cannot_run_is_refused_with_the_reason(tmp_path, refused, reason):
+    proc = two_processes(tmp_path, refused)
+    assert proc.returncode != 0 and reason in proc.stderr
+
+
+def test_slimtune_train_under_torchrun_trains_or_refuses_with_exit_2(tmp_path):
+    def launch(*overrides: str) -> subprocess.CompletedProcess:
+        recipe = tmp_path / "cli.yaml"
+        recipe.write_text(yaml.safe_dump(tiny(tmp_path / "cli", *QUIET, "training.per_device_train_batch_size=2",
+                                              "output.overwrite_output_dir=true", *overrides)))
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                               "slimtune.cli", "train", str(recipe)], capture_output=True, text=True, timeout=600)
+
+    proc = launch()
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "on 2 processes" in proc.stdout and (tmp_path / "cli" / "run" / "adapter_model.safetensors").is_file()
+    proc = launch("optimizer.per_layer=true", "training.max_grad_norm=0")
+    assert "slimtune train: error:" in proc.stderr and "before DDP has averaged it" in proc.stderr
+    assert "exitcode  : 2" in proc.stderr  # every process exits 2, as a refused recipe does in one process
