@@ -71,8 +71,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     _quiet_libraries()
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_processes(args, recipe)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun / accelerate launch
-        return train_processes(recipe)
+        return train_processes(recipe, progress=not args.no_progress)
     prepared = prepare(recipe)
     trainer = Trainer(recipe, prepared, progress=not args.no_progress)
     print(format_header(recipe, prepared, trainer.steps, trainer.optimizer), flush=True)
@@ -86,19 +88,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_processes(recipe) -> int:
-    """One process of several (``torchrun --nproc_per_node N -m slimtune.cli train recipe.yaml``, or accelerate
-    launch): the recipe runs through the Hugging Face route (DDP: every process its share of each global batch,
-    the first writes checkpoints in output_dir/checkpoint-N and the result)."""
-    from slimtune.finetune.hf import from_recipe
+def launch_processes(args: argparse.Namespace, recipe) -> int:
+    """``slimtune train --nproc N``: what several processes cannot run is refused here, before anything starts;
+    then torchrun starts N copies of this command on a free port."""
+    import subprocess
 
-    resume = recipe.training.resume_from_checkpoint
-    trainer = from_recipe(recipe, disable_tqdm=False)
-    trainer.train(resume_from_checkpoint=resume if resume not in (None, False) else None)
-    trainer.save_model()
-    if trainer.is_world_process_zero():
-        print(f"trained {trainer.state.global_step} steps on {trainer.accelerator.num_processes} processes; final "
-              f"loss {trainer.step_losses[-1]:.4f}; saved in {recipe.output.output_dir}", flush=True)
+    from slimtune.finetune.hf import problems_under_processes
+
+    problems = problems_under_processes(recipe)
+    if problems:
+        raise RecipeError(problems)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+               "-m", "slimtune.cli", "train", args.recipe, *args.overrides]
+    return subprocess.call(command + (["--no-progress"] if args.no_progress else []))
+
+
+def train_processes(recipe, progress: bool) -> int:
+    """One process of several (``torchrun --nproc_per_node N -m slimtune.cli train recipe.yaml``, or accelerate
+    launch): the recipe through the Hugging Face route, DDP underneath; the first process prints the summary."""
+    from slimtune.finetune.hf import train_on_processes
+
+    from .summary import format_summary
+
+    result = train_on_processes(recipe, progress)
+    if result is not None:
+        world = os.environ["WORLD_SIZE"]
+        print(format_summary(result).replace("done:", f"done on {world} processes:", 1), flush=True)
     return 0
 
 
@@ -163,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML (see configs/)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.max_steps=50 adapter.r=16")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train on N processes of this machine (DDP through torchrun: one per GPU, or CPU processes "
+                        "with gloo); training.per_device_train_batch_size is per process")
 
     p = sub.add_parser("validate", help="check a recipe without loading models or data")
     p.add_argument("recipe")

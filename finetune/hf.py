@@ -18,6 +18,7 @@ optimizer or the training step, hence the subclass.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from functools import partial
@@ -129,9 +130,9 @@ class SlimtuneTrainer(transformers.Trainer):
             raise TypeError("SlimtuneTrainer builds its optimizer (engine= or optimizer=); drop optimizers=")
         super().__init__(*args, **kwargs)
         if getattr(engine, "updates", None) is not None:
-            raise RecipeError(["offload.optimizer cpu/nvme: the optimizer state lives in the offload engine, which "
-                               "a Trainer checkpoint (optimizer.pt) cannot hold; train this recipe with slimtune "
-                               "train, or keep offload.optimizer on the device on the Hugging Face route"])
+            raise RecipeError(["offload.optimizer_state cpu/nvme: the optimizer state lives in the offload engine, "
+                               "which a Trainer checkpoint (optimizer.pt) cannot hold; train this recipe with "
+                               "slimtune train, or keep offload.optimizer_state gpu on the Hugging Face route"])
         self.world = self.accelerator.num_processes
         if self.world > 1:
             refuse_under_processes(engine, per_layer)
@@ -155,7 +156,7 @@ class SlimtuneTrainer(transformers.Trainer):
         self.chunked_loss = chunked_loss and chunked_loss_supported(self.model) is None
         self.step_losses: list[float] = []
         self._micro: list[dict[str, torch.Tensor]] = []  # the step's micro-batches so far
-        self._step_loss = 0.0
+        self._tokens, self._window_start = 0, time.perf_counter()  # input tokens of this process since the last log
 
     # ------------------------------------------------------------------ data
     def get_train_dataloader(self) -> DataLoader:
@@ -175,6 +176,8 @@ class SlimtuneTrainer(transformers.Trainer):
         whole step at the last micro-batch). The Trainer then calls ``optimizer.step()`` (:class:`EngineOptimizer`)."""
         final = self.accelerator.sync_gradients  # the step's last micro-batch
         self._micro.append(inputs)
+        if "attention_mask" in inputs:
+            self._tokens += int(inputs["attention_mask"].sum())
         if not final:
             return torch.zeros((), device=self.args.device)
         group, self._micro = self._micro, []
@@ -240,6 +243,9 @@ class SlimtuneTrainer(transformers.Trainer):
         if "loss" in logs:
             if self.engine_optimizer.grad_norm is not None:
                 logs["grad_norm"] = self.engine_optimizer.grad_norm
+            now = time.perf_counter()  # every process reads about as many tokens (the batches are its share)
+            logs["tokens_per_s"] = self._tokens * self.world / max(now - self._window_start, 1e-9)
+            self._tokens, self._window_start = 0, now
             logs.update(memory_logs(self.args.device, self.model, self.engine, self.args.logging_steps))
         super().log(logs, start_time)
 
@@ -268,15 +274,29 @@ class SlimtuneTrainer(transformers.Trainer):
             self.engine.sync()
 
 
+PER_LAYER_UNDER_PROCESSES = ("optimizer.per_layer: a per-layer update runs inside backward, on this process's "
+                             "gradient, before DDP has averaged it over the processes; train per-layer in one process")
+OFFLOAD_UNDER_PROCESSES = ("offload (streamed layers, offloaded optimizer state): the offload engine runs in one "
+                           "process; use one process, or offload.params and offload.optimizer_state gpu with DDP")
+
+
+def problems_under_processes(recipe: Recipe) -> list[str]:
+    """What a recipe asks for that several processes cannot run (checked before they start)."""
+    problems = []
+    if getattr(recipe.optimizer, "per_layer", False):
+        problems.append(PER_LAYER_UNDER_PROCESSES)
+    if recipe.offload.params in ("cpu", "nvme") or recipe.offload.optimizer_state in ("cpu", "nvme"):
+        problems.append(OFFLOAD_UNDER_PROCESSES)
+    return problems
+
+
 def refuse_under_processes(engine, per_layer: bool) -> None:
-    """What several processes cannot run yet, refused before training with the reason."""
+    """The same refusal for an engine already built (an ``auto`` placement may have chosen to offload)."""
     problems = []
     if per_layer or getattr(engine, "per_layer", None) is not None:
-        problems.append("optimizer.per_layer: a per-layer update runs inside backward, on this process's gradient, "
-                        "before DDP has averaged it over the processes; train per-layer in one process")
+        problems.append(PER_LAYER_UNDER_PROCESSES)
     if getattr(engine, "streamer", None) is not None or getattr(engine, "updates", None) is not None:
-        problems.append("offload (streamed layers, offloaded optimizer state): the offload engine runs in one "
-                        "process; use one process, or offload: none and DDP")
+        problems.append(OFFLOAD_UNDER_PROCESSES)
     if problems:
         raise RecipeError(problems)
 
@@ -351,7 +371,8 @@ def training_arguments(recipe: Recipe, n_examples: int, device: torch.device,
         logging_steps=o.logging_steps, save_strategy="steps" if o.save_steps else "no",
         save_steps=o.save_steps or 500, save_total_limit=o.save_total_limit,
         report_to=[r for r in o.report_to if r != "none"] or "none", use_cpu=device.type == "cpu", bf16=t.bf16,
-        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True)
+        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
+        ddp_find_unused_parameters=False)  # every adapter slimtune builds uses all its parameters in each forward
     values.update(overrides)
     return transformers.TrainingArguments(**values)
 
@@ -372,6 +393,8 @@ def from_recipe(recipe: str | Path | Recipe, overrides: Sequence[str] = (), call
 
     # the process group as TrainingArguments(use_cpu=...) sets it up (gloo on CPU), made now to order the processes
     state = PartialState(cpu=resolve_device(recipe.offload.device).type == "cpu")
+    if state.num_processes > 1 and problems_under_processes(recipe):
+        raise RecipeError(problems_under_processes(recipe))
     with state.main_process_first():  # several processes: the first writes the run directory, the others read it
         prepared = prepare(recipe, writer=state.is_main_process)
     engine = None
@@ -389,3 +412,72 @@ def from_recipe(recipe: str | Path | Recipe, overrides: Sequence[str] = (), call
         elif prepared.streamer is not None:
             prepared.streamer.close()
         raise
+
+
+# ------------------------------------------------------------------------------- slimtune train, several processes
+class RunLog(transformers.TrainerCallback):
+    """``slimtune train``'s ``metrics.jsonl`` and progress bar on the Hugging Face route, written by the first
+    process: one record per log, in slimtune's keys (``lr``, ``tokens_per_s``, memory per tier)."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], progress: bool = True):  # noqa: D107
+        self.run_dir, self.config, self.progress = run_dir, config, progress
+        self.log = None
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: D102
+        from .metrics import MetricsLog
+
+        if state.is_world_process_zero:
+            self.log = MetricsLog(self.run_dir, state.max_steps, state.global_step, [], self.config, self.progress)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D102
+        if self.log is not None and logs and "loss" in logs:
+            record = {"step": state.global_step, "lr": logs.get("learning_rate"), **logs}
+            record.pop("learning_rate", None)
+            self.log.log(record)
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: D102
+        if self.log is not None:
+            self.log.advance()
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: D102
+        if self.log is not None:
+            self.log.close()
+
+
+def train_on_processes(recipe: Recipe, progress: bool = True):
+    """``slimtune train`` when launched as several processes (torchrun, accelerate launch): the recipe through
+    :func:`from_recipe` (DDP), and on the first process the run directory one process writes: ``metrics.jsonl``,
+    plots, the adapter (or full model) in ``adapter/``, ``summary.json``. Checkpoints are the Trainer's, in
+    ``output_dir/checkpoint-N``; ``training.resume_from_checkpoint`` resumes from them. Returns the
+    :class:`~.trainer.TrainResult` on the first process, None on the others."""
+    from slimtune.offload.store.atomic_io import atomic_write_text
+
+    from .adapters import save_adapter
+    from .metrics import write_plots
+    from .trainer import TrainResult, summary_json
+
+    run_dir = Path(recipe.output.output_dir)
+    log = RunLog(run_dir, recipe.to_dict(), progress)
+    trainer = from_recipe(recipe, callbacks=[log])
+    trainer.remove_callback(transformers.PrinterCallback)  # RunLog's progress bar and metrics.jsonl say it
+    resume = recipe.training.resume_from_checkpoint
+    start = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=None if resume in (None, False) else resume)
+        seconds = time.perf_counter() - start
+        if not trainer.is_world_process_zero():
+            return None
+        full = not _is_adapter_model(trainer.model)
+        save_adapter(trainer.model, run_dir / "adapter", trainer.processing_class,
+                     write_model=trainer.engine.save_model if full else None)
+        if recipe.output.plots and log.log is not None:
+            write_plots(log.log.records, run_dir)
+        mem = memory_snapshot(trainer.args.device)
+        result = TrainResult(run_dir=run_dir, adapter_dir=run_dir / "adapter", steps=trainer.state.global_step,
+                             eval_before=None, eval_after=None, peak_rss_bytes=mem["peak_rss_bytes"],
+                             peak_gpu_bytes=mem.get("peak_gpu_bytes"), losses=trainer.step_losses,
+                             train_seconds=seconds)
+        atomic_write_text(run_dir / "summary.json", summary_json(result))
+        return result
+    finally:
+        trainer.engine.close()

@@ -308,7 +308,7 @@ class Trainer:
             eval_before=_scalars(before), eval_after=_scalars(after), peak_rss_bytes=mem["peak_rss_bytes"],
             peak_gpu_bytes=mem.get("peak_gpu_bytes"), samples=(after or {}).get("samples", [])[:3], losses=losses,
             train_seconds=train_seconds, resumed_from=resumed)
-        atomic_write_text(run_dir / "summary.json", _summary_json(result))
+        atomic_write_text(run_dir / "summary.json", summary_json(result))
         return result
 
     def diverged(self, loss: float, lr: float) -> TrainingDiverged:
@@ -331,7 +331,8 @@ def _scalars(result: dict[str, Any] | None) -> dict[str, float] | None:
     return None if result is None else {k: v for k, v in result.items() if isinstance(v, (int, float))}
 
 
-def _summary_json(result: TrainResult) -> str:
+def summary_json(result: TrainResult) -> str:
+    """summary.json's text: steps, eval before/after, peaks, outputs, final loss, samples."""
     import json
 
     return json.dumps({

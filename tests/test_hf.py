@@ -22,6 +22,7 @@ from test_train import tiny
 
 from slimtune.finetune import RecipeError, recipe_from_dict, train
 from slimtune.finetune.hf import SlimtuneCallback, SlimtuneTrainer, from_recipe, slimtune_optimizer
+from slimtune.finetune.metrics import read_metrics
 
 QUIET = ("data.metric=none", "data.val_size=0")
 ROUTES = {
@@ -223,17 +224,28 @@ def test_what_several_processes_cannot_run_is_refused_with_the_reason(tmp_path, 
     assert proc.returncode != 0 and reason in proc.stderr
 
 
-def test_slimtune_train_under_torchrun_trains_or_refuses_with_exit_2(tmp_path):
-    def launch(*overrides: str) -> subprocess.CompletedProcess:
+def test_slimtune_train_on_two_processes_writes_one_run_directory_or_refuses_with_exit_2(tmp_path):
+    def launch(*overrides: str, torchrun: bool = False) -> subprocess.CompletedProcess:
         recipe = tmp_path / "cli.yaml"
         recipe.write_text(yaml.safe_dump(tiny(tmp_path / "cli", *QUIET, "training.per_device_train_batch_size=2",
                                               "output.overwrite_output_dir=true", *overrides)))
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
-                               "slimtune.cli", "train", str(recipe)], capture_output=True, text=True, timeout=600)
+        command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "slimtune.cli",
+                   "train", str(recipe)] if torchrun else ["-m", "slimtune.cli", "train", str(recipe), "--nproc", "2"]
+        return subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=600)
 
-    proc = launch()
+    proc = launch("output.save_steps=4")
     assert proc.returncode == 0, proc.stderr[-6000:]
-    assert "on 2 processes" in proc.stdout and (tmp_path / "cli" / "run" / "adapter_model.safetensors").is_file()
-    proc = launch("optimizer.per_layer=true", "training.max_grad_norm=0")
+    run = tmp_path / "cli" / "run"  # what one process writes, written once
+    assert "done on 2 processes: 8 steps" in proc.stdout and proc.stdout.count("done on") == 1
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "metrics.jsonl", "summary.json",
+                 "recipe.yaml", "checkpoint-4/optimizer.pt", "checkpoint-8/optimizer.pt"):
+        assert (run / name).is_file(), name
+    records = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 9)) and all(r["tokens_per_s"] > 0 for r in records)
+
+    per_layer = ("optimizer.per_layer=true", "training.max_grad_norm=0")
+    proc = launch(*per_layer)  # refused before any process starts
+    assert proc.returncode == 2 and "before DDP has averaged it" in proc.stderr and "torch" not in proc.stderr
+    proc = launch(*per_layer, torchrun=True)  # launched by hand: every process refuses, exit 2
     assert "slimtune train: error:" in proc.stderr and "before DDP has averaged it" in proc.stderr
-    assert "exitcode  : 2" in proc.stderr  # every process exits 2, as a refused recipe does in one process
+    assert "exitcode  : 2" in proc.stderr
