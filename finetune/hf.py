@@ -128,6 +128,9 @@ class SlimtuneTrainer(transformers.Trainer):
                             "optimizer name), not both and not neither")
         if kwargs.get("optimizers", (None, None))[0] is not None:
             raise TypeError("SlimtuneTrainer builds its optimizer (engine= or optimizer=); drop optimizers=")
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if training_args is not None and training_args.fsdp:  # before transformers' own checks of it
+            raise RecipeError([FSDP_REFUSED])
         super().__init__(*args, **kwargs)
         if getattr(engine, "updates", None) is not None:
             raise RecipeError(["offload.optimizer_state cpu/nvme: the optimizer state lives in the offload engine, "
@@ -274,6 +277,10 @@ class SlimtuneTrainer(transformers.Trainer):
             self.engine.sync()
 
 
+FSDP_REFUSED = ("TrainingArguments.fsdp: SlimtuneTrainer does not shard parameters across processes yet (its "
+                "optimizers work on whole tensors: GaLore's and FRUGAL's projections need a matrix, not a shard; and "
+                "accelerate runs CPU processes as plain DDP whatever fsdp says); use DDP (no fsdp), or the offload "
+                "engine in one process to go past GPU memory")
 PER_LAYER_UNDER_PROCESSES = ("optimizer.per_layer: a per-layer update runs inside backward, on this process's "
                              "gradient, before DDP has averaged it over the processes; train per-layer in one process")
 OFFLOAD_UNDER_PROCESSES = ("offload (streamed layers, offloaded optimizer state): the offload engine runs in one "
