@@ -46,12 +46,13 @@ class InMemoryEngine:
         # smaller threshold, which wins)
         fix_mmap_threshold(RESIDENT_MMAP_THRESHOLD_BYTES)
 
-    def set_optimizer(self, optimizer: torch.optim.Optimizer, per_layer: bool = False) -> None:
-        """Use ``optimizer`` (per-layer mode: its updates run inside backward, through gradient hooks)."""
+    def set_optimizer(self, optimizer: torch.optim.Optimizer, per_layer: bool = False, is_final=None) -> None:
+        """Use ``optimizer`` (per-layer mode: its updates run inside backward, through gradient hooks; ``is_final``:
+        see :class:`PerLayerUpdates`)."""
         if self.per_layer is not None:
             self.per_layer.remove()
         self.optimizer = optimizer
-        self.per_layer = PerLayerUpdates(optimizer) if per_layer else None
+        self.per_layer = PerLayerUpdates(optimizer, is_final) if per_layer else None
 
 
     # ------------------------------------------------------------------ one step

@@ -10,7 +10,8 @@
 * :class:`SlimtuneCallback`: for a stock ``transformers.Trainer``: memory per tier and MixLoRA's router load in the
   logs (:class:`SlimtuneTrainer` logs them itself, with what its engine holds and moves).
 * :func:`slimtune_optimizer`: one of slimtune's optimizers (GaLore, FRUGAL, SPAM, AdamW, ...) for a stock Trainer
-  (``optimizers=(slimtune_optimizer(...), None)``; the Trainer builds its scheduler around it).
+  (``optimizers=(slimtune_optimizer(...), None)``; the Trainer builds its scheduler around it), per-layer too.
+* :func:`train_on_processes`: ``slimtune train`` launched as several processes (DDP through this route).
 
 What a callback can and cannot change is set out in transformers' ``trainer_callback.py``: it cannot replace the
 optimizer or the training step, hence the subclass.
@@ -145,6 +146,8 @@ class SlimtuneTrainer(transformers.Trainer):
             hparams = dict(optimizer_kwargs or {})
             if optimizer in SEEDED:
                 hparams.setdefault("seed", self.args.seed)
+            if per_layer:
+                hparams["per_layer"] = True
             built = build_optimizer(optimizer, named, lr=self.args.learning_rate,
                                     weight_decay=self.args.weight_decay, **hparams)
             if per_layer and self.args.max_grad_norm > 0:
@@ -347,17 +350,41 @@ class SlimtuneCallback(transformers.TrainerCallback):
 
 
 def slimtune_optimizer(model: torch.nn.Module, name: str, args: transformers.TrainingArguments,
-                       **hparams) -> torch.optim.Optimizer:
+                       per_layer: bool = False, **hparams) -> torch.optim.Optimizer:
     """One of slimtune's optimizers over ``model``'s trainable parameters, for a stock Trainer:
     ``Trainer(..., optimizers=(slimtune_optimizer(model, "galore", args, rank=8), None))`` (the Trainer builds the
-    scheduler from ``args``). lr and weight decay come from ``args``; ``hparams`` are the optimizer's own."""
+    scheduler from ``args``). lr and weight decay come from ``args``; ``hparams`` are the optimizer's own.
+
+    ``per_layer=True``: each parameter is updated inside backward by a gradient hook and its gradient freed at once
+    (full gradients never coexist), on the micro-batch that ends the accumulation (accelerate's
+    ``GradientState.sync_gradients``, which the Trainer sets before each micro-batch), so gradient accumulation
+    works, unlike transformers' layer-wise GaLore. The returned object is what the Trainer steps (its ``step``
+    only closes the step); ``args.max_grad_norm`` must be 0 (a global norm needs every gradient at once)."""
     if name in ZEROTH_ORDER:
         raise RecipeError([f"optimizer {name!r} is zeroth-order: a stock Trainer's step runs backward; use "
                            "slimtune.finetune.hf.SlimtuneTrainer(optimizer=...)"])
+    if per_layer and args.max_grad_norm > 0:
+        raise RecipeError([f"per_layer: global-norm clipping needs every gradient at once; set "
+                           f"TrainingArguments(max_grad_norm=0) (now {args.max_grad_norm:g})"])
     if name in SEEDED:
         hparams.setdefault("seed", args.seed)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return build_optimizer(name, named, lr=args.learning_rate, weight_decay=args.weight_decay, **hparams)
+    if per_layer:
+        hparams["per_layer"] = True  # the per-tensor twin of an optimizer (torch's AdamW has no per-tensor update)
+    optimizer = build_optimizer(name, named, lr=args.learning_rate, weight_decay=args.weight_decay, **hparams)
+    if not per_layer:
+        return optimizer
+    engine = InMemoryEngine(model, args.device)
+    engine.set_optimizer(optimizer, per_layer=True, is_final=accumulation_boundary)
+    return EngineOptimizer(engine, 0.0)
+
+
+def accumulation_boundary() -> bool:
+    """Whether the micro-batch in backward ends an optimizer step (accelerate's gradient state, set by the
+    Trainer before each micro-batch)."""
+    from accelerate.state import GradientState
+
+    return GradientState().sync_gradients
 
 
 # ---------------------------------------------------------------------------------------------- from a recipe

@@ -25,10 +25,12 @@ class PerLayerUpdates:
     runs ``finish_step()`` (optimizer-wide counters), and LR schedulers see an ordinary step.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
+    def __init__(self, optimizer: torch.optim.Optimizer, is_final=None):
+        """``is_final``: a callable asked at each hook instead of the ``final`` flag (a loop that does not tell:
+        transformers' Trainer, whose accelerate GradientState knows)."""
         if not isinstance(optimizer, PerTensorOptimizer):
             raise TypeError(f"per-layer mode needs a PerTensorOptimizer, got {type(optimizer).__name__}")
-        self.optimizer, self.final = optimizer, True
+        self.optimizer, self.final, self.is_final = optimizer, True, is_final
         # the group's index, not the dict: load_state_dict (a resume, accelerate's prepare) replaces the dicts, and
         # the LR scheduler sets lr on the new ones
         self._group = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
@@ -38,7 +40,7 @@ class PerLayerUpdates:
     @torch.no_grad()
     def _hook(self, p: torch.Tensor) -> None:
         group = self.optimizer.param_groups[self._group[id(p)]]
-        if self.final:
+        if self.final if self.is_final is None else self.is_final():
             self.optimizer.update_param(p, group)
             p.grad = None  # freed now: the next layer's gradient never meets this one
         else:

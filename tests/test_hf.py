@@ -112,6 +112,41 @@ def test_a_stock_trainer_gets_a_slimtune_optimizer_and_the_callbacks_logs(tmp_pa
     assert trainer.optimizer.optimizer is optimizer and any(optimizer.state[p] for p in optimizer.state)
 
 
+def stock_trainer(tmp_path, model_dir, make_optimizer, **args):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    ids = torch.randint(3, 300, (16, 24), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
+                                          save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0, **args)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
+                                   optimizers=(make_optimizer(model, args), None))
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+@pytest.mark.parametrize("name, hparams", [("adamw", {}), ("frugal", dict(update_gap=3, density=0.5))])
+def test_per_layer_updates_on_a_stock_trainer_with_accumulation_equal_the_grouped_step(tmp_path, tiny_model_dir,
+                                                                                     name, hparams):
+    # 2 micro-batches per step (transformers' own layer-wise GaLore refuses accumulation): the update runs in the
+    # last micro-batch's backward. (GaLore's per-layer refresh takes its projector from the first micro-batch, so
+    # it is close to, not equal to, the grouped step: tests/test_optimizer_integration.py.)
+    common = dict(max_steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2,
+                  max_grad_norm=0.0, lr_scheduler_type="cosine", warmup_steps=1)
+    grouped = stock_trainer(tmp_path / "g", tiny_model_dir,
+                            lambda model, args: slimtune_optimizer(model, name, args, **hparams), **common)
+    fused = stock_trainer(tmp_path / "p", tiny_model_dir,
+                          lambda model, args: slimtune_optimizer(model, name, args, per_layer=True, **hparams),
+                          **common)
+    assert fused == pytest.approx(grouped, rel=1e-5) and len(set(grouped)) == 6
+    with pytest.raises(RecipeError, match="max_grad_norm=0"):
+        slimtune_optimizer(torch.nn.Linear(4, 4), "adamw", transformers.TrainingArguments(
+            output_dir=str(tmp_path), report_to="none", use_cpu=True), per_layer=True)
+
+
 def test_fsdp_is_refused_with_the_reason_not_run_as_something_else(tmp_path):
     with pytest.raises(RecipeError, match="does not shard parameters"):
         from_recipe(recipe_from_dict(tiny(tmp_path, *QUIET)), fsdp="full_shard")
