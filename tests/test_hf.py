@@ -23,6 +23,8 @@ from test_train import tiny
 from slimtune.finetune import RecipeError, recipe_from_dict, train
 from slimtune.finetune.hf import SlimtuneCallback, SlimtuneTrainer, from_recipe, slimtune_optimizer
 from slimtune.finetune.metrics import read_metrics
+from slimtune.offload import PlanError
+from slimtune.optimizers import allocated_state_bytes
 
 QUIET = ("data.metric=none", "data.val_size=0")
 ROUTES = {
@@ -110,6 +112,22 @@ def test_a_stock_trainer_gets_a_slimtune_optimizer_and_the_callbacks_logs(tmp_pa
     assert len(logs) == 6 and all("peak_rss_bytes" in entry for entry in logs)
     assert logs[-1]["loss"] < logs[0]["loss"]
     assert trainer.optimizer.optimizer is optimizer and any(optimizer.state[p] for p in optimizer.state)
+    # the step-0 check predicted the optimizer state GaLore then allocated (projected moments, projectors)
+    allocated = sum(allocated_state_bytes(optimizer, p) for g in optimizer.param_groups for p in g["params"])
+    assert logs[-1]["plan_optimizer_state_bytes"] == allocated > 0
+
+
+def test_a_stock_trainer_run_that_cannot_fit_is_refused_at_step_0_with_the_numbers(tmp_path, tiny_model_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # full fine-tuning: 8 B/param state
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to="none", use_cpu=True,
+                                          save_strategy="no", disable_tqdm=True)
+    data = [{"input_ids": torch.arange(3, 19), "labels": torch.arange(3, 19)}] * 4
+    state = 8 * sum(p.numel() for p in model.parameters())
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
+                                   callbacks=[SlimtuneCallback(free_bytes=state)])  # state fits, gradients do not
+    with pytest.raises(PlanError, match="optimizer state .* free. Smaller state"):
+        trainer.train()
+    assert trainer.state.global_step == 0
 
 
 def stock_trainer(tmp_path, model_dir, make_optimizer, **args):

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from slimtune.offload import memory_snapshot
-from slimtune.optimizers import SEEDED, ZEROTH_ORDER, build_optimizer
+from slimtune.optimizers import SEEDED, ZEROTH_ORDER, build_optimizer, optimizer_state_bytes
 
 from ..adapters import router_load
 from ..engine import InMemoryEngine
@@ -29,21 +29,58 @@ def memory_logs(device: torch.device, model: torch.nn.Module, engine=None, steps
     return logs
 
 
-class SlimtuneCallback(transformers.TrainerCallback):
-    """For a stock ``transformers.Trainer``: adds :func:`memory_logs` to every training log (``state.log_history``
-    and the reporters after it in the callback list), and refuses a zeroth-order optimizer at ``on_train_begin``
-    (the stock step always runs backward: use :class:`SlimtuneTrainer`, which logs these itself)."""
+def memory_check(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                 free_bytes: int | None = None) -> dict[str, int]:
+    """The step-0 check of a stock Trainer run: what training adds to the loaded model (the trainable parameters'
+    gradients, all at once or, per-layer, the largest one; the optimizer's state, ``optimizer_state_bytes``)
+    against the device's free memory now (``free_bytes``: a budget instead; CPU: psutil's available, CUDA:
+    ``mem_get_info``). Activations come on top, so this is a floor: a run it refuses would fail at its first step.
+    Raises PlanError with the numbers and the ways out; returns the figures otherwise."""
+    import psutil
 
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):  # noqa: D102
+    from slimtune.offload import PlanError, format_bytes
+
+    engine = getattr(optimizer, "engine", None)
+    inner = getattr(optimizer, "inner", optimizer)
+    trainable = [p.numel() * p.element_size() for p in model.parameters() if p.requires_grad]
+    per_layer = getattr(engine, "per_layer", None) is not None
+    grads = max(trainable, default=0) if per_layer else sum(trainable)
+    state = optimizer_state_bytes(inner)
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    if grads + state > free_bytes:
+        raise PlanError(
+            f"training needs at least {format_bytes(grads + state)} beyond the loaded model on {device} "
+            f"(gradients {format_bytes(grads)}{', per-layer: the largest tensor' if per_layer else ''}, optimizer "
+            f"state {format_bytes(state)}) and {format_bytes(free_bytes)} is free. Smaller state: "
+            "slimtune_optimizer(..., 'galore' or state_bits=8); no full gradients: per_layer=True; past the "
+            "device: a recipe with offload (slimtune train, or slimtune.finetune.hf.from_recipe)")
+    return {"plan_gradient_bytes": grads, "plan_optimizer_state_bytes": state, "plan_free_bytes": free_bytes}
+
+
+class SlimtuneCallback(transformers.TrainerCallback):
+    """For a stock ``transformers.Trainer``: at ``on_train_begin`` the memory check (:func:`memory_check`: refuses,
+    with the numbers, a run whose gradients and optimizer state cannot fit beside the model; ``free_bytes``: a
+    budget instead of what is free) and the refusal of a zeroth-order optimizer (the stock step always runs
+    backward: use :class:`SlimtuneTrainer`); then :func:`memory_logs` and the check's figures in every training log
+    (``state.log_history`` and the reporters after it in the callback list)."""
+
+    def __init__(self, free_bytes: int | None = None):  # noqa: D107
+        self.free_bytes = free_bytes
+        self.plan: dict[str, int] = {}
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: D102
         inner = getattr(optimizer, "optimizer", optimizer)
-        if inner is not None and is_zeroth_order(inner):
+        if inner is not None and is_zeroth_order(getattr(inner, "inner", inner)):
             raise RecipeError([f"{type(inner).__name__} is a zeroth-order optimizer: a stock Trainer's step runs "
                                "backward; train with slimtune.finetune.hf.SlimtuneTrainer"])
+        if model is not None and inner is not None:
+            self.plan = memory_check(model, inner, args.device, self.free_bytes)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):  # noqa: D102
         if logs is None or "loss" not in logs or model is None:
             return
-        extra = memory_logs(args.device, model, steps=args.logging_steps)
+        extra = {**memory_logs(args.device, model, steps=args.logging_steps), **self.plan}
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)  # the Trainer appended a copy of logs before calling us
