@@ -19,7 +19,8 @@ from .trainer import SlimtuneTrainer
 def training_arguments(recipe: Recipe, n_examples: int, device: torch.device,
                        **overrides) -> transformers.TrainingArguments:
     """``TrainingArguments`` that say what the recipe says: batch, accumulation, steps, schedule, clipping, seed,
-    logging and checkpoints (``output.output_dir``/checkpoint-N). ``overrides``: any other TrainingArguments field."""
+    logging, evaluation every ``training.eval_steps`` (the Trainer's eval loss) and checkpoints
+    (``output.output_dir``/checkpoint-N). ``overrides``: any other TrainingArguments field."""
     from ..trainer import total_steps, warmup_steps
 
     t, o = recipe.training, recipe.output
@@ -33,6 +34,8 @@ def training_arguments(recipe: Recipe, n_examples: int, device: torch.device,
         logging_steps=o.logging_steps, save_strategy="steps" if o.save_steps else "no",
         save_steps=o.save_steps or 500, save_total_limit=o.save_total_limit,
         report_to=[r for r in o.report_to if r != "none"] or "none", use_cpu=device.type == "cpu", bf16=t.bf16,
+        eval_strategy="steps" if t.eval_steps else "no", eval_steps=t.eval_steps or None,
+        prediction_loss_only=True,  # evaluate() keeps the loss, not every eval token's logits
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
         ddp_find_unused_parameters=False)  # every adapter slimtune builds uses all its parameters in each forward
     values.update(overrides)
@@ -65,6 +68,7 @@ def from_recipe(recipe: str | Path | Recipe, overrides: Sequence[str] = (), call
         args = training_arguments(recipe, len(prepared.train_examples), prepared.device, **args_overrides)
         return SlimtuneTrainer(
             model=prepared.model, args=args, train_dataset=prepared.train_examples,
+            eval_dataset=prepared.eval_examples or None,
             data_collator=partial(collate, pad_id=prepared.tokenizer.pad_token_id),
             processing_class=prepared.tokenizer, engine=engine, data_seed=recipe.training.seed,
             chunked_loss=recipe.training.chunked_loss, callbacks=list(callbacks))
