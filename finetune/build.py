@@ -23,7 +23,14 @@ from .adapters import apply_adapter
 from .checkpoint import list_checkpoints
 from .data import eval_prompts, load_records, record_texts, tokenize_rows
 from .errors import SlimtuneError
-from .model import build_base_model, count_parameters, load_model, quantization_config, resolve_device
+from .model import (
+    build_base_model,
+    check_packing,
+    count_parameters,
+    load_model,
+    quantization_config,
+    resolve_device,
+)
 from .recipe import Recipe
 from .tokenizer import load_tokenizer
 from .trainer import Prepared
@@ -94,6 +101,8 @@ def prepare(recipe: Recipe, writer: bool = True) -> Prepared:
                                                                         d.metric != "none") else []
     plan, model, streamer = load_base(recipe, source, device)
     try:
+        if d.packing:
+            check_packing(model)
         seed_everything(t.seed)  # adapter init does not depend on how much RNG the steps above consumed
         with streamer.shaped() if streamer is not None else contextlib.nullcontext():
             model = apply_adapter(model, recipe.adapter, recipe.quantized)

@@ -15,7 +15,6 @@ import csv
 import json
 import math
 import warnings
-from itertools import chain
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -354,10 +353,7 @@ def tokenize_rows(rows: Iterable[dict], cfg: DataConfig, tokenizer, train_on_pro
     ``train_on_prompt``). Examples are cut to ``cfg.max_length`` keeping the start; an example whose response is
     cut away entirely is dropped (one warning with the count).
 
-    With ``cfg.packing``, the examples are then concatenated in order and cut into blocks of exactly
-    ``cfg.max_length`` tokens (the last block holds the remainder, so no trained token is lost). As in Hugging
-    Face's simple packing (``group_texts``), attention crosses the example boundaries inside a block: each example
-    starts with bos and ends with eos, which is what tells the model where one ends.
+    ``cfg.packing`` does not change the examples: :func:`collate` packs each micro-batch.
     """
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos token: responses must end with one so the model learns to stop "
@@ -389,18 +385,26 @@ def tokenize_rows(rows: Iterable[dict], cfg: DataConfig, tokenizer, train_on_pro
     if total and not examples:
         raise DataError(f"every one of the {total} examples has a prompt longer than data.max_length ({limit}) "
                         "tokens, so none has a response left to train on; raise data.max_length")
-    return _pack(examples, limit) if cfg.packing else examples
-
-
-def _pack(examples: list[dict], block: int) -> list[dict]:
-    ids = list(chain.from_iterable(e["input_ids"] for e in examples))
-    labels = list(chain.from_iterable(e["labels"] for e in examples))
-    return [{"input_ids": ids[i:i + block], "labels": labels[i:i + block]} for i in range(0, len(ids), block)]
+    return examples
 
 
 # --------------------------------------------------------------------------------------------------- batches
-def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids with ``pad_id``, labels with -100, attention_mask 0 on pads."""
+def collate(batch: list[dict], pad_id: int, packed: bool = False) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: input_ids with ``pad_id``, labels with -100, attention_mask 0 on pads.
+
+    ``packed`` (``data.packing``): padding-free instead, the examples side by side in one row of their total
+    length, with ``position_ids`` restarting at 0 for each and no attention_mask: transformers then builds a causal
+    mask that never crosses from one example to another (``masking_utils.find_packed_sequence_indices``; the
+    model must run with ``use_cache=False``, see :func:`.model.check_packing`). Each example's first label is
+    -100: nothing of it precedes its first token, just as in a padded row (the model's shift never scores a
+    row's first token), so the loss, a mean over the same supervised tokens, is the padded batch's."""
+    if packed:
+        ids = [t for e in batch for t in e["input_ids"]]
+        labels = [t for e in batch for t in [IGNORE_INDEX, *e["labels"][1:]]]
+        positions = [i for e in batch for i in range(len(e["input_ids"]))]
+        return {"input_ids": torch.tensor([ids], dtype=torch.long),
+                "labels": torch.tensor([labels], dtype=torch.long),
+                "position_ids": torch.tensor([positions], dtype=torch.long)}
     width = max(len(e["input_ids"]) for e in batch)
     out = {"input_ids": torch.full((len(batch), width), pad_id, dtype=torch.long),
            "labels": torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long),
@@ -413,21 +417,27 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def input_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Input tokens of a collated batch (not counting padding)."""
+    mask = batch.get("attention_mask")
+    return int(batch["input_ids"].numel() if mask is None else mask.sum())
+
+
 def num_batches(n_examples: int, batch_size: int) -> int:
     """Batches per epoch (the last one may be short: drop_last=False)."""
     return math.ceil(n_examples / batch_size)
 
 
 def batches(examples: list[dict], batch_size: int, seed: int, epoch: int, pad_id: int, shuffle: bool = True,
-            skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """Collated batches of one epoch. The order depends only on (seed, epoch), so a resumed run passes
-    ``skip`` = batches already consumed this epoch and continues with exactly the next one."""
+            skip: int = 0, packed: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Collated batches of one epoch (``packed``: see :func:`collate`). The order depends only on (seed, epoch), so
+    a resumed run passes ``skip`` = batches already consumed this epoch and continues with exactly the next one."""
     if shuffle:
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     else:
         order = list(range(len(examples)))
     for start in range(skip * batch_size, len(order), batch_size):
-        yield collate([examples[i] for i in order[start:start + batch_size]], pad_id)
+        yield collate([examples[i] for i in order[start:start + batch_size]], pad_id, packed)
 
 
 # --------------------------------------------------------------------------------------------------- metric

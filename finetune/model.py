@@ -111,6 +111,26 @@ def load_model(cfg: ModelConfig, source: Path | str, device: str | torch.device,
     return model
 
 
+# Model types whose attention keeps packed examples apart (data.packing): with position_ids restarting per example,
+# no attention_mask and no cache, transformers' causal mask stops at each example's start. Verified by
+# tests/test_packing.py on a tiny model of each (the logits of an example do not change with its neighbours and
+# equal its logits alone); OPT is not among them (its learned positions come from the attention mask).
+PACKING_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "phi", "gpt_neox", "gpt2"})
+
+
+def check_packing(model: torch.nn.Module) -> None:
+    """``data.packing`` on ``model``: refused (with the reason) for a model type not known to keep packed examples
+    apart; otherwise the model stops caching in training forwards, which transformers requires to see the packing
+    (generation keeps its own cache: ``generation_config``)."""
+    config = base_config(model)
+    if config.model_type not in PACKING_MODEL_TYPES:
+        raise SlimtuneError(
+            f"data.packing: {config.model_type} models are not known to keep packed examples apart (their attention "
+            "would cross from one example into the next); verified model types: "
+            f"{', '.join(sorted(PACKING_MODEL_TYPES))}. Set data.packing false (examples are then padded)")
+    config.use_cache = False
+
+
 def base_config(model: torch.nn.Module):
     """The transformers config of ``model``, through a peft wrapper if there is one."""
     return model.get_base_model().config if hasattr(model, "get_base_model") else model.config

@@ -182,7 +182,8 @@ class DataConfig(Section):
     eval_path: str | None = Field(None, description="Separate eval file; else val_size is split off the data.")
     val_size: float = Field(0.0, ge=0.0, description="Eval split: a fraction in (0, 1) or a row count (>= 1).")
     max_length: int = Field(512, ge=8, description="Token length cap; longer examples are truncated.")
-    packing: bool = Field(False, description="Concatenate examples into max_length blocks (no padding waste).")
+    packing: bool = Field(False, description="Padding-free micro-batches: the examples side by side in one row, "
+                          "positions restarting per example, attention never crossing between them.")
     train_on_prompt: bool = Field(
         False, description="Also compute loss on prompt tokens (default: responses only, for alpaca/messages).")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many training rows.")

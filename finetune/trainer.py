@@ -36,7 +36,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .chunked_loss import chunked_loss_supported
-from .data import batches, num_batches
+from .data import batches, input_tokens, num_batches
 from .engine import build_engine
 from .errors import CheckpointError, TrainingDiverged
 from .evaluate import eval_loss, exact_match_score, supervised_tokens
@@ -139,7 +139,7 @@ class Trainer:
         while True:
             skip = s.batch_in_epoch  # micro-batches consumed before the checkpoint we resumed from
             order = batches(self.p.train_examples, t.per_device_train_batch_size, t.seed, s.epoch, self.pad_id,
-                            skip=skip)
+                            skip=skip, packed=self.recipe.data.packing)
             for index, batch in enumerate(order, start=skip):
                 s.batch_in_epoch = index + 1
                 if s.batch_in_epoch == n:
@@ -159,7 +159,7 @@ class Trainer:
         group = [next(micro) for _ in range(t.gradient_accumulation_steps)]
         counts = [supervised_tokens(b["labels"]) for b in group]
         total = sum(counts)
-        tokens = sum(int(b["attention_mask"].sum()) for b in group)
+        tokens = sum(input_tokens(b) for b in group)
         if self.zeroth_order:
             return self.zeroth_order_step(group), None, tokens
         # Updates made inside backward (per-layer mode, offloaded state) belong to the last micro-batch with tokens.

@@ -343,17 +343,18 @@ def test_truncation_keeps_the_start_and_drops_examples_without_response(tokenize
         tokenize_rows([long_prompt], cfg, tokenizer)
 
 
-def test_packing_makes_full_blocks_and_keeps_every_label(tokenizer):
-    rows = ALPACA_ROWS * 4
-    plain = tokenize_rows(rows, DataConfig(path="x.jsonl", max_length=32), tokenizer)
-    packed = tokenize_rows(rows, DataConfig(path="x.jsonl", max_length=32, packing=True), tokenizer)
-    assert all(len(b["input_ids"]) == 32 == len(b["labels"]) for b in packed[:-1])
-    assert 0 < len(packed[-1]["input_ids"]) <= 32
-    flat = [t for b in packed for t in b["input_ids"]]
-    assert flat == [t for e in plain for t in e["input_ids"]]
-    count = lambda exs: sum(lab != IGNORE_INDEX for e in exs for lab in e["labels"])  # noqa: E731
-    assert count(packed) == count(plain) > 0
-    assert flat.count(tokenizer.eos_token_id) == len(rows)
+def test_packing_collates_padding_free_with_per_example_positions(tokenizer):
+    examples = tokenize_rows(ALPACA_ROWS, DataConfig(path="x.jsonl", max_length=32, packing=True), tokenizer)
+    assert examples == tokenize_rows(ALPACA_ROWS, DataConfig(path="x.jsonl", max_length=32), tokenizer)
+    packed, padded = collate(examples, pad_id=0, packed=True), collate(examples, pad_id=0)
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert packed["input_ids"].shape == (1, sum(lengths)) and "attention_mask" not in packed
+    assert packed["position_ids"][0].tolist() == [i for n in lengths for i in range(n)]
+    assert packed["input_ids"][0].tolist() == [t for e in examples for t in e["input_ids"]]
+    starts = [sum(lengths[:k]) for k in range(len(lengths))]
+    assert all(packed["labels"][0, s] == IGNORE_INDEX for s in starts)  # nothing of an example precedes its start
+    supervised = lambda labels: int((labels[:, 1:] != IGNORE_INDEX).sum())  # noqa: E731 - after the model's shift
+    assert supervised(packed["labels"]) == supervised(padded["labels"]) > 0
 
 
 # --------------------------------------------------------------------------------------------------- batches

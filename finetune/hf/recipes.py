@@ -69,7 +69,7 @@ def from_recipe(recipe: str | Path | Recipe, overrides: Sequence[str] = (), call
         return SlimtuneTrainer(
             model=prepared.model, args=args, train_dataset=prepared.train_examples,
             eval_dataset=prepared.eval_examples or None,
-            data_collator=partial(collate, pad_id=prepared.tokenizer.pad_token_id),
+            data_collator=partial(collate, pad_id=prepared.tokenizer.pad_token_id, packed=recipe.data.packing),
             processing_class=prepared.tokenizer, engine=engine, data_seed=recipe.training.seed,
             chunked_loss=recipe.training.chunked_loss, callbacks=list(callbacks))
     except BaseException:

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Sampler
 from slimtune.optimizers import SEEDED, build_optimizer
 
 from ..chunked_loss import chunked_loss_supported
+from ..data import input_tokens
 from ..engine import InMemoryEngine
 from ..errors import RecipeError
 from ..evaluate import supervised_tokens
@@ -115,8 +116,7 @@ class SlimtuneTrainer(transformers.Trainer):
         whole step at the last micro-batch). The Trainer then calls ``optimizer.step()`` (:class:`EngineOptimizer`)."""
         final = self.accelerator.sync_gradients  # the step's last micro-batch
         self._micro.append(inputs)
-        if "attention_mask" in inputs:
-            self._tokens += int(inputs["attention_mask"].sum())
+        self._tokens += input_tokens(inputs)
         if not final:
             return torch.zeros((), device=self.args.device)
         group, self._micro = self._micro, []
