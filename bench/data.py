@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -142,7 +143,7 @@ def plot(stats: dict, title: str, path: Path) -> None:
         ax_loss.plot(range(1, len(stats[n]["losses"]) + 1), stats[n]["losses"], label=n, lw=1)
     ax_loss.set(xlabel="optimizer step", ylabel="train loss", title="same examples, same order")
     ax_loss.legend()
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 150), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -21,7 +21,7 @@ from slimtune.offload.store.atomic_io import atomic_dir, atomic_write_text, remo
 
 from .adapters import apply_adapter
 from .checkpoint import list_checkpoints
-from .data import eval_prompts, load_records, record_texts, tokenize_rows
+from .data import eval_prompts, load_records, loaded_format, record_texts, tokenize_rows
 from .errors import SlimtuneError
 from .model import (
     build_base_model,
@@ -76,6 +76,7 @@ def prepare(recipe: Recipe, writer: bool = True) -> Prepared:
     device = resolve_device(recipe.offload.device)
     run_dir = prepare_run_dir(recipe) if writer else Path(recipe.output.output_dir)
     train_rows, eval_rows = load_records(d, t.seed)
+    d = loaded_format(d)  # sharegpt rows are messages rows now
 
     base_dir = run_dir / "base_model"
     if m.architecture is not None and (base_dir / "config.json").is_file() and (t.resume_from_checkpoint

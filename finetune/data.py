@@ -37,7 +37,7 @@ from .templates import (
 
 __all__ = ["ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "CHAT_TURN", "CHAT_GENERATION_PROMPT", "IGNORE_INDEX",
            "load_records", "record_texts", "format_example", "tokenize_rows", "prompt_ids", "collate", "batches",
-           "num_batches", "eval_prompts", "exact_match"]
+           "num_batches", "eval_prompts", "exact_match", "input_tokens", "loaded_format", "SHAREGPT_ROLES"]
 
 IGNORE_INDEX = -100  # label of tokens without loss (torch cross_entropy's default ignore_index)
 _TURNS = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
@@ -71,11 +71,23 @@ def load_records(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets
     return rows, eval_rows
 
 
+# ShareGPT's speakers (``from``) -> chat roles. Its conversations become ``messages`` rows when loaded.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant"}
+_FIELD = {"alpaca": None, "messages": "messages", "sharegpt": "conversations", "text": "text"}
+
+
 def _columns(cfg: DataConfig) -> dict[str, bool]:
     """Column field name → required, for the configured format."""
     if cfg.format == "alpaca":
         return {"instruction": True, "input": False, "output": True}
-    return {cfg.format: True}  # "messages" or "text"
+    return {_FIELD[cfg.format]: True}
+
+
+def loaded_format(cfg: DataConfig) -> DataConfig:
+    """The data config that describes rows as :func:`load_records` returns them: sharegpt rows are messages rows
+    by then (their turns in ``data.columns.messages``)."""
+    return cfg.model_copy(update={"format": "messages"}) if cfg.format == "sharegpt" else cfg
 
 
 def _names(cfg: DataConfig) -> dict[str, str]:
@@ -109,14 +121,15 @@ def _load(path_str: str, cfg: DataConfig, key: str) -> datasets.Dataset:
 
 
 def _load_hub(name: str, cfg: DataConfig, key: str) -> datasets.Dataset:
+    subset = f", subset {cfg.subset!r}" if cfg.subset else ""
     try:
-        rows = datasets.load_dataset(name, split=cfg.split)
-    except Exception as exc:  # offline, unknown name, missing split, gated repo: all surface here
+        rows = datasets.load_dataset(name, cfg.subset, split=cfg.split)
+    except Exception as exc:  # offline, unknown name, missing split or subset, gated repo: all surface here
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{key}: could not load dataset {name!r} (split {cfg.split!r}) from the Hugging Face hub "
-                        f"({reason}). Local paths must exist: no file or directory {name} was found "
+        raise DataError(f"{key}: could not load dataset {name!r} (split {cfg.split!r}{subset}) from the Hugging "
+                        f"Face hub ({reason}). Local paths must exist: no file or directory {name} was found "
                         f"(from {Path.cwd()})") from exc
-    return _validate(rows, cfg, f"dataset {name} (split {cfg.split})", _RowLocator(f"dataset {name}"))
+    return _validate(rows, cfg, f"dataset {name} (split {cfg.split}{subset})", _RowLocator(f"dataset {name}"))
 
 
 def _load_file(path: Path, cfg: DataConfig) -> datasets.Dataset:
@@ -284,6 +297,11 @@ def _validate(rows: datasets.Dataset, cfg: DataConfig, name: str, where: Callabl
             if problem:
                 raise DataError(f"{where(i)}: {problem}")
             i += 1
+    if cfg.format == "sharegpt":
+        col, target = names["conversations"], cfg.columns.messages
+        return rows.map(lambda r: {target: [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]}
+                                            for t in r[col]]},
+                        remove_columns=[col], features=datasets.Features({target: _TURNS}))
     if cfg.format == "messages" and rows.features[names["messages"]] != _TURNS:
         # Keep role and content only, so files whose turns carry different extra keys can be combined.
         col = names["messages"]
@@ -304,6 +322,8 @@ def _row_problem(row: dict, cfg: DataConfig, names: dict[str, str], empty: str) 
         if cfg.format == "alpaca" and not (isinstance(value, str) or is_blank(value)):
             return f"'{names['input']}' must be a string (or empty), got {got(value)}"
         return None
+    if cfg.format == "sharegpt":
+        return _sharegpt_problem(row.get(names["conversations"]), names["conversations"], got)
     col = names["messages"]
     turns = row.get(col)
     if not isinstance(turns, list) or not turns:
@@ -320,6 +340,23 @@ def _row_problem(row: dict, cfg: DataConfig, names: dict[str, str], empty: str) 
     if turns[-1]["role"] != "assistant":
         return (f"'{col}' must end with an assistant turn (the response to learn); the last turn is "
                 f"{turns[-1]['role']!r}")
+    return None
+
+
+def _sharegpt_problem(turns, col: str, got: Callable) -> str | None:
+    if not isinstance(turns, list) or not turns:
+        return f"'{col}' must be a non-empty list of {{from, value}} turns, got {got(turns)}"
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            return f"'{col}' turn {k + 1} must be an object with from and value, got {got(turn)}"
+        if turn.get("from") not in SHAREGPT_ROLES:
+            return (f"'{col}' turn {k + 1}: from must be one of {', '.join(SHAREGPT_ROLES)}, got "
+                    f"{got(turn.get('from'))}")
+        if not isinstance(turn.get("value"), str):
+            return f"'{col}' turn {k + 1} ({turn['from']}): value must be a string, got {got(turn.get('value'))}"
+    if SHAREGPT_ROLES[turns[-1]["from"]] != "assistant":
+        return (f"'{col}' must end with a gpt turn (the response to learn); the last turn is from "
+                f"{turns[-1]['from']!r}")
     return None
 
 

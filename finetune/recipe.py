@@ -167,6 +167,7 @@ class DataColumns(Section):
     input: str = Field("input", description="alpaca: the optional input column.")
     output: str = Field("output", description="alpaca: the response column.")
     messages: str = Field("messages", description="messages: the list of {role, content} turns.")
+    conversations: str = Field("conversations", description="sharegpt: the list of {from, value} turns.")
     text: str = Field("text", description="text: the raw text column.")
 
 
@@ -175,9 +176,11 @@ class DataConfig(Section):
 
     path: str = Field(..., description="Local file (.json/.jsonl/.csv/.parquet), a directory of them, or a hub "
                                        "dataset name. Relative paths resolve against the recipe file.")
-    format: Literal["alpaca", "messages", "text"] = Field(
-        "alpaca", description="alpaca (instruction/input/output) | messages (chat turns) | text (plain LM).")
+    format: Literal["alpaca", "messages", "sharegpt", "text"] = Field(
+        "alpaca", description="alpaca (instruction/input/output) | messages (chat turns: role/content) | sharegpt "
+                              "(chat turns: from/value, human/gpt/system) | text (plain LM).")
     split: str = Field("train", description="Split to read from a hub dataset.")
+    subset: str | None = Field(None, description="Hub dataset configuration (subset) name, e.g. 'main' for gsm8k.")
     columns: DataColumns = Field(default_factory=DataColumns, description="Column names, if not the defaults.")
     eval_path: str | None = Field(None, description="Separate eval file; else val_size is split off the data.")
     val_size: float = Field(0.0, ge=0.0, description="Eval split: a fraction in (0, 1) or a row count (>= 1).")

@@ -249,6 +249,39 @@ def test_bad_messages_rows(tmp_path):
         load_records(DataConfig(path=str(path), format="messages"), seed=0)
 
 
+def test_sharegpt_rows_load_as_the_same_messages_and_bad_ones_name_line_and_turn(tmp_path):
+    speaker = {"system": "system", "user": "human", "assistant": "gpt"}
+    share, chat = tmp_path / "share.jsonl", tmp_path / "chat.jsonl"
+    write_jsonl(share, [{"conversations": [{"from": speaker[t["role"]], "value": t["content"]} for t in CHAT],
+                         "id": "a1"}])
+    write_jsonl(chat, [{"messages": CHAT}])
+    rows, _ = load_records(DataConfig(path=str(share), format="sharegpt"), seed=0)
+    expected, _ = load_records(DataConfig(path=str(chat), format="messages"), seed=0)
+    assert rows.column_names == ["messages"] and list(rows) == list(expected)
+    write_jsonl(share, [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+                        {"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}])
+    with pytest.raises(DataError, match=r"share\.jsonl line 2: 'conversations' turn 2: from must be one of system, "
+                                        r"human, user, gpt, assistant, chatgpt, got str 'robot'"):
+        load_records(DataConfig(path=str(share), format="sharegpt"), seed=0)
+    write_jsonl(share, [{"conversations": [{"from": "gpt", "value": "yo"}, {"from": "human", "value": "hi"}]}])
+    with pytest.raises(DataError, match=r"line 1: 'conversations' must end with a gpt turn"):
+        load_records(DataConfig(path=str(share), format="sharegpt"), seed=0)
+
+
+def test_a_hub_dataset_is_read_with_its_subset_and_split(monkeypatch):
+    asked = {}
+
+    def fake_load_dataset(name, subset=None, split=None):  # no hub here: what load_records asks for, answered
+        asked.update(name=name, subset=subset, split=split)
+        return datasets.Dataset.from_list([{"question": "2+2?", "answer": "4"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    cfg = DataConfig(path="openai/gsm8k", subset="main", split="test",
+                     columns={"instruction": "question", "output": "answer"})
+    rows, _ = load_records(cfg, seed=0)
+    assert asked == {"name": "openai/gsm8k", "subset": "main", "split": "test"} and rows[0]["answer"] == "4"
+
+
 def test_missing_local_path_and_unreachable_hub_dataset(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"data\.path: .*nope\.jsonl does not exist"):
         load_records(DataConfig(path=str(tmp_path / "nope.jsonl")), seed=0)

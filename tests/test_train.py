@@ -291,6 +291,19 @@ def _chat_and_text_files(tmp_path: Path) -> tuple[Path, Path]:
     return chat, text
 
 
+def test_a_sharegpt_file_trains_exactly_like_the_same_conversations_as_messages(tmp_path):
+    chat, _ = _chat_and_text_files(tmp_path)
+    speaker = {"system": "system", "user": "human", "assistant": "gpt"}
+    share = tmp_path / "share.jsonl"
+    share.write_text("".join(json.dumps({"conversations": [{"from": speaker[t["role"]], "value": t["content"]}
+                                                           for t in json.loads(line)["messages"]]}) + "\n"
+                             for line in chat.read_text().splitlines()))
+    runs = [train(recipe_from_dict(tiny(tmp_path / fmt, f"data.path={path}", f"data.format={fmt}", "data.metric=none",
+                                        "training.max_steps=4", "data.max_samples=null")), progress=False)
+            for fmt, path in (("messages", chat), ("sharegpt", share))]
+    assert runs[0].losses == runs[1].losses and len(runs[0].losses) == 4
+
+
 @pytest.mark.parametrize("fmt, packing", [("messages", False), ("messages", True), ("text", True)])
 def test_chat_and_text_formats_train_end_to_end(tmp_path, fmt, packing):
     chat, text = _chat_and_text_files(tmp_path)
