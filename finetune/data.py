@@ -323,40 +323,32 @@ def _row_problem(row: dict, cfg: DataConfig, names: dict[str, str], empty: str) 
             return f"'{names['input']}' must be a string (or empty), got {got(value)}"
         return None
     if cfg.format == "sharegpt":
-        return _sharegpt_problem(row.get(names["conversations"]), names["conversations"], got)
-    col = names["messages"]
-    turns = row.get(col)
-    if not isinstance(turns, list) or not turns:
-        return f"'{col}' must be a non-empty list of {{role, content}} turns, got {got(turns)}"
-    for k, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            return f"'{col}' turn {k + 1} must be an object with role and content, got {got(turn)}"
-        if turn.get("role") not in ROLES:
-            keys = ", ".join(k for k, v in turn.items() if v is not None)
-            return (f"'{col}' turn {k + 1}: role must be one of {', '.join(ROLES)}, got {got(turn.get('role'))} "
-                    f"(keys: {keys})")
-        if not isinstance(turn.get("content"), str):
-            return f"'{col}' turn {k + 1} ({turn['role']}): content must be a string, got {got(turn.get('content'))}"
-    if turns[-1]["role"] != "assistant":
-        return (f"'{col}' must end with an assistant turn (the response to learn); the last turn is "
-                f"{turns[-1]['role']!r}")
-    return None
+        return _turns_problem(row.get(names["conversations"]), names["conversations"], got, ("from", "value"),
+                              SHAREGPT_ROLES, ("a gpt turn", "from "))
+    return _turns_problem(row.get(names["messages"]), names["messages"], got, ("role", "content"),
+                          {role: role for role in ROLES}, ("an assistant turn", ""))
 
 
-def _sharegpt_problem(turns, col: str, got: Callable) -> str | None:
+def _turns_problem(turns, col: str, got: Callable, keys: tuple[str, str], speakers: dict[str, str],
+                   last: tuple[str, str]) -> str | None:
+    """What is wrong with a conversation (None: nothing): ``keys`` (speaker, text) name a turn's fields,
+    ``speakers`` maps the valid speakers to chat roles, and the last turn must be the assistant's (``last``: how
+    to say so)."""
+    who, what = keys
     if not isinstance(turns, list) or not turns:
-        return f"'{col}' must be a non-empty list of {{from, value}} turns, got {got(turns)}"
+        return f"'{col}' must be a non-empty list of {{{who}, {what}}} turns, got {got(turns)}"
     for k, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            return f"'{col}' turn {k + 1} must be an object with from and value, got {got(turn)}"
-        if turn.get("from") not in SHAREGPT_ROLES:
-            return (f"'{col}' turn {k + 1}: from must be one of {', '.join(SHAREGPT_ROLES)}, got "
-                    f"{got(turn.get('from'))}")
-        if not isinstance(turn.get("value"), str):
-            return f"'{col}' turn {k + 1} ({turn['from']}): value must be a string, got {got(turn.get('value'))}"
-    if SHAREGPT_ROLES[turns[-1]["from"]] != "assistant":
-        return (f"'{col}' must end with a gpt turn (the response to learn); the last turn is from "
-                f"{turns[-1]['from']!r}")
+            return f"'{col}' turn {k + 1} must be an object with {who} and {what}, got {got(turn)}"
+        if turn.get(who) not in speakers:
+            present = ", ".join(key for key, v in turn.items() if v is not None)
+            return (f"'{col}' turn {k + 1}: {who} must be one of {', '.join(speakers)}, got {got(turn.get(who))} "
+                    f"(keys: {present})")
+        if not isinstance(turn.get(what), str):
+            return f"'{col}' turn {k + 1} ({turn[who]}): {what} must be a string, got {got(turn.get(what))}"
+    if speakers[turns[-1][who]] != "assistant":
+        return (f"'{col}' must end with {last[0]} (the response to learn); the last turn is {last[1]}"
+                f"{turns[-1][who]!r}")
     return None
 
 
