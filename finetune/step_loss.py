@@ -8,6 +8,9 @@ large batch (transformers #34191).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 
 from .adapters import aux_loss
@@ -28,6 +31,34 @@ def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], sha
         else:
             lm_loss = model(**batch).loss
     return (lm_loss + aux_loss(model, batch.get("attention_mask"))) * share
+
+
+def backward_step(model: torch.nn.Module, group: list[dict[str, torch.Tensor]], engine, device: torch.device,
+                  bf16: bool, chunked: bool, total: float | None = None, scale: float = 1.0,
+                  backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+                  around: Callable[[bool], AbstractContextManager] | None = None,
+                  wrapped: torch.nn.Module | None = None) -> float:
+    """Forward and backward of every micro-batch of a step through ``engine`` (its per-layer or offloaded updates
+    run in the backward of the last micro-batch with supervised tokens); micro-batch ``i`` weighs
+    ``n_i * scale / total`` (``total``: the step's supervised tokens, by default this group's). Returns the sum of
+    the weighted losses. Several processes (:mod:`.hf`) pass the tokens of all ranks as ``total`` and the number of
+    ranks as ``scale`` (DDP averages the ranks' gradients), their ``backward``, ``around(last)`` (DDP's no_sync
+    before the last backward) and the DDP-``wrapped`` model."""
+    counts = [supervised_tokens(b["labels"]) for b in group]
+    total = sum(counts) if total is None else total
+    last = max((i for i, n in enumerate(counts) if n), default=-1)
+    loss_sum = 0.0
+    for i, (batch, n) in enumerate(zip(group, counts)):
+        if n == 0:
+            continue  # nothing supervised: no loss, no backward
+        engine.begin_micro_batch(final=i == last)
+        on_device = {k: v.to(device) for k, v in batch.items()}
+        with around(i == last) if around is not None else nullcontext():
+            loss = micro_batch_loss(model, on_device, n * scale / total, device, bf16, chunked, wrapped)
+            engine.before_backward()
+            backward(loss)
+        loss_sum += float(loss.detach())
+    return loss_sum
 
 
 @torch.no_grad()

@@ -39,10 +39,10 @@ from .chunked_loss import chunked_loss_supported
 from .data import batches, input_tokens, num_batches
 from .engine import build_engine
 from .errors import CheckpointError, TrainingDiverged
-from .evaluate import eval_loss, exact_match_score, supervised_tokens
+from .evaluate import eval_loss, exact_match_score
 from .metrics import MetricsLog, write_plots
 from .recipe import Recipe
-from .step_loss import micro_batch_loss, zeroth_order_loss
+from .step_loss import backward_step, zeroth_order_loss
 
 
 @dataclass
@@ -157,23 +157,10 @@ class Trainer:
         """
         t = self.recipe.training
         group = [next(micro) for _ in range(t.gradient_accumulation_steps)]
-        counts = [supervised_tokens(b["labels"]) for b in group]
-        total = sum(counts)
         tokens = sum(input_tokens(b) for b in group)
         if self.zeroth_order:
             return self.zeroth_order_step(group), None, tokens
-        # Updates made inside backward (per-layer mode, offloaded state) belong to the last micro-batch with tokens.
-        last = max((i for i, n in enumerate(counts) if n), default=-1)
-        loss_sum = 0.0
-        for i, (batch, n) in enumerate(zip(group, counts)):
-            if n == 0:
-                continue  # nothing supervised: no loss, no backward
-            self.engine.begin_micro_batch(final=i == last)
-            on_device = {k: v.to(self.device) for k, v in batch.items()}
-            loss = micro_batch_loss(self.model, on_device, n / total, self.device, t.bf16, self.chunked_loss)
-            self.engine.before_backward()
-            loss.backward()
-            loss_sum += float(loss.detach())
+        loss_sum = backward_step(self.model, group, self.engine, self.device, t.bf16, self.chunked_loss)
         grad_norm = self.engine.step(t.max_grad_norm)
         self.scheduler.step()
         return loss_sum, grad_norm, tokens

@@ -18,7 +18,7 @@ from ..data import input_tokens
 from ..engine import InMemoryEngine
 from ..errors import RecipeError
 from ..evaluate import supervised_tokens
-from ..step_loss import micro_batch_loss, zeroth_order_loss
+from ..step_loss import backward_step, zeroth_order_loss
 from .engine_optimizer import EngineOptimizer
 from .refusals import FSDP_REFUSED, refuse_under_processes
 from .stock import memory_logs
@@ -130,25 +130,13 @@ class SlimtuneTrainer(transformers.Trainer):
         the weights are global: micro-batch i of a rank weighs ``n_i * processes / (tokens of all ranks)``, so
         DDP's mean of the ranks' gradients is the gradient of one batch of every rank's examples; the gradient
         all-reduce runs once, in the last backward. Returns the step's loss over all processes."""
-        counts = [supervised_tokens(b["labels"]) for b in group]
-        total = self._all_ranks(float(sum(counts)))
-        last = max((i for i, n in enumerate(counts) if n), default=-1)
+        several = self.world > 1
+        total = self._all_ranks(float(sum(supervised_tokens(b["labels"]) for b in group)))
         model.train()
-        wrapped = model if self.world > 1 else None
-        loss_sum = 0.0
-        for i, (batch, n) in enumerate(zip(group, counts)):
-            if n == 0:
-                continue  # nothing supervised: no loss, no backward
-            self.engine.begin_micro_batch(final=i == last)
-            on_device = {k: v.to(self.args.device) for k, v in batch.items()}
-            sync = self.accelerator.no_sync(model) if (wrapped is not None and i != last) else nullcontext()
-            with sync:
-                with self.compute_loss_context_manager():
-                    loss = micro_batch_loss(self.model, on_device, n * self.world / total, self.args.device,
-                                            self.args.bf16, self.chunked_loss and wrapped is None, wrapped)
-                self.engine.before_backward()
-                self.accelerator.backward(loss)
-            loss_sum += float(loss.detach())
+        loss_sum = backward_step(
+            self.model, group, self.engine, self.args.device, self.args.bf16, self.chunked_loss and not several,
+            total=total, scale=self.world, backward=self.accelerator.backward, wrapped=model if several else None,
+            around=(lambda last: nullcontext() if last else self.accelerator.no_sync(model)) if several else None)
         return self._all_ranks(loss_sum) / self.world
 
     def _zeroth_order_step(self, group: list[dict[str, Any]]) -> float:
