@@ -12,6 +12,7 @@ import transformers
 from ..engine import build_engine
 from ..errors import RecipeError
 from ..recipe import Recipe, load_recipe
+from .process_group import destroy_process_group_at_exit
 from .refusals import problems_under_processes
 from .trainer import SlimtuneTrainer
 
@@ -58,6 +59,8 @@ def from_recipe(recipe: str | Path | Recipe, overrides: Sequence[str] = (), call
 
     # the process group as TrainingArguments(use_cpu=...) sets it up (gloo on CPU), made now to order the processes
     state = PartialState(cpu=resolve_device(recipe.offload.device).type == "cpu")
+    if state.num_processes > 1:
+        destroy_process_group_at_exit()
     if state.num_processes > 1 and problems_under_processes(recipe):
         raise RecipeError(problems_under_processes(recipe))
     with state.main_process_first():  # several processes: the first writes the run directory, the others read it

@@ -20,6 +20,7 @@ from ..errors import RecipeError
 from ..evaluate import supervised_tokens
 from ..step_loss import backward_step, zeroth_order_loss
 from .engine_optimizer import EngineOptimizer
+from .process_group import destroy_process_group_at_exit
 from .refusals import FSDP_REFUSED, refuse_under_processes
 from .stock import memory_logs
 
@@ -73,6 +74,7 @@ class SlimtuneTrainer(transformers.Trainer):
                                "slimtune train, or keep offload.optimizer_state gpu on the Hugging Face route"])
         self.world = self.accelerator.num_processes
         if self.world > 1:
+            destroy_process_group_at_exit()
             refuse_under_processes(engine, per_layer)
         if engine is None:
             engine = InMemoryEngine(self.model, self.args.device)
