@@ -44,7 +44,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     model = recipe.model.name_or_path or f"inline {recipe.model.architecture.type}"
     quant = " (4-bit base)" if recipe.quantized else ""
     print(f"ok: {args.recipe}: {model}{quant}, adapter {a.type}, optimizer {recipe.optimizer.name}, "
-          f"data {recipe.data.format} from {recipe.data.path}, output {recipe.output.output_dir}")
+          f"data {recipe.data.describe()}, output {recipe.output.output_dir}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from slimtune.finetune.trainer import example_count
 from slimtune.offload import format_bytes
 from slimtune.optimizers import optimizer_state_bytes
 
@@ -13,13 +14,15 @@ def format_header(recipe, prepared, steps: int, optimizer=None) -> str:
                                f"{m.architecture.hidden_size}, vocab {len(prepared.tokenizer)})")
     pct = 100 * prepared.trainable_params / max(prepared.total_params, 1)
     eval_rows = len(prepared.eval_examples or [])
+    n_train = example_count(prepared.train_examples)
     return "\n".join([
         f"slimtune train -> {prepared.run_dir}",
         f"  model      {model}{' 4-bit ' + m.quantization.quant_type if recipe.quantized else ''}, {m.dtype}"
         f"{', bf16 autocast' if t.bf16 else ''}, on {prepared.device}",
         f"  adapter    {a.type}" + (f" r={a.r} alpha={a.alpha:g}" if a.type != "none" else "")
         + f"; trainable {prepared.trainable_params:,} of {prepared.total_params:,} parameters ({pct:.2f}%)",
-        f"  data       {len(prepared.train_examples)} train / {eval_rows} eval examples ({recipe.data.format})",
+        f"  data       {'streamed' if n_train is None else n_train} train / {eval_rows} eval examples "
+        f"({recipe.data.describe()})",
         f"  optimizer  {recipe.optimizer.name} lr {t.learning_rate:g}, {t.lr_scheduler_type} schedule; {steps} steps "
         f"x {t.per_device_train_batch_size} x {t.gradient_accumulation_steps} accumulation"
         + (f"; state {format_bytes(optimizer_state_bytes(optimizer))}" if optimizer is not None else "")

@@ -21,7 +21,8 @@ from slimtune.offload.store.atomic_io import atomic_dir, atomic_write_text, remo
 
 from .adapters import apply_adapter
 from .checkpoint import list_checkpoints
-from .data import eval_prompts, load_records, loaded_format, record_texts, tokenize_rows
+from .data import eval_prompts
+from .data_sources import concatenated, load_sources, mixed_examples, tokenized, training_texts
 from .errors import SlimtuneError
 from .model import (
     build_base_model,
@@ -75,8 +76,7 @@ def prepare(recipe: Recipe, writer: bool = True) -> Prepared:
     seed_everything(t.seed)
     device = resolve_device(recipe.offload.device)
     run_dir = prepare_run_dir(recipe) if writer else Path(recipe.output.output_dir)
-    train_rows, eval_rows = load_records(d, t.seed)
-    d = loaded_format(d)  # sharegpt rows are messages rows now
+    sources = load_sources(d, t.seed)
 
     base_dir = run_dir / "base_model"
     if m.architecture is not None and (base_dir / "config.json").is_file() and (t.resume_from_checkpoint
@@ -84,7 +84,7 @@ def prepare(recipe: Recipe, writer: bool = True) -> Prepared:
         source = base_dir  # resuming, or a second process: the exact base and tokenizer of the run
         tokenizer = load_tokenizer(m.model_copy(update={"tokenizer": str(base_dir)}), None)
     else:
-        tokenizer = load_tokenizer(m, lambda: record_texts(train_rows, d))
+        tokenizer = load_tokenizer(m, lambda: training_texts(sources))
         if m.architecture is not None:
             with atomic_dir(base_dir) as tmp:
                 build_base_model(m, tokenizer, t.seed, tmp)
@@ -93,13 +93,12 @@ def prepare(recipe: Recipe, writer: bool = True) -> Prepared:
             source = build_base_model(m, tokenizer, t.seed, None)
 
     # the data is checked before the model loads: a bad dataset fails in seconds, not after a 70B load
-    train_examples = tokenize_rows(train_rows, d, tokenizer)
-    if not train_examples:
-        raise SlimtuneError(f"data.path {d.path}: no training example is left after tokenization and truncation "
-                            f"to data.max_length {d.max_length}")
-    eval_examples = tokenize_rows(eval_rows, d, tokenizer) if eval_rows is not None else None
-    pairs = eval_prompts(eval_rows, d, tokenizer, d.metric_samples) if (eval_rows is not None and
-                                                                        d.metric != "none") else []
+    train_examples = mixed_examples(d, sources, tokenized(sources, tokenizer, "train"), t.seed)
+    eval_examples = concatenated(tokenized(sources, tokenizer, "eval"))
+    pairs = []
+    for s in sources:  # the task metric's (prompt, reference) pairs: the first eval rows of instruction sources
+        if s.eval is not None and d.metric != "none" and s.cfg.format != "text":
+            pairs += eval_prompts(s.eval, s.cfg, tokenizer, d.metric_samples - len(pairs))
     plan, model, streamer = load_base(recipe, source, device)
     try:
         if d.packing:

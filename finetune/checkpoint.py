@@ -50,6 +50,7 @@ class TrainerState:
     epoch: int = 0
     batch_in_epoch: int = 0
     tokens_seen: int = 0
+    rows_in_epoch: int = 0  # data.streaming: rows of the epoch's shuffled stream read so far
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

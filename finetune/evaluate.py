@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from .data import collate, exact_match, prompt_ids
+from .data import collate, exact_match, prompt_ids, take
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -34,7 +34,7 @@ def eval_loss(model, examples: list[dict], batch_size: int, pad_id: int, device:
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size], pad_id)
+        batch = collate(take(examples, range(start, min(start + batch_size, len(examples)))), pad_id)
         n = supervised_tokens(batch["labels"])
         if n == 0:
             continue

@@ -171,11 +171,34 @@ class DataColumns(Section):
     text: str = Field("text", description="text: the raw text column.")
 
 
-class DataConfig(Section):
-    """Training data, through `datasets`: local JSON/JSONL/CSV/Parquet or a hub dataset."""
+class DataSource(Section):
+    """One source of a mixture (``data.sources``): where its rows are and how they read; unset keys take data's."""
 
-    path: str = Field(..., description="Local file (.json/.jsonl/.csv/.parquet), a directory of them, or a hub "
-                                       "dataset name. Relative paths resolve against the recipe file.")
+    path: str = Field(..., description="Local file, directory of them, or hub dataset name (as data.path).")
+    weight: float = Field(1.0, gt=0, description="Share of the mixture's examples drawn from this source (weights "
+                                                 "are normalised over the sources).")
+    format: Literal["alpaca", "messages", "sharegpt", "text"] | None = Field(None, description="As data.format.")
+    split: str | None = Field(None, description="As data.split.")
+    subset: str | None = Field(None, description="As data.subset.")
+    columns: DataColumns | None = Field(None, description="As data.columns.")
+
+
+class DataConfig(Section):
+    """Training data, through `datasets`: local JSON/JSONL/CSV/Parquet or a hub dataset, or a weighted mixture of
+    them (``sources``)."""
+
+    path: str | None = Field(None, description="Local file (.json/.jsonl/.csv/.parquet), a directory of them, or a "
+                                               "hub dataset name. Relative paths resolve against the recipe file. "
+                                               "Required unless data.sources is given.")
+    sources: list[DataSource] | None = Field(
+        None, description="A mixture instead of data.path: a list of {path, weight, and optionally format, split, "
+                          "subset, columns}. Each source is loaded, validated and tokenized on its own, then their "
+                          "examples are interleaved: each drawn from a source with probability weight / sum of "
+                          "weights (seeded by training.seed), until data.mix_stop. data.val_size is split off each "
+                          "source.")
+    mix_stop: Literal["first_exhausted", "all_exhausted"] = Field(
+        "first_exhausted", description="data.sources: stop the mixture when the first source runs out (no example "
+                                       "repeats) or when every source has been seen whole (smaller sources repeat).")
     format: Literal["alpaca", "messages", "sharegpt", "text"] = Field(
         "alpaca", description="alpaca (instruction/input/output) | messages (chat turns: role/content) | sharegpt "
                               "(chat turns: from/value, human/gpt/system) | text (plain LM).")
@@ -190,13 +213,47 @@ class DataConfig(Section):
     train_on_prompt: bool = Field(
         False, description="Also compute loss on prompt tokens (default: responses only, for alpaca/messages).")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many training rows.")
+    streaming: bool = Field(False, description="Read the rows as training reaches them (datasets' streaming): for "
+                            "data larger than RAM or disk. Needs training.max_steps; eval rows from data.eval_path or "
+                            "a data.val_size count taken off the start. Resumes at the exact next example.")
+    shuffle_buffer: int = Field(10_000, ge=0, description="data.streaming: examples held to shuffle the stream "
+                                                          "(seeded, reshuffled each epoch); 0 reads in order.")
+    num_proc: int | None = Field(None, ge=1, description="Processes that tokenize (datasets' map num_proc); default: "
+                                 "one below 50,000 rows, else up to 8 (the CPU count). The tokenized examples are "
+                                 "cached in the datasets cache: a second run on the same data, tokenizer and "
+                                 "settings starts without tokenizing.")
     metric: Literal["none", "exact_match"] = Field(
         "none", description="Task metric at eval: exact_match of greedy answers vs the reference response.")
     metric_samples: int = Field(64, ge=1, description="Eval rows scored by generation for the task metric.")
     max_new_tokens: int = Field(32, ge=1, description="Generation budget for the task metric.")
 
+    def describe(self) -> str:
+        """'alpaca from data.jsonl', or the mixture's sources with their shares."""
+        if self.sources is None:
+            return f"{self.format} from {self.path}"
+        total = sum(s.weight for s in self.sources)
+        return "a mixture of " + ", ".join(f"{s.format or self.format} from {s.path} ({s.weight / total:.0%})"
+                                           for s in self.sources)
+
+    def local_paths(self) -> list[tuple[str, str]]:
+        """(recipe key, path) of every dataset the recipe names: data.path or each source's, and data.eval_path."""
+        named = [("data.path", self.path)] if self.sources is None else [
+            (f"data.sources[{i}].path", s.path) for i, s in enumerate(self.sources)]
+        return named + ([("data.eval_path", self.eval_path)] if self.eval_path else [])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list_is_sources(cls, value: Any) -> Any:
+        """``data:`` given as a list is a mixture: ``data.sources``."""
+        return {"sources": value} if isinstance(value, list) else value
+
     @model_validator(mode="after")
     def _checks(self) -> "DataConfig":
+        if (self.path is None) == (self.sources is None):
+            raise ValueError("data.path (one dataset) or data.sources (a mixture: a list of {path, weight}) is "
+                             "required, not both")
+        if self.sources is not None and not self.sources:
+            raise ValueError("data.sources must list at least one {path, weight}")
         if self.metric != "none" and self.format == "text":
             raise ValueError("data.metric exact_match needs an instruction format (alpaca or messages), "
                              "not text: plain text has no reference answers")
@@ -367,6 +424,16 @@ def combination_problems(recipe: Recipe) -> list[str]:
                         "data.eval_path")
     if d.metric != "none" and not (d.eval_path or d.val_size):
         problems.append(f"data.metric {d.metric} needs eval data: set data.val_size (e.g. 0.05) or data.eval_path")
+    if d.streaming:
+        if t.max_steps <= 0:
+            problems.append("data.streaming needs training.max_steps: a stream's length is unknown until it ends, "
+                            "so num_train_epochs cannot size the run (and its learning-rate schedule)")
+        if d.sources is not None:
+            problems.append("data.streaming with data.sources: mixtures are drawn from datasets tokenized in Arrow; "
+                            "stream one dataset (data.path), or mix without streaming")
+        if 0 < d.val_size < 1:
+            problems.append(f"data.streaming with data.val_size {d.val_size:g}: a fraction of a stream of unknown "
+                            "length cannot be split off; give a row count (e.g. 200) or data.eval_path")
     if d.packing and d.metric != "none" and d.format == "text":
         problems.append("data.packing with a task metric needs instruction data")
     if m.architecture is not None and m.architecture.max_position_embeddings < d.max_length:
@@ -474,10 +541,11 @@ def recipe_from_dict(data: dict[str, Any], source: str | None = None, base_dir: 
 def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
     """Make relative local data/model paths absolute against the recipe's folder (when they exist there)."""
     d = recipe.data
-    for attr in ("path", "eval_path"):
-        value = getattr(d, attr)
-        if value and not os.path.isabs(value) and (base_dir / value).exists():
-            setattr(d, attr, str((base_dir / value).resolve()))
+    for owner in [d, *(d.sources or [])]:
+        for attr in ("path", "eval_path"):
+            value = getattr(owner, attr, None)
+            if value and not os.path.isabs(value) and (base_dir / value).exists():
+                setattr(owner, attr, str((base_dir / value).resolve()))
     m = recipe.model
     for attr in ("name_or_path", "tokenizer"):
         value = getattr(m, attr)

@@ -271,7 +271,7 @@ def _type_name(annotation: Any) -> str:
 def check_local_files(recipe) -> list[str]:
     """Light checks for `slimtune validate`: local paths that look like files must exist."""
     problems = []
-    for key, value in (("data.path", recipe.data.path), ("data.eval_path", recipe.data.eval_path)):
+    for key, value in recipe.data.local_paths():
         if value and is_local_data(value) and not Path(value).exists():
             problems.append(f"{key}: {value} does not exist (a local .json/.jsonl/.csv/.parquet file or directory, "
                             "or a hub dataset name like tatsu-lab/alpaca)")

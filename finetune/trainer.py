@@ -43,6 +43,7 @@ from .evaluate import eval_loss, exact_match_score
 from .metrics import MetricsLog, write_plots
 from .recipe import Recipe
 from .step_loss import backward_step, zeroth_order_loss
+from .streaming import TokenStream, stream_batches
 
 
 @dataclass
@@ -51,8 +52,8 @@ class Prepared:
 
     model: Any
     tokenizer: Any
-    train_examples: list[dict]
-    eval_examples: list[dict] | None
+    train_examples: Any           # tokenized examples: a datasets.Dataset (Arrow) or a list of {input_ids, labels}
+    eval_examples: Any | None
     eval_pairs: list[tuple[str, str]]
     device: torch.device
     run_dir: Path
@@ -78,7 +79,12 @@ class TrainResult:
     resumed_from: Path | None = None
 
 
-def total_steps(recipe: Recipe, n_examples: int) -> int:
+def example_count(examples) -> int | None:
+    """How many training examples there are (None for a stream: unknown until it ends)."""
+    return None if isinstance(examples, TokenStream) else len(examples)
+
+
+def total_steps(recipe: Recipe, n_examples: int | None) -> int:
     """Optimizer steps of the run: max_steps, or num_train_epochs over the micro-batches per epoch."""
     t = recipe.training
     if t.max_steps > 0:
@@ -104,7 +110,7 @@ class Trainer:
         t = recipe.training
         self.model, self.device = prepared.model, prepared.device
         self.pad_id = prepared.tokenizer.pad_token_id
-        self.steps = total_steps(recipe, len(prepared.train_examples))
+        self.steps = total_steps(recipe, example_count(prepared.train_examples))
         self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         # Where tensors live and how a step ends: the in-memory engine, or the offload engine the recipe's plan asks
         # for (streamed layers, offloaded optimizer state that then owns the optimizer, zeroth-order streaming).
@@ -135,6 +141,9 @@ class Trainer:
     def micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Micro-batches from the saved data position on, across epochs; updates the position as it goes."""
         t, s = self.recipe.training, self.state
+        if isinstance(self.p.train_examples, TokenStream):
+            yield from self.streamed_micro_batches()
+            return
         n = num_batches(len(self.p.train_examples), t.per_device_train_batch_size)
         while True:
             skip = s.batch_in_epoch  # micro-batches consumed before the checkpoint we resumed from
@@ -147,6 +156,17 @@ class Trainer:
                 yield batch
             if s.batch_in_epoch != 0:  # the generator ended early (fewer batches than counted)
                 s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+
+    def streamed_micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """:meth:`micro_batches` of a stream (``data.streaming``): the position is the rows of the epoch's shuffled
+        stream read so far, so a resumed run skips exactly those and reads the next example."""
+        t, s = self.recipe.training, self.state
+        while True:
+            for batch, rows in stream_batches(self.p.train_examples, t.per_device_train_batch_size, t.seed, s.epoch,
+                                              self.pad_id, start=s.rows_in_epoch, packed=self.recipe.data.packing):
+                s.batch_in_epoch, s.rows_in_epoch = s.batch_in_epoch + 1, rows
+                yield batch
+            s.epoch, s.batch_in_epoch, s.rows_in_epoch = s.epoch + 1, 0, 0
 
     # ------------------------------------------------------------------ one optimizer step
     def optimizer_step(self, micro: Iterator[dict[str, torch.Tensor]]) -> tuple[float, float | None, int]:
@@ -310,6 +330,8 @@ class Trainer:
             f"{t.max_grad_norm:g}), or a warm-up (training.warmup_steps)")
 
     def epoch_progress(self) -> float:
+        if isinstance(self.p.train_examples, TokenStream):
+            return float(self.state.epoch)  # a stream's length is unknown until it ends
         n = num_batches(len(self.p.train_examples), self.recipe.training.per_device_train_batch_size)
         return self.state.epoch + self.state.batch_in_epoch / max(n, 1)
 

@@ -48,6 +48,11 @@ TEMPLATE = ("{% for m in messages %}{{ '[' + m['role'] + ']: ' + m['content'] }}
 
 @pytest.fixture
 def tokenizer():
+    return small_tokenizer()
+
+
+def small_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on these rows, with bos, eos and pad."""
     corpus = [ALPACA_PROMPT.format(instruction=r["instruction"], input=r["input"]) + r["output"]
               for r in ALPACA_ROWS]
     corpus += ["<|system|>\n<|user|>\n<|assistant|>\nHello! Be brief. What is 3+4? [assistant]: [user]:"] * 3

@@ -35,7 +35,7 @@ from slimtune.finetune.recipe import AdapterConfig
 from slimtune.finetune.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import losses, tiny  # noqa: E402
+from test_train import losses, run_killed_at, tiny  # noqa: E402
 
 IDS = torch.tensor([[1, 17, 42, 99, 250, 3, 77, 5, 8, 120, 64, 31], [1, 200, 13, 7, 7, 90, 41, 2, 0, 0, 0, 0]])
 MASK = torch.tensor([[1] * 12, [1] * 8 + [0] * 4])  # the second row is right-padded, as the collator pads
@@ -284,8 +284,6 @@ def test_loss_falls_with_lora_only_trainable_params_and_gc_changes_nothing(tiny_
     assert any("experts" in n for n in changed) and any("self_attn" in n for n in changed)
 
 
-class Interrupt(Exception):
-    pass
 
 
 class Payload:
@@ -306,18 +304,7 @@ def test_train_resume_metrics_and_generate(tmp_path, capsys, monkeypatch):
         assert len(r["router_load"]) == 4 and sum(r["router_load"]) == pytest.approx(1, abs=1e-3)
         assert len(r["router_load_per_layer"]) == 2
     # killed after checkpoint-4, resumed: the same run bit for bit (trainable weights, routers, RNG, data position)
-    original, calls = Trainer.optimizer_step, {"n": 0}
-
-    def dying_step(self, micro):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise Interrupt()
-        return original(self, micro)
-
-    monkeypatch.setattr(Trainer, "optimizer_step", dying_step)
-    with pytest.raises(Interrupt):
-        train(recipe_from_dict(tiny(tmp_path / "cut", *args)), progress=False)
-    monkeypatch.setattr(Trainer, "optimizer_step", original)
+    run_killed_at(monkeypatch, 6, lambda: train(recipe_from_dict(tiny(tmp_path / "cut", *args)), progress=False))
     resumed = train(recipe_from_dict(tiny(tmp_path / "cut", *args, "training.resume_from_checkpoint=true")),
                     progress=False)
     assert resumed.resumed_from.name == "checkpoint-4"

@@ -14,7 +14,7 @@ from slimtune.finetune.trainer import Trainer
 from slimtune.optimizers import AdamW, allocated_state_bytes, optimizer_state_bytes
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import losses, tiny  # noqa: E402
+from test_train import losses, run_killed_at, tiny  # noqa: E402
 
 NO_CLIP = ("training.max_grad_norm=0", "adapter.dropout=0", "data.metric=none")
 
@@ -115,8 +115,6 @@ def test_galore_per_layer_accumulates_in_low_rank_and_trains(tmp_path):
     assert fused.eval_after["eval_loss"] < fused.eval_before["eval_loss"] - 0.1
 
 
-class Interrupt(Exception):
-    pass
 
 
 @pytest.mark.parametrize("method", ["galore", "spam", "frugal", "galore-per-layer"])
@@ -127,18 +125,7 @@ def test_resume_across_refresh_or_reset_equals_uninterrupted(tmp_path, monkeypat
     args = (*METHODS[name], "training.max_steps=10", "output.save_steps=4", "adapter.dropout=0.1",
             f"optimizer.per_layer={'true' if per_layer else 'false'}")
     run(tmp_path / "full", *args)
-    original, calls = Trainer.optimizer_step, {"n": 0}
-
-    def dying(self, micro):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise Interrupt()
-        return original(self, micro)
-
-    monkeypatch.setattr(Trainer, "optimizer_step", dying)
-    with pytest.raises(Interrupt):
-        run(tmp_path / "cut", *args)
-    monkeypatch.setattr(Trainer, "optimizer_step", original)
+    run_killed_at(monkeypatch, 7, lambda: run(tmp_path / "cut", *args))
     run(tmp_path / "cut", *args, "training.resume_from_checkpoint=true")
     assert losses(tmp_path / "cut" / "run") == losses(tmp_path / "full" / "run")
 

@@ -131,7 +131,7 @@ def test_duplicate_key_is_refused(tmp_path):
 def test_recipe_docs_cover_every_field():
     docs = recipe_docs()
 
-    from slimtune.finetune.recipe_io import union_members
+    from slimtune.finetune.recipe_io import section_type, union_members
 
     def fields(model, prefix=""):
         for name, field in model.model_fields.items():
@@ -139,10 +139,7 @@ def test_recipe_docs_cover_every_field():
                 for member in union_members(field.annotation).values():
                     yield from fields(member, f"{prefix}{name}.")
                 continue
-            sub = field.annotation if isinstance(field.annotation, type) else None
-            nested = [a for a in getattr(field.annotation, "__args__", ()) if isinstance(a, type) and
-                      hasattr(a, "model_fields")]
-            target = sub if sub is not None and hasattr(sub, "model_fields") else (nested[0] if nested else None)
+            target = section_type(field.annotation)  # a section, X | None, or a list of sections
             if target is not None:
                 yield from fields(target, f"{prefix}{name}.")
             else:

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -102,36 +103,45 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
-    # dropout (RNG), accumulation and an epoch boundary (40 rows / (4*2) = 5 steps per epoch) between save and end
-    args = ("training.max_steps=12", "output.save_steps=4", "training.gradient_accumulation_steps=2",
-            "data.max_samples=48", "adapter.dropout=0.1", "data.metric=none")
-    full = train(recipe_from_dict(tiny(tmp_path / "full", *args)), progress=False)
-
-    interrupted = tiny(tmp_path / "cut", *args)
-    calls = {"n": 0}
-    original = Trainer.optimizer_step
+def run_killed_at(monkeypatch, die_at: int, start: Callable[[], object]) -> None:
+    """Run ``start()`` with its ``die_at``-th optimizer step raising :class:`Interrupt`, as a crash would."""
+    original, calls = Trainer.optimizer_step, {"n": 0}
 
     def dying_step(self, micro):
         calls["n"] += 1
-        if calls["n"] == 7:  # after checkpoint-4 was written and two more steps ran
+        if calls["n"] == die_at:
             raise Interrupt()
         return original(self, micro)
 
     monkeypatch.setattr(Trainer, "optimizer_step", dying_step)
     with pytest.raises(Interrupt):
-        train(recipe_from_dict(interrupted), progress=False)
+        start()
     monkeypatch.setattr(Trainer, "optimizer_step", original)
+
+
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    # dropout (RNG), accumulation and an epoch boundary (40 rows / (4*2) = 5 steps per epoch) between save and end
+    args = ("training.max_steps=12", "output.save_steps=4", "training.gradient_accumulation_steps=2",
+            "data.max_samples=48", "adapter.dropout=0.1", "data.metric=none")
+    resumed_equals_uninterrupted(tmp_path, monkeypatch, args)
+
+
+def resumed_equals_uninterrupted(tmp_path, monkeypatch, args: tuple[str, ...]):
+    """A 12-step run, and the same run killed after checkpoint-4 (and two more steps) and resumed: the same losses
+    and weights, bit for bit on CPU fp32. Returns both results."""
+    full = train(recipe_from_dict(tiny(tmp_path / "full", *args)), progress=False)
+    run_killed_at(monkeypatch, 7, lambda: train(recipe_from_dict(tiny(tmp_path / "cut", *args)), progress=False))
     run = tmp_path / "cut" / "run"
     assert [p.name for p in list_checkpoints(run)] == ["checkpoint-4"]
 
     resumed = train(recipe_from_dict(tiny(tmp_path / "cut", *args, "training.resume_from_checkpoint=true")),
                     progress=False)
     assert resumed.resumed_from.name == "checkpoint-4"
-    assert losses(run) == losses(tmp_path / "full" / "run")  # bit-identical on CPU fp32, steps 1..12
+    assert losses(run) == losses(tmp_path / "full" / "run") and len(losses(run)) == 12  # steps 1..12
     a = load_file(full.adapter_dir / "adapter_model.safetensors")
     b = load_file(resumed.adapter_dir / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    return full, resumed
 
 
 def test_resume_refuses_a_changed_recipe(tmp_path):

@@ -13,7 +13,7 @@ from ..engine import build_engine
 from ..errors import RecipeError
 from ..recipe import Recipe, load_recipe
 from .process_group import destroy_process_group_at_exit
-from .refusals import problems_under_processes
+from .refusals import STREAMING_REFUSED, problems_under_processes
 from .trainer import SlimtuneTrainer
 
 
@@ -55,6 +55,8 @@ def from_recipe(recipe: str | Path | Recipe, overrides: Sequence[str] = (), call
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
+    if recipe.data.streaming:
+        raise RecipeError([STREAMING_REFUSED])
     from accelerate import PartialState
 
     # the process group as TrainingArguments(use_cpu=...) sets it up (gloo on CPU), made now to order the processes

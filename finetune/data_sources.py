@@ -1,0 +1,137 @@
+"""Where the training examples come from: one dataset (``data.path``) or a weighted mixture (``data.sources``).
+
+Each source is loaded and validated on its own (its errors name ``data.sources[i].path`` and the file's line),
+tokenized on its own (sources may differ in format and columns: an alpaca file beside ShareGPT conversations), and
+the tokenized examples are then interleaved with ``datasets.interleave_datasets``: each example is drawn from
+source i with probability ``weight_i / sum(weights)``, seeded, until ``data.mix_stop``. This is LLaMA-Factory's
+``mix_strategy: interleave_under`` (first_exhausted) / ``interleave_over`` (all_exhausted).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from itertools import chain, islice
+from typing import Iterator
+
+import datasets
+
+from .data import check_tokenizer, load_records, loaded_format, open_stream, record_texts, tokenize_dataset
+from .recipe import DataConfig
+from .streaming import TokenStream
+
+SOURCE_FIELDS = ("path", "format", "split", "subset", "columns")  # what a source may set for itself
+
+
+@dataclass
+class Source:
+    """One source's rows: ``key`` names it in errors, ``cfg`` is the data config its rows read with (sharegpt rows
+    are messages rows once loaded), ``weight`` its share of a mixture."""
+
+    key: str
+    cfg: DataConfig
+    weight: float
+    train: datasets.Dataset | None  # None: data.eval_path, a source of eval rows only
+    eval: datasets.Dataset | None
+    eval_key: str = ""              # names the eval rows in errors
+
+
+def source_configs(cfg: DataConfig) -> list[tuple[str, DataConfig, float]]:
+    """(recipe key, the data config of that source, weight) of each source: ``data`` itself when it names one path,
+    else each of ``data.sources`` with data's settings for the keys it leaves unset."""
+    if cfg.sources is None:
+        return [(f"data.path {cfg.path}", cfg, 1.0)]
+    out = []
+    for i, source in enumerate(cfg.sources):
+        update = {name: getattr(source, name) for name in SOURCE_FIELDS if getattr(source, name) is not None}
+        out.append((f"data.sources[{i}].path {source.path}", cfg.model_copy(update={**update, "sources": None}),
+                    source.weight))
+    return out
+
+
+def load_sources(cfg: DataConfig, seed: int) -> list[Source]:
+    """Every source's validated (train, eval) rows. ``data.val_size`` is split off each source; ``data.eval_path``
+    is read with data's own format and columns, as a source of eval rows only. ``data.max_samples`` caps a single
+    dataset's rows here, a mixture's examples after mixing (:func:`mixed_examples`)."""
+    if cfg.streaming:
+        return [_stream_source(cfg, seed)]
+    if cfg.sources is None:
+        train, evaluation = load_records(cfg, seed)
+        eval_key = f"data.eval_path {cfg.eval_path}" if cfg.eval_path else f"the data.val_size rows of {cfg.path}"
+        return [Source(f"data.path {cfg.path}", loaded_format(cfg), 1.0, train, evaluation, eval_key)]
+    if cfg.eval_path and cfg.val_size:
+        warnings.warn(f"data.eval_path is set, so data.val_size {cfg.val_size:g} is ignored", stacklevel=2)
+    loaded = []
+    for i, (key, source_cfg, weight) in enumerate(source_configs(cfg)):
+        read = source_cfg.model_copy(update={"max_samples": None, "eval_path": None,
+                                             "val_size": 0.0 if cfg.eval_path else cfg.val_size})
+        train, evaluation = load_records(read, seed, key=f"data.sources[{i}].path")
+        loaded.append(Source(key, loaded_format(source_cfg), weight, train, evaluation,
+                             f"the data.val_size rows of {key}"))
+    if cfg.eval_path:
+        read = cfg.model_copy(update={"path": cfg.eval_path, "eval_path": None, "val_size": 0.0, "max_samples": None,
+                                      "sources": None})
+        rows, _ = load_records(read, seed, key="data.eval_path")
+        loaded.append(Source(f"data.eval_path {cfg.eval_path}", loaded_format(read), 0.0, None, rows,
+                             f"data.eval_path {cfg.eval_path}"))
+    return loaded
+
+
+def _stream_source(cfg: DataConfig, seed: int) -> Source:
+    """``data.streaming``: the rows as a validated stream; eval rows from data.eval_path, or the stream's first
+    data.val_size rows (then not trained on)."""
+    rows = open_stream(cfg)
+    evaluation, eval_key = None, f"data.eval_path {cfg.eval_path}"
+    if cfg.eval_path:
+        read = cfg.model_copy(update={"path": cfg.eval_path, "eval_path": None, "val_size": 0.0, "max_samples": None,
+                                      "streaming": False})
+        evaluation, _ = load_records(read, seed, key="data.eval_path")
+    elif cfg.val_size:
+        evaluation = datasets.Dataset.from_list(list(rows.take(int(cfg.val_size))))
+        rows, eval_key = rows.skip(int(cfg.val_size)), f"the first data.val_size rows of {cfg.path}"
+    return Source(f"data.path {cfg.path}", loaded_format(cfg), 1.0, rows, evaluation, eval_key)
+
+
+STREAM_TOKENIZER_ROWS = 10_000  # an inline model's tokenizer learns from this many rows of a stream
+
+
+def training_texts(sources: list[Source]) -> Iterator[str]:
+    """The full text of every training row of every source (a stream's first rows), to train a tokenizer for an
+    inline model."""
+    return chain.from_iterable(
+        record_texts(islice(s.train, STREAM_TOKENIZER_ROWS) if isinstance(s.train, datasets.IterableDataset)
+                     else s.train, s.cfg) for s in sources if s.train is not None)
+
+
+def tokenized(sources: list[Source], tokenizer, split: str) -> list:
+    """Each source's ``split`` ("train" or "eval") tokenized (Arrow, cached: :func:`.data.tokenize_dataset`), or
+    a stream's as a :class:`~.streaming.TokenStream` (tokenized as it is read)."""
+    out = []
+    for s in sources:
+        rows = getattr(s, split)
+        if isinstance(rows, datasets.IterableDataset):
+            check_tokenizer(tokenizer)
+            out.append(TokenStream(rows, s.cfg, tokenizer, s.cfg.shuffle_buffer, s.cfg.max_samples))
+        elif rows is not None:
+            name = s.key if split == "train" else s.eval_key
+            out.append(tokenize_dataset(rows, s.cfg, tokenizer, name=name))
+    return out
+
+
+def mixed_examples(cfg: DataConfig, sources: list[Source], examples: list, seed: int
+                   ) -> datasets.Dataset | TokenStream:
+    """The training examples (``examples``: :func:`tokenized` train splits): one source's as they are, or the
+    sources' interleaved by weight (seeded) and cut to ``data.max_samples``."""
+    if cfg.sources is None:
+        return examples[0]
+    weights = [s.weight for s in sources if s.train is not None]
+    mixed = datasets.interleave_datasets(examples, probabilities=[w / sum(weights) for w in weights], seed=seed,
+                                         stopping_strategy=cfg.mix_stop)
+    if cfg.max_samples is not None and cfg.max_samples < len(mixed):
+        mixed = mixed.select(range(cfg.max_samples))
+    return mixed
+
+
+def concatenated(examples: list[datasets.Dataset]) -> datasets.Dataset | None:
+    """The sources' eval examples, one after another (None: no eval data)."""
+    return datasets.concatenate_datasets(examples) if examples else None

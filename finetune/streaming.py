@@ -1,0 +1,88 @@
+"""Streamed training data (``data.streaming``): examples tokenized as the trainer reaches them, resumable exactly.
+
+The rows come from ``datasets``' ``IterableDataset`` (:func:`.data.open_stream`: local files or the hub, validated
+as they are read). Each epoch reads them through a seeded shuffle buffer (``datasets``' ``shuffle(seed,
+buffer_size)`` with ``set_epoch``: the same seed and epoch give the same order), and tokenizes a few rows at a time
+with the in-memory path's function, so a streamed example is the example the Arrow path would give.
+
+The data position is the number of rows of the epoch's shuffled stream read so far (examples whose response is cut
+away by ``max_length`` count: they were read). A checkpoint stores it; a resumed run rebuilds the same shuffled
+stream, skips that many rows without tokenizing them, and goes on with exactly the next example.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import datasets
+import torch
+
+from .data import collate, tokenize_examples
+from .errors import DataError
+from .recipe import DataConfig
+
+TOKENIZE_ROWS = 64  # rows tokenized per tokenizer call while streaming
+
+
+@dataclass
+class TokenStream:
+    """The training examples of a stream. ``rows``: validated rows in the source's order (eval rows already taken
+    off); ``cfg``: how they read (sharegpt rows read as messages); ``buffer``: the shuffle buffer (0: source order);
+    ``max_rows``: ``data.max_samples`` (the same first rows every epoch)."""
+
+    rows: datasets.IterableDataset
+    cfg: DataConfig
+    tokenizer: Any
+    buffer: int
+    max_rows: int | None = None
+    dropped: int = 0  # examples whose response max_length cut away, so far (one warning)
+
+    def examples(self, seed: int, epoch: int, start: int = 0) -> Iterator[tuple[int, dict]]:
+        """(rows read so far this epoch, example) for each example of epoch ``epoch`` after the first ``start``
+        rows of its shuffled stream."""
+        rows = self.rows.take(self.max_rows) if self.max_rows is not None else self.rows
+        if self.buffer:
+            rows = rows.shuffle(seed=seed, buffer_size=self.buffer)
+        if start:
+            rows = rows.skip(start)
+        if self.buffer:  # on the dataset iterated (skip() makes a new one, at epoch 0): seed + epoch shuffles
+            rows.set_epoch(epoch)
+        position, chunk = start, []
+        for row in rows:
+            chunk.append(row)
+            if len(chunk) == TOKENIZE_ROWS:
+                yield from self._tokenized(chunk, position)
+                position, chunk = position + len(chunk), []
+        if chunk:
+            yield from self._tokenized(chunk, position)
+
+    def _tokenized(self, chunk: list[dict], position: int) -> Iterator[tuple[int, dict]]:
+        for offset, example in enumerate(tokenize_examples(chunk, self.cfg, self.tokenizer)):
+            if example is None:
+                self.dropped += 1
+                if self.dropped == 1:
+                    warnings.warn(f"data.streaming: an example's response starts after data.max_length "
+                                  f"({self.cfg.max_length}) tokens of prompt; such examples are skipped (raise "
+                                  "data.max_length to keep them)", stacklevel=2)
+                continue
+            yield position + offset + 1, example
+
+
+def stream_batches(stream: TokenStream, batch_size: int, seed: int, epoch: int, pad_id: int, start: int = 0,
+                   packed: bool = False) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+    """(collated batch, rows of the epoch read so far) from row ``start`` of epoch ``epoch`` on; the last batch of
+    an epoch may be short. An epoch without a single example is an error."""
+    group, position, yielded = [], start, 0
+    for position, example in stream.examples(seed, epoch, start):
+        group.append(example)
+        yielded += 1
+        if len(group) == batch_size:
+            yield collate(group, pad_id, packed), position
+            group = []
+    if group:
+        yield collate(group, pad_id, packed), position
+    if not yielded and start == 0:
+        raise DataError(f"data.path {stream.cfg.path}: the stream has no example to train on (no rows, or every "
+                        f"response is cut away by data.max_length {stream.cfg.max_length})")
