@@ -117,3 +117,14 @@ def test_slimtune_train_runs_a_mixture(tmp_path, files):
     result = train(recipe_from_dict(data))
     assert result.steps == 8 and all(loss == loss for loss in result.losses)  # finite, no NaN
     assert result.eval_after is not None and result.eval_after["eval_loss"] < result.eval_before["eval_loss"]
+
+
+def test_a_mixture_with_an_eval_file_reads_it_with_datas_own_format(files, tmp_path):
+    evaluation = write_jsonl(tmp_path / "eval.jsonl", ALPACA[:7])
+    cfg = mixture(files, eval_path=str(evaluation), val_size=0.1)
+    with pytest.warns(UserWarning, match="data.eval_path is set, so data.val_size 0.1 is ignored"):
+        sources = load_sources(cfg, 0)
+    assert [len(s.train) for s in sources[:2]] == [300, 300] and [s.eval for s in sources[:2]] == [None, None]
+    assert sources[2].train is None and len(sources[2].eval) == 7 and sources[2].cfg.format == "alpaca"
+    (examples,) = tokenized(sources, small_tokenizer(), "eval")
+    assert take(examples, range(7)) == tokenize_rows(ALPACA[:7], sources[2].cfg, small_tokenizer())
