@@ -36,7 +36,7 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Keys that may change between a run and its resumption without changing the trajectory.
 RESUME_SAFE_KEYS = (
     "training.resume_from_checkpoint", "training.eval_steps", "output.", "data.metric_samples",
-    "data.max_new_tokens", "offload.device",
+    "data.max_new_tokens", "data.num_proc", "offload.device",
 )
 # Keys that change the schedule but are a normal thing to do when extending a run: warned, not refused.
 RESUME_WARN_KEYS = ("training.max_steps", "training.num_train_epochs")
