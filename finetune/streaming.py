@@ -86,3 +86,21 @@ def stream_batches(stream: TokenStream, batch_size: int, seed: int, epoch: int, 
     if not yielded and start == 0:
         raise DataError(f"data.path {stream.cfg.path}: the stream has no example to train on (no rows, or every "
                         f"response is cut away by data.max_length {stream.cfg.max_length})")
+
+
+class StreamBatches(torch.utils.data.IterableDataset):
+    """The micro-batches of a stream, epoch after epoch without end, for a ``DataLoader(batch_size=None)``: the
+    batches ``slimtune train`` reads (each epoch's last one may be short), for the Hugging Face route, which stops at
+    ``max_steps`` and resumes by skipping the micro-batches already trained on (re-reading them)."""
+
+    def __init__(self, stream: TokenStream, batch_size: int, seed: int, pad_id: int, packed: bool = False):
+        super().__init__()
+        self.stream, self.batch_size, self.seed, self.pad_id, self.packed = stream, batch_size, seed, pad_id, packed
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        epoch = 0
+        while True:
+            for batch, _ in stream_batches(self.stream, self.batch_size, self.seed, epoch, self.pad_id,
+                                           packed=self.packed):
+                yield batch
+            epoch += 1

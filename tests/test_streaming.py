@@ -10,7 +10,7 @@ import pytest
 from test_data import ALPACA_ROWS, small_tokenizer, write_jsonl
 from test_train import resumed_equals_uninterrupted, tiny
 
-from slimtune.finetune import DataError, RecipeError, recipe_from_dict
+from slimtune.finetune import DataError, RecipeError, recipe_from_dict, train
 from slimtune.finetune.data import open_stream, tokenize_rows
 from slimtune.finetune.recipe import DataConfig
 from slimtune.finetune.streaming import TokenStream, stream_batches
@@ -103,8 +103,30 @@ def test_what_a_stream_cannot_do_is_refused_in_the_recipe(tmp_path, overrides, p
         recipe_from_dict(tiny(tmp_path, "data.streaming=true", "data.metric=none", *overrides))
 
 
-def test_the_hugging_face_route_refuses_a_stream_with_the_reason(tmp_path):
+STREAMED = ("data.streaming=true", "data.shuffle_buffer=16", "data.val_size=8", "data.metric=none",
+            "training.max_steps=12", "training.gradient_accumulation_steps=2", "adapter.dropout=0.1")
+
+
+def test_the_hugging_face_route_streams_the_batches_of_slimtune_train_and_resumes_exactly(tmp_path):
+    from test_hf import DieAtStep, Interrupt
+
     from slimtune.finetune.hf import from_recipe
 
-    with pytest.raises(RecipeError, match="data.streaming: the Hugging Face route reads a map-style dataset"):
-        from_recipe(recipe_from_dict(tiny(tmp_path, "data.streaming=true", "data.metric=none", "data.val_size=8")))
+    ours = train(recipe_from_dict(tiny(tmp_path / "cli", *STREAMED)), progress=False).losses
+    args = (*STREAMED, "output.save_steps=4")
+    full = from_recipe(recipe_from_dict(tiny(tmp_path / "hf", *args)))
+    full.train()
+    assert full.step_losses == pytest.approx(ours, rel=1e-6) and len(ours) == 12  # across two epoch ends
+    cut = from_recipe(recipe_from_dict(tiny(tmp_path / "cut", *args)), callbacks=[DieAtStep(6)])
+    with pytest.raises(Interrupt):
+        cut.train()
+    resumed = from_recipe(recipe_from_dict(tiny(tmp_path / "cut", *args, "output.overwrite_output_dir=true")))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "run" / "checkpoint-4"))
+    assert resumed.step_losses == full.step_losses[4:]
+
+
+def test_several_processes_refuse_a_stream_before_they_start(tmp_path):
+    from slimtune.finetune.hf.refusals import problems_under_processes
+
+    recipe = recipe_from_dict(tiny(tmp_path, *STREAMED))
+    assert any("a stream is read by one process" in p for p in problems_under_processes(recipe))

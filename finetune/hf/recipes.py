@@ -12,8 +12,10 @@ import transformers
 from ..engine import build_engine
 from ..errors import RecipeError
 from ..recipe import Recipe, load_recipe
+from ..streaming import StreamBatches, TokenStream
+from ..trainer import example_count, total_steps, warmup_steps
 from .process_group import destroy_process_group_at_exit
-from .refusals import STREAMING_REFUSED, problems_under_processes
+from .refusals import problems_under_processes
 from .trainer import SlimtuneTrainer
 
 
@@ -22,8 +24,6 @@ def training_arguments(recipe: Recipe, n_examples: int, device: torch.device,
     """``TrainingArguments`` that say what the recipe says: batch, accumulation, steps, schedule, clipping, seed,
     logging, evaluation every ``training.eval_steps`` (the Trainer's eval loss) and checkpoints
     (``output.output_dir``/checkpoint-N). ``overrides``: any other TrainingArguments field."""
-    from ..trainer import total_steps, warmup_steps
-
     t, o = recipe.training, recipe.output
     steps = total_steps(recipe, n_examples)
     values = dict(
@@ -55,8 +55,6 @@ def from_recipe(recipe: str | Path | Recipe, overrides: Sequence[str] = (), call
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
-    if recipe.data.streaming:
-        raise RecipeError([STREAMING_REFUSED])
     from accelerate import PartialState
 
     # the process group as TrainingArguments(use_cpu=...) sets it up (gloo on CPU), made now to order the processes
@@ -70,9 +68,13 @@ def from_recipe(recipe: str | Path | Recipe, overrides: Sequence[str] = (), call
     engine = None
     try:
         engine = build_engine(recipe, prepared.model, prepared.device, prepared.plan, prepared.streamer)
-        args = training_arguments(recipe, len(prepared.train_examples), prepared.device, **args_overrides)
+        args = training_arguments(recipe, example_count(prepared.train_examples), prepared.device, **args_overrides)
+        train_dataset = prepared.train_examples
+        if isinstance(train_dataset, TokenStream):
+            train_dataset = StreamBatches(train_dataset, recipe.training.per_device_train_batch_size,
+                                          recipe.training.seed, prepared.tokenizer.pad_token_id, recipe.data.packing)
         return SlimtuneTrainer(
-            model=prepared.model, args=args, train_dataset=prepared.train_examples,
+            model=prepared.model, args=args, train_dataset=train_dataset,
             eval_dataset=prepared.eval_examples or None,
             data_collator=partial(collate, pad_id=prepared.tokenizer.pad_token_id, packed=recipe.data.packing),
             processing_class=prepared.tokenizer, engine=engine, data_seed=recipe.training.seed,

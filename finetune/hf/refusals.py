@@ -14,9 +14,8 @@ PER_LAYER_UNDER_PROCESSES = ("optimizer.per_layer: a per-layer update runs insid
 OFFLOAD_UNDER_PROCESSES = ("offload (streamed layers, offloaded optimizer state): the offload engine runs in one "
                            "process; use one process, or offload.params and offload.optimizer_state gpu with DDP")
 
-STREAMING_REFUSED = ("data.streaming: the Hugging Face route reads a map-style dataset (its sampler orders indices, "
-                     "and resuming skips whole batches); stream with slimtune train in one process, or set "
-                     "data.streaming false")
+STREAMING_REFUSED = ("data.streaming: a stream is read by one process (sharding it across processes, with an exact "
+                     "resume, is not built); stream in one process, or set data.streaming false")
 
 
 def problems_under_processes(recipe: Recipe) -> list[str]:

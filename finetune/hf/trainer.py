@@ -19,6 +19,7 @@ from ..engine import InMemoryEngine
 from ..errors import RecipeError
 from ..evaluate import supervised_tokens
 from ..step_loss import backward_step, zeroth_order_loss
+from ..streaming import StreamBatches
 from .engine_optimizer import EngineOptimizer
 from .process_group import destroy_process_group_at_exit
 from .refusals import FSDP_REFUSED, refuse_under_processes
@@ -102,7 +103,12 @@ class SlimtuneTrainer(transformers.Trainer):
 
     # ------------------------------------------------------------------ data
     def get_train_dataloader(self) -> DataLoader:
-        """The Trainer's loader, or with ``data_seed`` ``slimtune train``'s order (:class:`SeededOrder`)."""
+        """The Trainer's loader, or with ``data_seed`` ``slimtune train``'s order (:class:`SeededOrder`); a stream's
+        micro-batches (:class:`~..streaming.StreamBatches`) as they come."""
+        if isinstance(self.train_dataset, StreamBatches):  # one process (several refuse a stream)
+            # not accelerate's loader: its dispatcher builds a DataLoader whose iterator draws from torch's RNG
+            # (and would shift every dropout mask against slimtune train's); the Trainer moves inputs to the device
+            return DataLoader(self.train_dataset, batch_size=None, generator=torch.Generator().manual_seed(0))
         if self.data_seed is None:
             return super().get_train_dataloader()
         loader = DataLoader(self.train_dataset, batch_size=self.args.per_device_train_batch_size,
