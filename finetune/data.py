@@ -113,7 +113,7 @@ def _load(path_str: str, cfg: DataConfig, key: str) -> datasets.Dataset:
             found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
             raise DataError(f"{key}: directory {path_str} holds no .jsonl/.json/.csv/.parquet files "
                             f"(found: {found})")
-        parts = [_load_file(f, cfg) for f in files]
+        parts = [_load_file(f, cfg, _section(key)) for f in files]
         try:
             return datasets.concatenate_datasets(parts)
         except ValueError as exc:
@@ -122,7 +122,7 @@ def _load(path_str: str, cfg: DataConfig, key: str) -> datasets.Dataset:
                             f"combined ({described})") from exc
     if path.suffix.lower() not in _BUILDERS:
         raise DataError(f"{key}: {path_str} is not a .jsonl, .json, .csv or .parquet file")
-    return _load_file(path, cfg)
+    return _load_file(path, cfg, _section(key))
 
 
 def open_stream(cfg: DataConfig, key: str = "data.path") -> datasets.IterableDataset:
@@ -187,10 +187,11 @@ def _load_hub(name: str, cfg: DataConfig, key: str) -> datasets.Dataset:
         raise DataError(f"{key}: could not load dataset {name!r} (split {cfg.split!r}{subset}) from the Hugging "
                         f"Face hub ({reason}). Local paths must exist: no file or directory {name} was found "
                         f"(from {Path.cwd()})") from exc
-    return _validate(rows, cfg, f"dataset {name} (split {cfg.split}{subset})", _RowLocator(f"dataset {name}"))
+    return _validate(rows, cfg, f"dataset {name} (split {cfg.split}{subset})", _RowLocator(f"dataset {name}"),
+                     section=_section(key))
 
 
-def _load_file(path: Path, cfg: DataConfig) -> datasets.Dataset:
+def _load_file(path: Path, cfg: DataConfig, section: str = "data") -> datasets.Dataset:
     builder = _BUILDERS[path.suffix.lower()]
     if path.stat().st_size == 0 or (path.stat().st_size < 1 << 20 and not path.read_bytes().strip()):
         raise DataError(f"{path}: the file is empty")
@@ -224,7 +225,8 @@ def _load_file(path: Path, cfg: DataConfig) -> datasets.Dataset:
         if problem:
             raise DataError(problem)
         rows = datasets.Dataset.from_list([{c: item.get(c) for c in names.values()} for item in items])
-    return _validate(rows, cfg, str(path), _locator(path, builder), "an empty cell" if builder == "csv" else "null")
+    return _validate(rows, cfg, str(path), _locator(path, builder), "an empty cell" if builder == "csv" else "null",
+                     section)
 
 
 def _has_json(feature) -> bool:
@@ -334,9 +336,15 @@ def _describe(value) -> str:
     return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
 
 
+def _section(key: str) -> str:
+    """The recipe section a data key belongs to: 'data' for data.path, 'data.sources[1]' for a source's path."""
+    return key.rsplit(".", 1)[0] if key.startswith("data.sources[") else "data"
+
+
 def _validate(rows: datasets.Dataset, cfg: DataConfig, name: str, where: Callable[[int], str],
-              empty: str = "null") -> datasets.Dataset:
-    """Check columns and every row; keep only the format's columns. ``empty`` names a missing value."""
+              empty: str = "null", section: str = "data") -> datasets.Dataset:
+    """Check columns and every row; keep only the format's columns. ``empty`` names a missing value; ``section``
+    the recipe keys that set the format and columns."""
     if len(rows) == 0:
         raise DataError(f"{name}: no rows (the data is empty)")
     wanted, names = _columns(cfg), _names(cfg)
@@ -344,7 +352,7 @@ def _validate(rows: datasets.Dataset, cfg: DataConfig, name: str, where: Callabl
         if required and names[field] not in rows.column_names:
             found = ", ".join(rows.column_names)
             raise DataError(f"{name}: missing column '{names[field]}' (columns found: {found}; "
-                            f"set data.columns.{field}, or check data.format {cfg.format})")
+                            f"set {section}.columns.{field}, or check {section}.format {cfg.format})")
     if "input" in wanted and names["input"] not in rows.column_names:  # optional: absent = no input anywhere
         rows = rows.add_column(names["input"], [None] * len(rows))
     rows = rows.select_columns(list(names.values()))

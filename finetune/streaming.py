@@ -91,16 +91,24 @@ def stream_batches(stream: TokenStream, batch_size: int, seed: int, epoch: int, 
 class StreamBatches(torch.utils.data.IterableDataset):
     """The micro-batches of a stream, epoch after epoch without end, for a ``DataLoader(batch_size=None)``: the
     batches ``slimtune train`` reads (each epoch's last one may be short), for the Hugging Face route, which stops at
-    ``max_steps`` and resumes by skipping the micro-batches already trained on (re-reading them)."""
+    ``max_steps`` and resumes by skipping the micro-batches already trained on (re-reading them).
 
-    def __init__(self, stream: TokenStream, batch_size: int, seed: int, pad_id: int, packed: bool = False):
+    With several processes, every process reads the same seeded stream and process ``rank`` of ``world`` takes
+    micro-batches rank, rank + world, ...: the ``world`` micro-batches of one round are those one process would run
+    as ``world`` accumulation steps, and as the sequence never ends every process gets as many as the others."""
+
+    def __init__(self, stream: TokenStream, batch_size: int, seed: int, pad_id: int, packed: bool = False,
+                 rank: int = 0, world: int = 1):
         super().__init__()
         self.stream, self.batch_size, self.seed, self.pad_id, self.packed = stream, batch_size, seed, pad_id, packed
+        self.rank, self.world = rank, world
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        epoch = 0
+        epoch, index = 0, 0
         while True:
             for batch, _ in stream_batches(self.stream, self.batch_size, self.seed, epoch, self.pad_id,
                                            packed=self.packed):
-                yield batch
+                if index % self.world == self.rank:
+                    yield batch
+                index += 1
             epoch += 1

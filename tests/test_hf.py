@@ -255,8 +255,11 @@ TWO_PROCESS_RUNS = {
     "mixlora": ("adapter.type=mixlora", "adapter.num_experts=4", "adapter.top_k=2",
                 "adapter.router_aux_loss_coef=0.01"),
     "qlora-adamw": ("adapter.type=qlora", "model.load_in_4bit=true"),
+    # each process takes every other micro-batch of one seeded stream: 22 rows = 11 micro-batches per epoch, so the
+    # rounds straddle epoch ends, as 2 accumulation steps of one process do
+    "streamed": ("data.streaming=true", "data.shuffle_buffer=8", "data.max_samples=22"),
 }
-SAME_MICRO_BATCHES = {"mixlora", "qlora-adamw"}
+SAME_MICRO_BATCHES = {"mixlora", "qlora-adamw", "streamed"}
 
 
 def two_processes(tmp_path, overrides, *extra_args: str, env: dict | None = None) -> subprocess.CompletedProcess:

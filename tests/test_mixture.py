@@ -82,6 +82,10 @@ def test_a_bad_row_in_a_source_names_the_source_key_file_and_line(files, tmp_pat
                                                           "columns": {"conversations": "dialog"}}])
     with pytest.raises(DataError, match=r"bad.jsonl line 4: 'dialog' must end with a gpt turn"):
         load_sources(cfg, 0)
+    wrong = DataConfig(sources=[{"path": str(files[0])}, {"path": str(files[1]), "format": "messages"}])
+    with pytest.raises(DataError, match=r"chat.jsonl: missing column 'messages' \(columns found: dialog; set "
+                                        r"data.sources\[1\].columns.messages, or check data.sources\[1\].format"):
+        load_sources(wrong, 0)
     missing = DataConfig(sources=[{"path": str(files[0])}, {"path": str(tmp_path / "nope.jsonl")}])
     with pytest.raises(DataError, match=r"data.sources\[1\].path: .*nope.jsonl does not exist"):
         load_sources(missing, 0)

@@ -123,10 +123,3 @@ def test_the_hugging_face_route_streams_the_batches_of_slimtune_train_and_resume
     resumed = from_recipe(recipe_from_dict(tiny(tmp_path / "cut", *args, "output.overwrite_output_dir=true")))
     resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "run" / "checkpoint-4"))
     assert resumed.step_losses == full.step_losses[4:]
-
-
-def test_several_processes_refuse_a_stream_before_they_start(tmp_path):
-    from slimtune.finetune.hf.refusals import problems_under_processes
-
-    recipe = recipe_from_dict(tiny(tmp_path, *STREAMED))
-    assert any("a stream is read by one process" in p for p in problems_under_processes(recipe))

@@ -72,7 +72,8 @@ def from_recipe(recipe: str | Path | Recipe, overrides: Sequence[str] = (), call
         train_dataset = prepared.train_examples
         if isinstance(train_dataset, TokenStream):
             train_dataset = StreamBatches(train_dataset, recipe.training.per_device_train_batch_size,
-                                          recipe.training.seed, prepared.tokenizer.pad_token_id, recipe.data.packing)
+                                          recipe.training.seed, prepared.tokenizer.pad_token_id, recipe.data.packing,
+                                          rank=state.process_index, world=state.num_processes)
         return SlimtuneTrainer(
             model=prepared.model, args=args, train_dataset=train_dataset,
             eval_dataset=prepared.eval_examples or None,

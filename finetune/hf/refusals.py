@@ -14,13 +14,11 @@ PER_LAYER_UNDER_PROCESSES = ("optimizer.per_layer: a per-layer update runs insid
 OFFLOAD_UNDER_PROCESSES = ("offload (streamed layers, offloaded optimizer state): the offload engine runs in one "
                            "process; use one process, or offload.params and offload.optimizer_state gpu with DDP")
 
-STREAMING_REFUSED = ("data.streaming: a stream is read by one process (sharding it across processes, with an exact "
-                     "resume, is not built); stream in one process, or set data.streaming false")
 
 
 def problems_under_processes(recipe: Recipe) -> list[str]:
     """What a recipe asks for that several processes cannot run (checked before they start)."""
-    problems = [STREAMING_REFUSED] if recipe.data.streaming else []
+    problems = []
     if getattr(recipe.optimizer, "per_layer", False):
         problems.append(PER_LAYER_UNDER_PROCESSES)
     if recipe.offload.params in ("cpu", "nvme") or recipe.offload.optimizer_state in ("cpu", "nvme"):

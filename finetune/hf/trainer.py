@@ -105,7 +105,7 @@ class SlimtuneTrainer(transformers.Trainer):
     def get_train_dataloader(self) -> DataLoader:
         """The Trainer's loader, or with ``data_seed`` ``slimtune train``'s order (:class:`SeededOrder`); a stream's
         micro-batches (:class:`~..streaming.StreamBatches`) as they come."""
-        if isinstance(self.train_dataset, StreamBatches):  # one process (several refuse a stream)
+        if isinstance(self.train_dataset, StreamBatches):  # it takes this process's share of the micro-batches
             # not accelerate's loader: its dispatcher builds a DataLoader whose iterator draws from torch's RNG
             # (and would shift every dropout mask against slimtune train's); the Trainer moves inputs to the device
             return DataLoader(self.train_dataset, batch_size=None, generator=torch.Generator().manual_seed(0))
