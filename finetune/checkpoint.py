@@ -50,7 +50,7 @@ class TrainerState:
     epoch: int = 0
     batch_in_epoch: int = 0
     tokens_seen: int = 0
-    rows_in_epoch: int = 0  # data.streaming: rows of the epoch's shuffled stream read so far
+    rows_in_epoch: int | list[int] = 0  # data.streaming: the stream's position in the epoch (streaming.Stream)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

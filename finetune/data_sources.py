@@ -18,7 +18,7 @@ import datasets
 
 from .data import check_tokenizer, load_records, loaded_format, open_stream, record_texts, tokenize_dataset
 from .recipe import DataConfig
-from .streaming import TokenStream
+from .streaming import MixedStream, TokenStream
 
 SOURCE_FIELDS = ("path", "format", "split", "subset", "columns")  # what a source may set for itself
 
@@ -54,7 +54,7 @@ def load_sources(cfg: DataConfig, seed: int) -> list[Source]:
     is read with data's own format and columns, as a source of eval rows only. ``data.max_samples`` caps a single
     dataset's rows here, a mixture's examples after mixing (:func:`mixed_examples`)."""
     if cfg.streaming:
-        return [_stream_source(cfg, seed)]
+        return _stream_sources(cfg, seed)
     if cfg.sources is None:
         train, evaluation = load_records(cfg, seed)
         eval_key = f"data.eval_path {cfg.eval_path}" if cfg.eval_path else f"the data.val_size rows of {cfg.path}"
@@ -68,28 +68,32 @@ def load_sources(cfg: DataConfig, seed: int) -> list[Source]:
         train, evaluation = load_records(read, seed, key=f"data.sources[{i}].path")
         loaded.append(Source(key, loaded_format(source_cfg), weight, train, evaluation,
                              f"the data.val_size rows of {key}"))
-    if cfg.eval_path:
-        read = cfg.model_copy(update={"path": cfg.eval_path, "eval_path": None, "val_size": 0.0, "max_samples": None,
-                                      "sources": None})
-        rows, _ = load_records(read, seed, key="data.eval_path")
-        loaded.append(Source(f"data.eval_path {cfg.eval_path}", loaded_format(read), 0.0, None, rows,
-                             f"data.eval_path {cfg.eval_path}"))
-    return loaded
+    return loaded + ([_eval_file(cfg, seed)] if cfg.eval_path else [])
 
 
-def _stream_source(cfg: DataConfig, seed: int) -> Source:
-    """``data.streaming``: the rows as a validated stream; eval rows from data.eval_path, or the stream's first
-    data.val_size rows (then not trained on)."""
-    rows = open_stream(cfg)
-    evaluation, eval_key = None, f"data.eval_path {cfg.eval_path}"
-    if cfg.eval_path:
-        read = cfg.model_copy(update={"path": cfg.eval_path, "eval_path": None, "val_size": 0.0, "max_samples": None,
-                                      "streaming": False})
-        evaluation, _ = load_records(read, seed, key="data.eval_path")
-    elif cfg.val_size:
-        evaluation = datasets.Dataset.from_list(list(rows.take(int(cfg.val_size))))
-        rows, eval_key = rows.skip(int(cfg.val_size)), f"the first data.val_size rows of {cfg.path}"
-    return Source(f"data.path {cfg.path}", loaded_format(cfg), 1.0, rows, evaluation, eval_key)
+def _eval_file(cfg: DataConfig, seed: int) -> Source:
+    """``data.eval_path`` beside a mixture or a stream: read whole, with data's own format and columns, as a source
+    of eval rows only."""
+    read = cfg.model_copy(update={"path": cfg.eval_path, "eval_path": None, "val_size": 0.0, "max_samples": None,
+                                  "sources": None, "streaming": False})
+    rows, _ = load_records(read, seed, key="data.eval_path")
+    return Source(f"data.eval_path {cfg.eval_path}", loaded_format(read), 0.0, None, rows,
+                  f"data.eval_path {cfg.eval_path}")
+
+
+def _stream_sources(cfg: DataConfig, seed: int) -> list[Source]:
+    """``data.streaming``: each source's rows as a validated stream; eval rows from data.eval_path, or each
+    stream's first data.val_size rows (then not trained on)."""
+    loaded = []
+    for i, (key, source_cfg, weight) in enumerate(source_configs(cfg)):
+        rows = open_stream(source_cfg, key="data.path" if cfg.sources is None else f"data.sources[{i}].path")
+        evaluation, eval_key = None, ""
+        if cfg.val_size and not cfg.eval_path:
+            evaluation = datasets.Dataset.from_list(list(rows.take(int(cfg.val_size))))
+            rows, eval_key = rows.skip(int(cfg.val_size)), f"the first data.val_size rows of {key}"
+        read = source_cfg if cfg.sources is None else source_cfg.model_copy(update={"max_samples": None})
+        loaded.append(Source(key, loaded_format(read), weight, rows, evaluation, eval_key))
+    return loaded + ([_eval_file(cfg, seed)] if cfg.eval_path else [])
 
 
 STREAM_TOKENIZER_ROWS = 10_000  # an inline model's tokenizer learns from this many rows of a stream
@@ -119,12 +123,14 @@ def tokenized(sources: list[Source], tokenizer, split: str) -> list:
 
 
 def mixed_examples(cfg: DataConfig, sources: list[Source], examples: list, seed: int
-                   ) -> datasets.Dataset | TokenStream:
+                   ) -> datasets.Dataset | TokenStream | MixedStream:
     """The training examples (``examples``: :func:`tokenized` train splits): one source's as they are, or the
     sources' interleaved by weight (seeded) and cut to ``data.max_samples``."""
     if cfg.sources is None:
         return examples[0]
     weights = [s.weight for s in sources if s.train is not None]
+    if cfg.streaming:
+        return MixedStream(examples, weights, cfg.max_samples)
     mixed = datasets.interleave_datasets(examples, probabilities=[w / sum(weights) for w in weights], seed=seed,
                                          stopping_strategy=cfg.mix_stop)
     if cfg.max_samples is not None and cfg.max_samples < len(mixed):

@@ -198,7 +198,8 @@ class DataConfig(Section):
                           "source.")
     mix_stop: Literal["first_exhausted", "all_exhausted"] = Field(
         "first_exhausted", description="data.sources: stop the mixture when the first source runs out (no example "
-                                       "repeats) or when every source has been seen whole (smaller sources repeat).")
+                                       "repeats) or when every source has been seen whole (smaller sources repeat; "
+                                       "not with data.streaming).")
     format: Literal["alpaca", "messages", "sharegpt", "text"] = Field(
         "alpaca", description="alpaca (instruction/input/output) | messages (chat turns: role/content) | sharegpt "
                               "(chat turns: from/value, human/gpt/system) | text (plain LM).")
@@ -428,9 +429,9 @@ def combination_problems(recipe: Recipe) -> list[str]:
         if t.max_steps <= 0:
             problems.append("data.streaming needs training.max_steps: a stream's length is unknown until it ends, "
                             "so num_train_epochs cannot size the run (and its learning-rate schedule)")
-        if d.sources is not None:
-            problems.append("data.streaming with data.sources: mixtures are drawn from datasets tokenized in Arrow; "
-                            "stream one dataset (data.path), or mix without streaming")
+        if d.sources is not None and d.mix_stop == "all_exhausted":
+            problems.append("data.streaming with data.mix_stop all_exhausted: a streamed mixture ends its epoch when "
+                            "the first source runs out (first_exhausted); repeating streamed sources is not built")
         if 0 < d.val_size < 1:
             problems.append(f"data.streaming with data.val_size {d.val_size:g}: a fraction of a stream of unknown "
                             "length cannot be split off; give a row count (e.g. 200) or data.eval_path")

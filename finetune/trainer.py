@@ -43,7 +43,7 @@ from .evaluate import eval_loss, exact_match_score
 from .metrics import MetricsLog, write_plots
 from .recipe import Recipe
 from .step_loss import backward_step, zeroth_order_loss
-from .streaming import TokenStream, stream_batches
+from .streaming import Stream, stream_batches
 
 
 @dataclass
@@ -81,7 +81,7 @@ class TrainResult:
 
 def example_count(examples) -> int | None:
     """How many training examples there are (None for a stream: unknown until it ends)."""
-    return None if isinstance(examples, TokenStream) else len(examples)
+    return None if isinstance(examples, Stream) else len(examples)
 
 
 def total_steps(recipe: Recipe, n_examples: int | None) -> int:
@@ -141,7 +141,7 @@ class Trainer:
     def micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Micro-batches from the saved data position on, across epochs; updates the position as it goes."""
         t, s = self.recipe.training, self.state
-        if isinstance(self.p.train_examples, TokenStream):
+        if isinstance(self.p.train_examples, Stream):
             yield from self.streamed_micro_batches()
             return
         n = num_batches(len(self.p.train_examples), t.per_device_train_batch_size)
@@ -159,12 +159,14 @@ class Trainer:
 
     def streamed_micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """:meth:`micro_batches` of a stream (``data.streaming``): the position is the rows of the epoch's shuffled
-        stream read so far, so a resumed run skips exactly those and reads the next example."""
+        stream read so far (a mixture's: its draws and each source's rows), so a resumed run skips exactly those and
+        reads the next example."""
         t, s = self.recipe.training, self.state
         while True:
-            for batch, rows in stream_batches(self.p.train_examples, t.per_device_train_batch_size, t.seed, s.epoch,
-                                              self.pad_id, start=s.rows_in_epoch, packed=self.recipe.data.packing):
-                s.batch_in_epoch, s.rows_in_epoch = s.batch_in_epoch + 1, rows
+            for batch, position in stream_batches(self.p.train_examples, t.per_device_train_batch_size, t.seed,
+                                                  s.epoch, self.pad_id, start=s.rows_in_epoch,
+                                                  packed=self.recipe.data.packing):
+                s.batch_in_epoch, s.rows_in_epoch = s.batch_in_epoch + 1, position
                 yield batch
             s.epoch, s.batch_in_epoch, s.rows_in_epoch = s.epoch + 1, 0, 0
 
@@ -330,7 +332,7 @@ class Trainer:
             f"{t.max_grad_norm:g}), or a warm-up (training.warmup_steps)")
 
     def epoch_progress(self) -> float:
-        if isinstance(self.p.train_examples, TokenStream):
+        if isinstance(self.p.train_examples, Stream):
             return float(self.state.epoch)  # a stream's length is unknown until it ends
         n = num_batches(len(self.p.train_examples), self.recipe.training.per_device_train_batch_size)
         return self.state.epoch + self.state.batch_in_epoch / max(n, 1)

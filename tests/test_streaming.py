@@ -97,6 +97,8 @@ def test_a_hub_dataset_is_streamed_with_its_subset_and_split(tmp_path, monkeypat
 @pytest.mark.parametrize("overrides, problem", [
     (("training.max_steps=-1",), "data.streaming needs training.max_steps"),
     (("data.val_size=0.1",), "a fraction of a stream of unknown length"),
+    (("data.path=null", "data.sources=[{path: x.jsonl}, {path: y.jsonl}]", "data.mix_stop=all_exhausted"),
+     "repeating streamed sources is not built"),
 ])
 def test_what_a_stream_cannot_do_is_refused_in_the_recipe(tmp_path, overrides, problem):
     with pytest.raises(RecipeError, match=problem):
@@ -123,3 +125,58 @@ def test_the_hugging_face_route_streams_the_batches_of_slimtune_train_and_resume
     resumed = from_recipe(recipe_from_dict(tiny(tmp_path / "cut", *args, "output.overwrite_output_dir=true")))
     resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "run" / "checkpoint-4"))
     assert resumed.step_losses == full.step_losses[4:]
+
+
+# ------------------------------------------------------------------------------------------- a streamed mixture
+CHAT_ROWS = [{"dialog": [{"from": "human", "value": f"Say {k} twice."}, {"from": "gpt", "value": f"{k} {k}"}]}
+             for k in range(120)]
+
+
+def mixture(tmp_path, **settings) -> DataConfig:
+    a = write_jsonl(tmp_path / "a.jsonl", [{**r, "instruction": f"Count {k}."} for k, r in
+                                          enumerate(ALPACA_ROWS * 72)])  # 360 rows
+    b = write_jsonl(tmp_path / "b.jsonl", CHAT_ROWS)
+    return DataConfig(sources=[{"path": str(a), "weight": 3},
+                               {"path": str(b), "weight": 1, "format": "sharegpt",
+                                "columns": {"conversations": "dialog"}}], streaming=True, **settings)
+
+
+def mixed_stream(cfg: DataConfig, tokenizer):
+    from slimtune.finetune.data_sources import load_sources, mixed_examples, tokenized
+
+    sources = load_sources(cfg, 0)
+    return mixed_examples(cfg, sources, tokenized(sources, tokenizer, "train"), 0), sources
+
+
+def test_a_streamed_mixture_draws_by_weight_until_the_first_source_runs_out_seeded(tmp_path):
+    tokenizer = small_tokenizer()
+    stream, sources = mixed_stream(mixture(tmp_path, shuffle_buffer=0), tokenizer)
+    drawn = list(stream.examples(seed=4, epoch=0))
+    own = [[e for _, e in s.examples(0, 0)] for s in stream.sources]
+    counts = [drawn[-1][0][1], drawn[-1][0][2]]  # rows read of each source
+    assert counts[0] == 360 or counts[1] == 120  # the epoch ended when one source ran out
+    assert abs(counts[0] / sum(counts) - 0.75) < 0.05 and len(drawn) == sum(counts)
+    # each source's examples come in its own order, interleaved
+    assert [e for p, e in drawn if e in own[1]] == own[1][:counts[1]]
+    assert [p for p, _ in drawn] == [p for p, _ in stream.examples(seed=4, epoch=0)]  # seeded
+    assert [p for p, _ in drawn] != [p for p, _ in stream.examples(seed=4, epoch=1)]
+
+
+def test_a_streamed_mixture_resumes_at_any_saved_position_with_the_exact_next_example(tmp_path):
+    stream, _ = mixed_stream(mixture(tmp_path, shuffle_buffer=16, max_samples=200), small_tokenizer())
+    whole = list(stream_batches(stream, 4, seed=2, epoch=1, pad_id=0))
+    assert len(whole) == 50 and whole[-1][1][0] == 200  # data.max_samples caps the draws
+    for k in (1, 13, 49):
+        rest = list(stream_batches(stream, 4, seed=2, epoch=1, pad_id=0, start=whole[k - 1][1]))
+        assert len(rest) == len(whole) - k
+        assert all((a["input_ids"] == b["input_ids"]).all() for (a, _), (b, _) in zip(rest, whole[k:]))
+
+
+def test_a_streamed_mixture_run_killed_mid_epoch_resumes_to_the_uninterrupted_losses(tmp_path, monkeypatch):
+    cfg = mixture(tmp_path)
+    sources = [s.model_dump(exclude_none=True) for s in cfg.sources]
+    args = ("data.path=null", f"data.sources={sources}", "data.streaming=true", "data.shuffle_buffer=16",
+            "data.max_samples=40", "data.val_size=4", "data.metric=none", "training.max_steps=12",
+            "output.save_steps=4", "training.gradient_accumulation_steps=2", "adapter.dropout=0.1")
+    full, _ = resumed_equals_uninterrupted(tmp_path, monkeypatch, args)
+    assert full.eval_after["eval_loss"] < full.eval_before["eval_loss"]

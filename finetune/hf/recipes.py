@@ -12,7 +12,7 @@ import transformers
 from ..engine import build_engine
 from ..errors import RecipeError
 from ..recipe import Recipe, load_recipe
-from ..streaming import StreamBatches, TokenStream
+from ..streaming import Stream, StreamBatches
 from ..trainer import example_count, total_steps, warmup_steps
 from .process_group import destroy_process_group_at_exit
 from .refusals import problems_under_processes
@@ -70,7 +70,7 @@ def from_recipe(recipe: str | Path | Recipe, overrides: Sequence[str] = (), call
         engine = build_engine(recipe, prepared.model, prepared.device, prepared.plan, prepared.streamer)
         args = training_arguments(recipe, example_count(prepared.train_examples), prepared.device, **args_overrides)
         train_dataset = prepared.train_examples
-        if isinstance(train_dataset, TokenStream):
+        if isinstance(train_dataset, Stream):
             train_dataset = StreamBatches(train_dataset, recipe.training.per_device_train_batch_size,
                                           recipe.training.seed, prepared.tokenizer.pad_token_id, recipe.data.packing,
                                           rank=state.process_index, world=state.num_processes)
