@@ -188,8 +188,9 @@ def prepare_child(kind: str, data: str, tokenizer_dir: str, json_path: str) -> N
     import pyarrow.compute as pc
     from transformers import AutoTokenizer
 
-    from slimtune.finetune.data import load_records, tokenize_dataset, tokenize_rows
+    from slimtune.finetune.data import load_records
     from slimtune.finetune.recipe import DataConfig
+    from slimtune.finetune.tokens import tokenize_dataset, tokenize_rows
     from slimtune.offload import current_rss_bytes
 
     datasets.disable_progress_bars()

@@ -83,7 +83,7 @@ def train_hf(recipe, prep, **arguments) -> dict:
     from transformers import PrinterCallback, TrainerCallback, TrainingArguments
     from transformers import Trainer as HFTrainer
 
-    from slimtune.finetune.data import collate
+    from slimtune.finetune.batches import collate
     from slimtune.finetune.trainer import total_steps, warmup_steps
 
     t, o, pad_id = recipe.training, recipe.optimizer, prep.tokenizer.pad_token_id

@@ -1,27 +1,21 @@
-"""Training data: files or hub datasets → validated rows → token ids with prompt-masked labels → batches.
+"""Training data: files or hub datasets → validated rows (tokens: finetune/tokens.py; batches: finetune/batches.py).
 
 Loading goes through `datasets` (``load_dataset('json'|'csv'|'parquet')`` for local files, ``load_dataset(name)``
-for the hub). Each local file is loaded and validated on its own, so every problem is reported with the file and
-its line (JSON Lines, CSV) or row (JSON array, Parquet, hub) and what was expected; the files of a directory are
-then concatenated. Only the columns the format uses are kept.
-
-Tokenization follows the common SFT recipe (Alpaca, LLaMA-Factory, TRL's ``completion_only_loss``): bos, prompt
-(labels -100), response, eos (trained). Labels are aligned with ``input_ids``; the model shifts them.
+for the hub, ``streaming=True`` for :func:`open_stream`). Each local file is loaded and validated on its own, so every
+problem is reported with the file and its line (JSON Lines, CSV) or row (JSON array, Parquet, hub) and what was
+expected; the files of a directory are then concatenated. Only the columns the format uses are kept.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import datasets
-import torch
 
 from .errors import DataError
 from .paths import is_local_data
@@ -34,16 +28,12 @@ from .templates import (
     ROLES,
     format_example,
     is_blank,
-    segments,
 )
 
-__all__ = ["ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "CHAT_TURN", "CHAT_GENERATION_PROMPT", "IGNORE_INDEX",
-           "load_records", "record_texts", "format_example", "tokenize_rows", "tokenize_dataset", "take",
-           "tokenize_examples", "check_tokenizer", "validated_stream", "open_stream",
-           "prompt_ids", "collate", "batches", "num_batches", "eval_prompts", "exact_match", "input_tokens",
+__all__ = ["ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "CHAT_TURN", "CHAT_GENERATION_PROMPT", "load_records",
+           "record_texts", "format_example", "validated_stream", "open_stream", "eval_prompts", "exact_match",
            "loaded_format", "SHAREGPT_ROLES"]
 
-IGNORE_INDEX = -100  # label of tokens without loss (torch cross_entropy's default ignore_index)
 _TURNS = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}  # paths.DATA_SUFFIXES
 
@@ -423,239 +413,6 @@ def record_texts(rows: Iterable[dict], cfg: DataConfig) -> Iterator[str]:
     for row in rows:
         prompt, response = format_example(row, cfg, None)
         yield prompt + response
-
-
-# --------------------------------------------------------------------------------------------------- tokens
-def _encode(text: str, tokenizer) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-
-
-def _bos(tokenizer) -> list[int]:
-    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-
-
-def prompt_ids(prompt: str, tokenizer) -> list[int]:
-    """Token ids of a prompt exactly as :func:`tokenize_rows` encodes it (bos, then the text): for generation."""
-    ids = _encode(prompt, tokenizer)
-    bos = _bos(tokenizer)
-    return ids if ids[:1] == bos else bos + ids  # a chat template may already render the bos token
-
-
-def _tokenize(rows: list[dict], cfg: DataConfig, tokenizer, on_prompt: bool) -> list[tuple[list, list, int]]:
-    """(ids, labels, index of the first trained token) of each row: bos + prompt + response + eos, not yet cut to
-    ``max_length``. Every piece of every row is encoded in one tokenizer call (the fast tokenizers batch in Rust),
-    which gives the ids of encoding each piece on its own."""
-    bos, eos = _bos(tokenizer), tokenizer.eos_token_id
-    pieces = [segments(row, cfg, tokenizer) for row in rows]
-    texts = [text for row_pieces in pieces for text, _ in row_pieces if text]
-    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-    out = []
-    for row_pieces in pieces:
-        ids, labels, first_response = [], [], None
-        for n, (text, trained) in enumerate(row_pieces):
-            piece = (list(next(encoded)) if text else []) + ([eos] if n == len(row_pieces) - 1 else [])
-            if not ids and bos and piece[:1] != bos:  # a chat template may already render the bos token
-                ids, labels = list(bos), [IGNORE_INDEX]
-            if trained and first_response is None:
-                first_response = len(ids)
-            ids += piece
-            labels += piece if (trained or on_prompt) else [IGNORE_INDEX] * len(piece)
-        if bos and ids[:1] == bos:
-            labels[0] = IGNORE_INDEX  # bos is never a useful target (nothing precedes it)
-        out.append((ids, labels, first_response))
-    return out
-
-
-def tokenize_examples(rows: list[dict], cfg: DataConfig, tokenizer, train_on_prompt: bool | None = None
-                      ) -> list[dict | None]:
-    """The example of each row (see :func:`tokenize_rows`) cut to ``cfg.max_length``; None where the response is
-    cut away entirely. One tokenizer call for all the rows."""
-    on_prompt = cfg.train_on_prompt if train_on_prompt is None else train_on_prompt
-    limit = cfg.max_length
-    return [{"input_ids": ids[:limit], "labels": labels[:limit]} if first < limit else None
-            for ids, labels, first in _tokenize(rows, cfg, tokenizer, on_prompt)]
-
-
-def _kept(rows: list[dict], cfg: DataConfig, tokenizer, on_prompt: bool) -> list[dict]:
-    return [e for e in tokenize_examples(rows, cfg, tokenizer, on_prompt) if e is not None]
-
-
-def _check_kept(kept: int, total: int, cfg: DataConfig, name: str) -> None:
-    """One warning with the count of dropped examples; an error when none is left."""
-    if total and not kept:
-        raise DataError(f"{name}: every one of the {total} examples has a prompt longer than data.max_length "
-                        f"({cfg.max_length}) tokens, so none has a response left to train on; raise "
-                        "data.max_length")
-    if kept < total:
-        warnings.warn(f"dropped {total - kept} of {total} examples: their response starts after data.max_length "
-                      f"({cfg.max_length}) tokens of prompt; raise data.max_length or shorten those prompts",
-                      stacklevel=3)
-
-
-def tokenize_rows(rows: Iterable[dict], cfg: DataConfig, tokenizer, train_on_prompt: bool | None = None,
-                  name: str = "data.path") -> list[dict]:
-    """Each row → ``{"input_ids", "labels"}`` as Python lists: bos + prompt + response + eos, labels -100 except on
-    responses (every assistant turn for multi-turn ``messages``; every token for ``text``; every token but bos with
-    ``train_on_prompt``). Examples are cut to ``cfg.max_length`` keeping the start; an example whose response is
-    cut away entirely is dropped (one warning with the count; none left is an error naming ``name``).
-
-    For a few rows (generation prompts, tests). A training set goes through :func:`tokenize_dataset`: the same
-    examples, in Arrow (about 8 bytes per token instead of some 70 as Python ints), cached across runs.
-    ``cfg.packing`` does not change the examples: :func:`collate` packs each micro-batch.
-    """
-    check_tokenizer(tokenizer)
-    on_prompt = cfg.train_on_prompt if train_on_prompt is None else train_on_prompt
-    examples, total, chunk = [], 0, []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) == 1000:
-            examples += _kept(chunk, cfg, tokenizer, on_prompt)
-            total, chunk = total + len(chunk), []
-    examples += _kept(chunk, cfg, tokenizer, on_prompt) if chunk else []
-    _check_kept(len(examples), total + len(chunk), cfg, name)
-    return examples
-
-
-def check_tokenizer(tokenizer) -> None:
-    """Refuse a tokenizer without eos (responses end with it)."""
-    if tokenizer.eos_token_id is None:
-        raise DataError("the tokenizer has no eos token: responses must end with one so the model learns to stop "
-                        "(set tokenizer.eos_token)")
-
-
-TOKENIZED = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
-                               "labels": datasets.Sequence(datasets.Value("int32"))})
-TOKENIZATION_VERSION = 1  # raise when _tokenize's output changes: cached tokenizations are then not reused
-
-
-def tokenizer_identity(tokenizer) -> str:
-    """What makes a tokenizer encode as it does: its vocabulary and rules (``tokenizer.json``), special tokens
-    and chat template. Hashed into the tokenization cache's fingerprint."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    rules = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    return json.dumps([type(tokenizer).__name__, rules, tokenizer.bos_token_id, tokenizer.eos_token_id,
-                       tokenizer.pad_token_id, getattr(tokenizer, "chat_template", None)])
-
-
-def tokenization_fingerprint(rows: datasets.Dataset, cfg: DataConfig, tokenizer, on_prompt: bool) -> str:
-    """The cache key of a tokenization: the rows (datasets' fingerprint, which follows the data files and every
-    transform since loading: validation, split, ``max_samples``), the tokenizer, the format and its columns,
-    ``max_length``, ``train_on_prompt`` and :data:`TOKENIZATION_VERSION`."""
-    from datasets.fingerprint import Hasher
-
-    settings = cfg.model_dump(include={"format", "columns", "max_length"})
-    return Hasher.hash([rows._fingerprint, tokenizer_identity(tokenizer), settings, on_prompt,
-                        TOKENIZATION_VERSION])
-
-
-def tokenize_dataset(rows: datasets.Dataset, cfg: DataConfig, tokenizer, train_on_prompt: bool | None = None,
-                     name: str = "data.path") -> datasets.Dataset:
-    """:func:`tokenize_rows` for a whole dataset, through ``Dataset.map`` (batched, ``cfg.num_proc`` processes):
-    the examples live in an Arrow file, memory-mapped, and the trainer reads them from there. The file is named by
-    :func:`tokenization_fingerprint`, so a second run on the same data, tokenizer and settings loads it at once
-    instead of tokenizing again (rows loaded in memory, e.g. from a hub stream, are tokenized in memory)."""
-    check_tokenizer(tokenizer)
-    on_prompt = cfg.train_on_prompt if train_on_prompt is None else train_on_prompt
-    fingerprint = tokenization_fingerprint(rows, cfg, tokenizer, on_prompt)
-    on_disk = bool(rows.cache_files)
-    cache = Path(datasets.config.HF_DATASETS_CACHE) / "slimtune-tokenized" / f"{fingerprint}.arrow"
-    if on_disk:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-    workers = cfg.num_proc if cfg.num_proc is not None else (min(os.cpu_count() or 1, 8)
-                                                             if len(rows) >= AUTO_NUM_PROC_ROWS else 1)
-
-    def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        rows_of_batch = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        kept = _kept(rows_of_batch, cfg, tokenizer, on_prompt)
-        return {"input_ids": [e["input_ids"] for e in kept], "labels": [e["labels"] for e in kept]}
-
-    with _quiet_progress(len(rows) < AUTO_NUM_PROC_ROWS):
-        examples = rows.map(tokenize, batched=True, batch_size=1000, remove_columns=rows.column_names,
-                            features=TOKENIZED, num_proc=workers if workers > 1 else None,
-                            new_fingerprint=fingerprint, keep_in_memory=not on_disk,
-                            cache_file_name=str(cache) if on_disk else None, desc="tokenizing")
-    _check_kept(len(examples), len(rows), cfg, name)
-    return examples
-
-
-AUTO_NUM_PROC_ROWS = 50_000  # data.num_proc unset: tokenize in one process below this many rows
-
-
-@contextlib.contextmanager
-def _quiet_progress(quiet: bool):
-    """datasets' progress bars off for small datasets (a run on a few hundred rows prints no tokenizing bar)."""
-    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
-
-    was = is_progress_bar_enabled()
-    if quiet and was:
-        disable_progress_bar()
-    try:
-        yield
-    finally:
-        if quiet and was:
-            enable_progress_bar()
-
-
-def take(examples, indices: Iterable[int]) -> list[dict]:
-    """The examples at ``indices`` (a list, or a tokenized Dataset: one Arrow gather) as ``{"input_ids",
-    "labels"}`` rows."""
-    indices = list(indices)
-    if isinstance(examples, datasets.Dataset):
-        columns = examples[indices]
-        return [dict(zip(columns, values)) for values in zip(*columns.values())]
-    return [examples[i] for i in indices]
-
-
-# --------------------------------------------------------------------------------------------------- batches
-def collate(batch: list[dict], pad_id: int, packed: bool = False) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids with ``pad_id``, labels with -100, attention_mask 0 on pads.
-
-    ``packed`` (``data.packing``): padding-free instead, the examples side by side in one row of their total
-    length, with ``position_ids`` restarting at 0 for each and no attention_mask: transformers then builds a causal
-    mask that never crosses from one example to another (``masking_utils.find_packed_sequence_indices``; the
-    model must run with ``use_cache=False``, see :func:`.model.check_packing`). Each example's first label is
-    -100: nothing of it precedes its first token, just as in a padded row (the model's shift never scores a
-    row's first token), so the loss, a mean over the same supervised tokens, is the padded batch's."""
-    if packed:
-        ids = [t for e in batch for t in e["input_ids"]]
-        labels = [t for e in batch for t in [IGNORE_INDEX, *e["labels"][1:]]]
-        positions = [i for e in batch for i in range(len(e["input_ids"]))]
-        return {"input_ids": torch.tensor([ids], dtype=torch.long),
-                "labels": torch.tensor([labels], dtype=torch.long),
-                "position_ids": torch.tensor([positions], dtype=torch.long)}
-    width = max(len(e["input_ids"]) for e in batch)
-    out = {"input_ids": torch.full((len(batch), width), pad_id, dtype=torch.long),
-           "labels": torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long),
-           "attention_mask": torch.zeros((len(batch), width), dtype=torch.long)}
-    for r, e in enumerate(batch):
-        n = len(e["input_ids"])
-        out["input_ids"][r, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
-        out["labels"][r, :n] = torch.tensor(e["labels"], dtype=torch.long)
-        out["attention_mask"][r, :n] = 1
-    return out
-
-
-def input_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Input tokens of a collated batch (not counting padding)."""
-    mask = batch.get("attention_mask")
-    return int(batch["input_ids"].numel() if mask is None else mask.sum())
-
-
-def num_batches(n_examples: int, batch_size: int) -> int:
-    """Batches per epoch (the last one may be short: drop_last=False)."""
-    return math.ceil(n_examples / batch_size)
-
-
-def batches(examples: list[dict], batch_size: int, seed: int, epoch: int, pad_id: int, shuffle: bool = True,
-            skip: int = 0, packed: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Collated batches of one epoch (``packed``: see :func:`collate`). The order depends only on (seed, epoch), so
-    a resumed run passes ``skip`` = batches already consumed this epoch and continues with exactly the next one."""
-    if shuffle:
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    else:
-        order = list(range(len(examples)))
-    for start in range(skip * batch_size, len(order), batch_size):
-        yield collate(take(examples, order[start:start + batch_size]), pad_id, packed)
 
 
 # --------------------------------------------------------------------------------------------------- metric

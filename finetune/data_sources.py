@@ -16,9 +16,10 @@ from typing import Iterator
 
 import datasets
 
-from .data import check_tokenizer, load_records, loaded_format, open_stream, record_texts, tokenize_dataset
+from .data import load_records, loaded_format, open_stream, record_texts
 from .recipe import DataConfig
 from .streaming import MixedStream, TokenStream
+from .tokens import check_tokenizer, tokenize_dataset
 
 SOURCE_FIELDS = ("path", "format", "split", "subset", "columns")  # what a source may set for itself
 
@@ -108,7 +109,7 @@ def training_texts(sources: list[Source]) -> Iterator[str]:
 
 
 def tokenized(sources: list[Source], tokenizer, split: str) -> list:
-    """Each source's ``split`` ("train" or "eval") tokenized (Arrow, cached: :func:`.data.tokenize_dataset`), or
+    """Each source's ``split`` ("train" or "eval") tokenized (Arrow, cached: :func:`.tokens.tokenize_dataset`), or
     a stream's as a :class:`~.streaming.TokenStream` (tokenized as it is read)."""
     out = []
     for s in sources:

@@ -12,7 +12,9 @@ from collections.abc import Callable
 
 import torch
 
-from .data import collate, exact_match, prompt_ids, take
+from .batches import collate, take
+from .data import exact_match
+from .tokens import prompt_ids
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:

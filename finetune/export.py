@@ -22,11 +22,11 @@ from slimtune.offload.store.atomic_io import atomic_dir
 
 from .adapters import METADATA_FILE, read_metadata
 from .adapters.mixlora_io import load_mixlora
-from .data import prompt_ids
 from .errors import SlimtuneError
 from .model import DTYPES, load_model, resolve_device
 from .recipe import ModelConfig, QuantizationConfig
 from .tokenizer import ensure_pad_token
+from .tokens import prompt_ids
 
 
 def load_for_inference(run_or_adapter_dir: Path, device: str | torch.device = "auto", base: str | None = None,

@@ -25,9 +25,10 @@ import datasets
 import numpy as np
 import torch
 
-from .data import collate, tokenize_examples
+from .batches import collate
 from .errors import DataError
 from .recipe import DataConfig
+from .tokens import tokenize_examples
 
 TOKENIZE_ROWS = 64  # rows tokenized per tokenizer call while streaming
 

@@ -27,6 +27,7 @@ from slimtune.offload.store.atomic_io import atomic_write_text
 from slimtune.optimizers import ZEROTH_ORDER
 
 from .adapters import router_load, save_adapter
+from .batches import batches, input_tokens, num_batches
 from .checkpoint import (
     TrainerState,
     find_resume_checkpoint,
@@ -36,7 +37,6 @@ from .checkpoint import (
     set_rng_state,
 )
 from .chunked_loss import chunked_loss_supported
-from .data import batches, input_tokens, num_batches
 from .engine import build_engine
 from .errors import CheckpointError, TrainingDiverged
 from .evaluate import eval_loss, exact_match_score

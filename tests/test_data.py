@@ -1,4 +1,5 @@
-"""finetune/data.py: loading and validation, prompt formatting, label masking, truncation, packing, batching."""
+"""finetune/data.py, tokens.py, batches.py: loading and validation, prompt formatting, label masking, truncation,
+packing, batching."""
 
 from __future__ import annotations
 
@@ -11,23 +12,19 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from slimtune.finetune.batches import batches, collate, num_batches
 from slimtune.finetune.data import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
-    IGNORE_INDEX,
-    batches,
-    collate,
     eval_prompts,
     exact_match,
     format_example,
     load_records,
-    num_batches,
-    prompt_ids,
     record_texts,
-    tokenize_rows,
 )
 from slimtune.finetune.errors import DataError
 from slimtune.finetune.recipe import DataConfig
+from slimtune.finetune.tokens import IGNORE_INDEX, prompt_ids, tokenize_rows
 
 datasets.disable_progress_bars()
 

@@ -10,10 +10,11 @@ import pytest
 from test_data import small_tokenizer, write_jsonl
 
 from slimtune.finetune import RecipeError, recipe_from_dict
-from slimtune.finetune.data import take, tokenize_rows
+from slimtune.finetune.batches import take
 from slimtune.finetune.data_sources import load_sources, mixed_examples, tokenized
 from slimtune.finetune.errors import DataError
 from slimtune.finetune.recipe import DataConfig
+from slimtune.finetune.tokens import tokenize_rows
 
 ALPACA = [{"instruction": f"Count to {k}.", "input": "", "output": f"{k} done"} for k in range(300)]
 SHAREGPT = [{"dialog": [{"from": "human", "value": f"Say {k} twice."}, {"from": "gpt", "value": f"{k} {k}"}]}

@@ -10,8 +10,9 @@ import zoo
 from test_train import tiny
 
 from slimtune.finetune import SlimtuneError, recipe_from_dict, train
-from slimtune.finetune.data import IGNORE_INDEX, collate, input_tokens
+from slimtune.finetune.batches import collate, input_tokens
 from slimtune.finetune.model import PACKING_MODEL_TYPES, check_packing
+from slimtune.finetune.tokens import IGNORE_INDEX
 
 CONFIGS = zoo._configs(zoo.VOCAB, 0, 1, 2)
 

@@ -11,9 +11,10 @@ from test_data import ALPACA_ROWS, small_tokenizer, write_jsonl
 from test_train import resumed_equals_uninterrupted, tiny
 
 from slimtune.finetune import DataError, RecipeError, recipe_from_dict, train
-from slimtune.finetune.data import open_stream, tokenize_rows
+from slimtune.finetune.data import open_stream
 from slimtune.finetune.recipe import DataConfig
 from slimtune.finetune.streaming import TokenStream, stream_batches
+from slimtune.finetune.tokens import tokenize_rows
 
 LONG_PROMPT = {"instruction": "Name a color. " * 30, "input": "", "output": "blue"}  # cut away at max_length 48
 ROWS = [{**r, "instruction": f"{r['instruction']} #{k}"} for k in range(20) for r in ALPACA_ROWS]

@@ -10,10 +10,12 @@ import datasets
 import pytest
 from test_data import ALPACA_ROWS, CHAT, TEMPLATE, small_tokenizer, write_jsonl
 
-from slimtune.finetune import data as data_module
-from slimtune.finetune.data import batches, load_records, take, tokenize_dataset, tokenize_rows
+from slimtune.finetune import tokens as tokens_module
+from slimtune.finetune.batches import batches, take
+from slimtune.finetune.data import load_records
 from slimtune.finetune.errors import DataError
 from slimtune.finetune.recipe import DataConfig
+from slimtune.finetune.tokens import tokenize_dataset, tokenize_rows
 
 ROWS = [{**r, "instruction": f"{r['instruction']} (variant {k})"} for k in range(40) for r in ALPACA_ROWS]
 
@@ -32,15 +34,15 @@ def cache_dir(tmp_path, monkeypatch):
 
 @pytest.fixture
 def calls(monkeypatch):
-    """How many rows each tokenization really encoded (data._tokenize runs in this process with num_proc 1)."""
+    """How many rows each tokenization really encoded (tokens._tokenize runs in this process with num_proc 1)."""
     counted = []
-    real = data_module._tokenize
+    real = tokens_module._tokenize
 
     def counting(rows, *args):
         counted.append(len(rows))
         return real(rows, *args)
 
-    monkeypatch.setattr(data_module, "_tokenize", counting)
+    monkeypatch.setattr(tokens_module, "_tokenize", counting)
     return counted
 
 

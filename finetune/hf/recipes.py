@@ -49,8 +49,8 @@ def from_recipe(recipe: str | Path | Recipe, overrides: Sequence[str] = (), call
     its model, adapter, tokenized data in ``slimtune train``'s order, optimizer and offload plan. ``callbacks``:
     more ``TrainerCallback``s. ``args_overrides``: TrainingArguments fields to change (``logging_steps=1``...).
     ``trainer.train()`` then gives the per-step losses of ``slimtune train`` on the same recipe."""
+    from ..batches import collate
     from ..build import prepare
-    from ..data import collate
     from ..model import resolve_device
 
     if not isinstance(recipe, Recipe):

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from slimtune.optimizers import SEEDED, build_optimizer
 
+from ..batches import input_tokens
 from ..chunked_loss import chunked_loss_supported
-from ..data import input_tokens
 from ..engine import InMemoryEngine
 from ..errors import RecipeError
 from ..evaluate import supervised_tokens
@@ -28,7 +28,7 @@ from .stock import memory_logs
 
 class SeededOrder(Sampler[int]):
     """Example order of one epoch: ``randperm(n)`` seeded by ``seed + epoch`` (``set_epoch``, which the Trainer
-    calls), the order ``slimtune train`` uses (:func:`.data.batches`), so batches of consecutive indices are its
+    calls), the order ``slimtune train`` uses (:func:`..batches.batches`), so batches of consecutive indices are its
     micro-batches."""
 
     def __init__(self, n: int, seed: int):  # noqa: D107
