@@ -54,14 +54,14 @@ def load_sources(cfg: DataConfig, seed: int) -> list[Source]:
     """Every source's validated (train, eval) rows. ``data.val_size`` is split off each source; ``data.eval_path``
     is read with data's own format and columns, as a source of eval rows only. ``data.max_samples`` caps a single
     dataset's rows here, a mixture's examples after mixing (:func:`mixed_examples`)."""
+    if cfg.eval_path and cfg.val_size and (cfg.streaming or cfg.sources is not None):  # else load_records says it
+        warnings.warn(f"data.eval_path is set, so data.val_size {cfg.val_size:g} is ignored", stacklevel=2)
     if cfg.streaming:
         return _stream_sources(cfg, seed)
     if cfg.sources is None:
         train, evaluation = load_records(cfg, seed)
         eval_key = f"data.eval_path {cfg.eval_path}" if cfg.eval_path else f"the data.val_size rows of {cfg.path}"
         return [Source(f"data.path {cfg.path}", loaded_format(cfg), 1.0, train, evaluation, eval_key)]
-    if cfg.eval_path and cfg.val_size:
-        warnings.warn(f"data.eval_path is set, so data.val_size {cfg.val_size:g} is ignored", stacklevel=2)
     loaded = []
     for i, (key, source_cfg, weight) in enumerate(source_configs(cfg)):
         read = source_cfg.model_copy(update={"max_samples": None, "eval_path": None,
