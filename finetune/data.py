@@ -93,16 +93,10 @@ def _names(cfg: DataConfig) -> dict[str, str]:
 def _load(path_str: str, cfg: DataConfig, key: str) -> datasets.Dataset:
     path = Path(path_str).expanduser()
     if not path.exists():
-        if is_local_data(path_str):
-            raise DataError(f"{key}: {path_str} does not exist (a local .jsonl/.json/.csv/.parquet file or "
-                            "directory of them, or a hub dataset name like tatsu-lab/alpaca)")
+        _check_not_local(path_str, key)
         return _load_hub(path_str, cfg, key)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _BUILDERS)
-        if not files:
-            found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
-            raise DataError(f"{key}: directory {path_str} holds no .jsonl/.json/.csv/.parquet files "
-                            f"(found: {found})")
+        files = _files_in(path, key)
         parts = [_load_file(f, cfg, _section(key)) for f in files]
         try:
             return datasets.concatenate_datasets(parts)
@@ -115,34 +109,56 @@ def _load(path_str: str, cfg: DataConfig, key: str) -> datasets.Dataset:
     return _load_file(path, cfg, _section(key))
 
 
+def _check_not_local(path_str: str, key: str) -> None:
+    """A path that does not exist is a hub dataset name, unless it looks like a local path."""
+    if is_local_data(path_str):
+        raise DataError(f"{key}: {path_str} does not exist (a local .jsonl/.json/.csv/.parquet file or directory of "
+                        "them, or a hub dataset name like tatsu-lab/alpaca)")
+
+
+def _files_in(directory: Path, key: str) -> list[Path]:
+    """The data files of a directory, sorted by name (an error when there is none)."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in _BUILDERS)
+    if not files:
+        found = ", ".join(sorted(p.name for p in directory.iterdir())[:10]) or "nothing"
+        raise DataError(f"{key}: directory {directory} holds no .jsonl/.json/.csv/.parquet files (found: {found})")
+    return files
+
+
+def _hub_reason(exc: Exception) -> str:
+    """The first line of a hub failure (offline, unknown name, missing split or subset, gated repo)."""
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _csv_kwargs(path: Path) -> dict:
+    """``load_dataset('csv')`` settings: every cell a string, and only an empty cell missing (otherwise pandas turns
+    the answer "4" into 4 and "None", "NA" or "null" into NaN); index_col=False: never take the first column as a
+    row index. Checks the file's records first (:func:`_check_csv`)."""
+    return dict(features=datasets.Features({c: datasets.Value("string") for c in _check_csv(path)}),
+                keep_default_na=False, na_values=[""], index_col=False)
+
+
 def open_stream(cfg: DataConfig, key: str = "data.path") -> datasets.IterableDataset:
     """``cfg.path`` as a stream (``data.streaming``: ``load_dataset(..., streaming=True)``): rows are read when the
     trainer reaches them, from local files or the hub, never all in memory or on disk. Each row is validated as it
     is read (:func:`validated_stream`): an invalid row stops the run with its file and line when it is reached."""
     path = Path(cfg.path).expanduser()
     if not path.exists():
-        if is_local_data(cfg.path):
-            raise DataError(f"{key}: {cfg.path} does not exist (a local .jsonl/.json/.csv/.parquet file or "
-                            "directory of them, or a hub dataset name like tatsu-lab/alpaca)")
+        _check_not_local(cfg.path, key)
         subset = f", subset {cfg.subset!r}" if cfg.subset else ""
         try:
             rows = datasets.load_dataset(cfg.path, cfg.subset, split=cfg.split, streaming=True)
         except Exception as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DataError(f"{key}: could not stream dataset {cfg.path!r} (split {cfg.split!r}{subset}) from the "
-                            f"Hugging Face hub ({reason})") from exc
+                            f"Hugging Face hub ({_hub_reason(exc)})") from exc
         return validated_stream(rows, cfg, _RowLocator(f"dataset {cfg.path}"))
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _BUILDERS) \
-        if path.is_dir() else [path]
+    files = _files_in(path, key) if path.is_dir() else [path]
     builders = {_BUILDERS.get(f.suffix.lower()) for f in files}
-    if not files or None in builders or len(builders) > 1:
+    if None in builders or len(builders) > 1:
         raise DataError(f"{key}: {cfg.path} must be a .jsonl/.json/.csv/.parquet file or a directory of files of "
-                        f"one of those types to stream (found: {', '.join(f.name for f in files[:10]) or 'none'})")
+                        f"one of those types to stream (found: {', '.join(f.name for f in files[:10])})")
     builder = builders.pop()
-    kwargs = {}
-    if builder == "csv":
-        kwargs = dict(features=datasets.Features({c: datasets.Value("string") for c in _check_csv(files[0])}),
-                      keep_default_na=False, na_values=[""], index_col=False)
+    kwargs = _csv_kwargs(files[0]) if builder == "csv" else {}
     datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
     rows = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True,
                                  **kwargs)
@@ -160,10 +176,7 @@ def validated_stream(rows: datasets.IterableDataset, cfg: DataConfig, where: Cal
         problem = _row_problem(row, cfg, names, "null")
         if problem:
             raise DataError(f"{where(i)}: {problem}")
-        if cfg.format == "sharegpt":
-            return {cfg.columns.messages: [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]}
-                                           for t in row[names["conversations"]]]}
-        return {}
+        return {cfg.columns.messages: _sharegpt_turns(row[names["conversations"]])} if cfg.format == "sharegpt" else {}
 
     return rows.map(check, with_indices=True)
 
@@ -173,9 +186,8 @@ def _load_hub(name: str, cfg: DataConfig, key: str) -> datasets.Dataset:
     try:
         rows = datasets.load_dataset(name, cfg.subset, split=cfg.split)
     except Exception as exc:  # offline, unknown name, missing split or subset, gated repo: all surface here
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{key}: could not load dataset {name!r} (split {cfg.split!r}{subset}) from the Hugging "
-                        f"Face hub ({reason}). Local paths must exist: no file or directory {name} was found "
+                        f"Face hub ({_hub_reason(exc)}). Local paths must exist: no file or directory {name} was found "
                         f"(from {Path.cwd()})") from exc
     return _validate(rows, cfg, f"dataset {name} (split {cfg.split}{subset})", _RowLocator(f"dataset {name}"),
                      section=_section(key))
@@ -185,13 +197,7 @@ def _load_file(path: Path, cfg: DataConfig, section: str = "data") -> datasets.D
     builder = _BUILDERS[path.suffix.lower()]
     if path.stat().st_size == 0 or (path.stat().st_size < 1 << 20 and not path.read_bytes().strip()):
         raise DataError(f"{path}: the file is empty")
-    kwargs = {}
-    if builder == "csv":
-        # Every cell a string, and only an empty cell missing: otherwise pandas turns the answer "4" into 4 and
-        # "None", "NA" or "null" into NaN. index_col=False: never take the first column as a row index.
-        header = _check_csv(path)
-        kwargs = dict(features=datasets.Features({c: datasets.Value("string") for c in header}),
-                      keep_default_na=False, na_values=[""], index_col=False)
+    kwargs = _csv_kwargs(path) if builder == "csv" else {}
     # A local file: no download-count ping to the datasets bucket (datasets' HF_UPDATE_DOWNLOAD_COUNTS switch), so a
     # run on local data opens no network connection
     datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
@@ -355,15 +361,19 @@ def _validate(rows: datasets.Dataset, cfg: DataConfig, name: str, where: Callabl
             i += 1
     if cfg.format == "sharegpt":
         col, target = names["conversations"], cfg.columns.messages
-        return rows.map(lambda r: {target: [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]}
-                                            for t in r[col]]},
-                        remove_columns=[col], features=datasets.Features({target: _TURNS}))
+        return rows.map(lambda r: {target: _sharegpt_turns(r[col])}, remove_columns=[col],
+                        features=datasets.Features({target: _TURNS}))
     if cfg.format == "messages" and rows.features[names["messages"]] != _TURNS:
         # Keep role and content only, so files whose turns carry different extra keys can be combined.
         col = names["messages"]
         rows = rows.map(lambda r: {col: [{"role": t["role"], "content": t["content"]} for t in r[col]]},
                         features=datasets.Features({col: _TURNS}))
     return rows
+
+
+def _sharegpt_turns(turns: list[dict]) -> list[dict[str, str]]:
+    """ShareGPT ``{from, value}`` turns as chat ``{role, content}`` turns."""
+    return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
 
 
 def _row_problem(row: dict, cfg: DataConfig, names: dict[str, str], empty: str) -> str | None:

@@ -38,15 +38,14 @@ class Source:
 
 
 def source_configs(cfg: DataConfig) -> list[tuple[str, DataConfig, float]]:
-    """(recipe key, the data config of that source, weight) of each source: ``data`` itself when it names one path,
-    else each of ``data.sources`` with data's settings for the keys it leaves unset."""
+    """(recipe key of its path, the data config of that source, weight) of each source: ``data`` itself when it
+    names one path, else each of ``data.sources`` with data's settings for the keys it leaves unset."""
     if cfg.sources is None:
-        return [(f"data.path {cfg.path}", cfg, 1.0)]
+        return [("data.path", cfg, 1.0)]
     out = []
     for i, source in enumerate(cfg.sources):
         update = {name: getattr(source, name) for name in SOURCE_FIELDS if getattr(source, name) is not None}
-        out.append((f"data.sources[{i}].path {source.path}", cfg.model_copy(update={**update, "sources": None}),
-                    source.weight))
+        out.append((f"data.sources[{i}].path", cfg.model_copy(update={**update, "sources": None}), source.weight))
     return out
 
 
@@ -63,12 +62,13 @@ def load_sources(cfg: DataConfig, seed: int) -> list[Source]:
         eval_key = f"data.eval_path {cfg.eval_path}" if cfg.eval_path else f"the data.val_size rows of {cfg.path}"
         return [Source(f"data.path {cfg.path}", loaded_format(cfg), 1.0, train, evaluation, eval_key)]
     loaded = []
-    for i, (key, source_cfg, weight) in enumerate(source_configs(cfg)):
+    for key, source_cfg, weight in source_configs(cfg):
         read = source_cfg.model_copy(update={"max_samples": None, "eval_path": None,
                                              "val_size": 0.0 if cfg.eval_path else cfg.val_size})
-        train, evaluation = load_records(read, seed, key=f"data.sources[{i}].path")
-        loaded.append(Source(key, loaded_format(source_cfg), weight, train, evaluation,
-                             f"the data.val_size rows of {key}"))
+        train, evaluation = load_records(read, seed, key=key)
+        named = f"{key} {source_cfg.path}"
+        loaded.append(Source(named, loaded_format(source_cfg), weight, train, evaluation,
+                             f"the data.val_size rows of {named}"))
     return loaded + ([_eval_file(cfg, seed)] if cfg.eval_path else [])
 
 
@@ -86,14 +86,14 @@ def _stream_sources(cfg: DataConfig, seed: int) -> list[Source]:
     """``data.streaming``: each source's rows as a validated stream; eval rows from data.eval_path, or each
     stream's first data.val_size rows (then not trained on)."""
     loaded = []
-    for i, (key, source_cfg, weight) in enumerate(source_configs(cfg)):
-        rows = open_stream(source_cfg, key="data.path" if cfg.sources is None else f"data.sources[{i}].path")
+    for key, source_cfg, weight in source_configs(cfg):
+        rows, named = open_stream(source_cfg, key=key), f"{key} {source_cfg.path}"
         evaluation, eval_key = None, ""
         if cfg.val_size and not cfg.eval_path:
             evaluation = datasets.Dataset.from_list(list(rows.take(int(cfg.val_size))))
-            rows, eval_key = rows.skip(int(cfg.val_size)), f"the first data.val_size rows of {key}"
+            rows, eval_key = rows.skip(int(cfg.val_size)), f"the first data.val_size rows of {named}"
         read = source_cfg if cfg.sources is None else source_cfg.model_copy(update={"max_samples": None})
-        loaded.append(Source(key, loaded_format(read), weight, rows, evaluation, eval_key))
+        loaded.append(Source(named, loaded_format(read), weight, rows, evaluation, eval_key))
     return loaded + ([_eval_file(cfg, seed)] if cfg.eval_path else [])
 
 

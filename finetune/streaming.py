@@ -141,6 +141,16 @@ def stream_batches(stream: Stream, batch_size: int, seed: int, epoch: int, pad_i
                         "away by data.max_length)")
 
 
+def endless_batches(stream: Stream, batch_size: int, seed: int, pad_id: int, packed: bool = False, epoch: int = 0,
+                    start=0) -> Iterator[tuple[dict[str, torch.Tensor], int, Any]]:
+    """(batch, its epoch, the stream's position after it): :func:`stream_batches` of epoch after epoch, from
+    position ``start`` of ``epoch`` on. The micro-batches ``slimtune train`` and :class:`StreamBatches` read."""
+    while True:
+        for batch, position in stream_batches(stream, batch_size, seed, epoch, pad_id, start, packed):
+            yield batch, epoch, position
+        epoch, start = epoch + 1, 0
+
+
 class StreamBatches(torch.utils.data.IterableDataset):
     """The micro-batches of a stream, epoch after epoch without end, for a ``DataLoader(batch_size=None)``: the
     batches ``slimtune train`` reads (each epoch's last one may be short), for the Hugging Face route, which stops at
@@ -157,11 +167,7 @@ class StreamBatches(torch.utils.data.IterableDataset):
         self.rank, self.world = rank, world
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        epoch, index = 0, 0
-        while True:
-            for batch, _ in stream_batches(self.stream, self.batch_size, self.seed, epoch, self.pad_id,
-                                           packed=self.packed):
-                if index % self.world == self.rank:
-                    yield batch
-                index += 1
-            epoch += 1
+        batches = endless_batches(self.stream, self.batch_size, self.seed, self.pad_id, self.packed)
+        for index, (batch, _, _) in enumerate(batches):
+            if index % self.world == self.rank:
+                yield batch

@@ -127,6 +127,7 @@ def check_tokenizer(tokenizer) -> None:
 TOKENIZED = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
                                "labels": datasets.Sequence(datasets.Value("int32"))})
 TOKENIZATION_VERSION = 1  # raise when _tokenize's output changes: cached tokenizations are then not reused
+AUTO_NUM_PROC_ROWS = 50_000  # data.num_proc unset: tokenize in one process below this many rows
 
 
 def tokenizer_identity(tokenizer) -> str:
@@ -178,8 +179,6 @@ def tokenize_dataset(rows: datasets.Dataset, cfg: DataConfig, tokenizer, train_o
     _check_kept(len(examples), len(rows), cfg, name)
     return examples
 
-
-AUTO_NUM_PROC_ROWS = 50_000  # data.num_proc unset: tokenize in one process below this many rows
 
 
 @contextlib.contextmanager

@@ -43,7 +43,7 @@ from .evaluate import eval_loss, exact_match_score
 from .metrics import MetricsLog, write_plots
 from .recipe import Recipe
 from .step_loss import backward_step, zeroth_order_loss
-from .streaming import Stream, stream_batches
+from .streaming import Stream, endless_batches
 
 
 @dataclass
@@ -162,13 +162,13 @@ class Trainer:
         stream read so far (a mixture's: its draws and each source's rows), so a resumed run skips exactly those and
         reads the next example."""
         t, s = self.recipe.training, self.state
-        while True:
-            for batch, position in stream_batches(self.p.train_examples, t.per_device_train_batch_size, t.seed,
-                                                  s.epoch, self.pad_id, start=s.rows_in_epoch,
-                                                  packed=self.recipe.data.packing):
-                s.batch_in_epoch, s.rows_in_epoch = s.batch_in_epoch + 1, position
-                yield batch
-            s.epoch, s.batch_in_epoch, s.rows_in_epoch = s.epoch + 1, 0, 0
+        for batch, epoch, position in endless_batches(self.p.train_examples, t.per_device_train_batch_size, t.seed,
+                                                      self.pad_id, self.recipe.data.packing, s.epoch,
+                                                      s.rows_in_epoch):
+            if epoch != s.epoch:
+                s.epoch, s.batch_in_epoch = epoch, 0
+            s.batch_in_epoch, s.rows_in_epoch = s.batch_in_epoch + 1, position
+            yield batch
 
     # ------------------------------------------------------------------ one optimizer step
     def optimizer_step(self, micro: Iterator[dict[str, torch.Tensor]]) -> tuple[float, float | None, int]:

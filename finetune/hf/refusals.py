@@ -15,7 +15,6 @@ OFFLOAD_UNDER_PROCESSES = ("offload (streamed layers, offloaded optimizer state)
                            "process; use one process, or offload.params and offload.optimizer_state gpu with DDP")
 
 
-
 def problems_under_processes(recipe: Recipe) -> list[str]:
     """What a recipe asks for that several processes cannot run (checked before they start)."""
     problems = []
