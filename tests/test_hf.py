@@ -315,6 +315,37 @@ def test_what_several_processes_cannot_run_is_refused_with_the_reason(tmp_path, 
     assert proc.returncode != 0 and reason in proc.stderr
 
 
+EXIT_SCRIPT = textwrap.dedent("""
+    import atexit, sys, threading, time
+    import torch.distributed as dist
+    from slimtune.finetune.hf.process_group import destroy_process_group_at_exit
+
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+    atexit.register(lambda: open(sys.argv[2] + ".after", "w").write(str(dist.is_initialized())))  # runs after ours
+    destroy_process_group_at_exit()
+
+    def free_late():  # a gloo worker thread freeing the last collective's Python tensors just after the last line
+        time.sleep(0.05)
+        open(sys.argv[2], "w").write(str(dist.is_initialized()))
+
+    threading.Thread(target=free_late, daemon=True).start()
+""")
+
+
+def test_the_exit_hook_lets_threads_that_need_the_gil_finish_before_the_group_and_interpreter_end(tmp_path):
+    # A gloo worker thread that takes the GIL once the interpreter is finalizing kills the process with SIGABRT
+    # (finetune/hf/process_group.py). Without the hook CPython ends this thread before it writes (timing-dependent,
+    # so not asserted here); with it, the thread finishes while the group is up, then the group is destroyed.
+    script = tmp_path / "ends.py"
+    script.write_text(EXIT_SCRIPT)
+    marker = tmp_path / "freed"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "store"), str(marker)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert marker.read_text() == "True"  # ran while the group was still up
+    assert Path(f"{marker}.after").read_text() == "False"  # then the hook destroyed it
+
+
 def test_slimtune_train_on_two_processes_writes_one_run_directory_or_refuses_with_exit_2(tmp_path):
     def launch(*overrides: str, torchrun: bool = False) -> subprocess.CompletedProcess:
         recipe = tmp_path / "cli.yaml"

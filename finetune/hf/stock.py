@@ -14,6 +14,7 @@ from ..adapters import router_load
 from ..engine import InMemoryEngine
 from ..errors import RecipeError
 from .engine_optimizer import EngineOptimizer, is_zeroth_order
+from .process_group import destroy_process_group_at_exit
 
 
 def memory_logs(device: torch.device, model: torch.nn.Module, engine=None, steps: int = 1) -> dict[str, Any]:
@@ -70,6 +71,8 @@ class SlimtuneCallback(transformers.TrainerCallback):
         self.plan: dict[str, int] = {}
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: D102
+        if args.world_size > 1:
+            destroy_process_group_at_exit()
         inner = getattr(optimizer, "optimizer", optimizer)
         if inner is not None and is_zeroth_order(getattr(inner, "inner", inner)):
             raise RecipeError([f"{type(inner).__name__} is a zeroth-order optimizer: a stock Trainer's step runs "
