@@ -29,8 +29,9 @@ _registered = False
 
 def destroy_process_group_at_exit() -> None:
     """At the script's end, if a process group is still up: give gloo's worker threads time to free the last
-    collectives, then destroy the group (idempotent; a no-op in one process). Registered by ``from_recipe`` and
-    ``SlimtuneTrainer`` whenever there are several processes, so users' own scripts get it too.
+    collectives, then destroy the group (idempotent; a no-op in one process). Registered by ``from_recipe``,
+    ``SlimtuneTrainer`` and ``SlimtuneCallback`` whenever there are several processes, so users' own scripts get it
+    too.
     ``transformers.Trainer`` never destroys the group it trains on. Both steps are local (no collective), so a
     process that finishes first does not wait for the others."""
     global _registered
