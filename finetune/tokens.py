@@ -180,7 +180,6 @@ def tokenize_dataset(rows: datasets.Dataset, cfg: DataConfig, tokenizer, train_o
     return examples
 
 
-
 @contextlib.contextmanager
 def _quiet_progress(quiet: bool):
     """datasets' progress bars off for small datasets (a run on a few hundred rows prints no tokenizing bar)."""

@@ -284,8 +284,6 @@ def test_loss_falls_with_lora_only_trainable_params_and_gc_changes_nothing(tiny_
     assert any("experts" in n for n in changed) and any("self_attn" in n for n in changed)
 
 
-
-
 class Payload:
     """Stands for an arbitrary pickled object in an adapter_model.bin."""
 

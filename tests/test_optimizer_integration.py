@@ -115,8 +115,6 @@ def test_galore_per_layer_accumulates_in_low_rank_and_trains(tmp_path):
     assert fused.eval_after["eval_loss"] < fused.eval_before["eval_loss"] - 0.1
 
 
-
-
 @pytest.mark.parametrize("method", ["galore", "spam", "frugal", "galore-per-layer"])
 def test_resume_across_refresh_or_reset_equals_uninterrupted(tmp_path, monkeypatch, method):
     # galore/frugal refresh every 5 steps, spam resets at step 8: checkpoint at 4, die at 6, resume to 10. Per-layer:
